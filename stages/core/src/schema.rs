@@ -1,0 +1,225 @@
+//! The schema registry: every artifact column is defined once, in `schemas/*.yaml`.
+//! Writers build batches from it and readers check files against it.
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema as ArrowSchema, SchemaRef, TimeUnit};
+use serde::Deserialize;
+
+use crate::error::{StageError, StageResult};
+
+include!(concat!(env!("OUT_DIR"), "/schema_files.rs"));
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ColumnType {
+    #[serde(rename = "utf8")]
+    Utf8,
+    #[serde(rename = "date32")]
+    Date32,
+    #[serde(rename = "int32")]
+    Int32,
+    #[serde(rename = "int64")]
+    Int64,
+    #[serde(rename = "float64")]
+    Float64,
+    #[serde(rename = "bool")]
+    Bool,
+    /// Microseconds since the epoch, UTC.
+    #[serde(rename = "timestamp_us_utc")]
+    TimestampUsUtc,
+    #[serde(rename = "list<utf8>")]
+    ListUtf8,
+    #[serde(rename = "list<float64>")]
+    ListFloat64,
+}
+
+impl ColumnType {
+    pub fn to_arrow(self) -> DataType {
+        match self {
+            ColumnType::Utf8 => DataType::Utf8,
+            ColumnType::Date32 => DataType::Date32,
+            ColumnType::Int32 => DataType::Int32,
+            ColumnType::Int64 => DataType::Int64,
+            ColumnType::Float64 => DataType::Float64,
+            ColumnType::Bool => DataType::Boolean,
+            ColumnType::TimestampUsUtc => {
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+            }
+            ColumnType::ListUtf8 => {
+                DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)))
+            }
+            ColumnType::ListFloat64 => {
+                DataType::List(Arc::new(Field::new("item", DataType::Float64, true)))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Column {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: ColumnType,
+    #[serde(default)]
+    pub nullable: bool,
+    #[serde(default)]
+    pub doc: String,
+}
+
+/// One artifact kind's columns, in order.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Schema {
+    pub name: String,
+    #[serde(default)]
+    pub doc: String,
+    pub columns: Vec<Column>,
+    /// Bytes of the YAML file, hashed into the key of every stage writing this schema.
+    #[serde(skip)]
+    pub source: &'static str,
+    #[serde(skip)]
+    arrow: OnceLock<SchemaRef>,
+}
+
+impl Schema {
+    pub fn arrow(&self) -> SchemaRef {
+        self.arrow
+            .get_or_init(|| {
+                Arc::new(ArrowSchema::new(
+                    self.columns
+                        .iter()
+                        .map(|c| Field::new(&c.name, c.ty.to_arrow(), c.nullable))
+                        .collect::<Vec<_>>(),
+                ))
+            })
+            .clone()
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Builds a batch in this schema; a wrong type, count or a null in a non-null column
+    /// is an error naming the column.
+    pub fn batch(&self, columns: Vec<ArrayRef>) -> StageResult<RecordBatch> {
+        if columns.len() != self.columns.len() {
+            return Err(StageError::Invalid(format!(
+                "schema '{}': {} columns given, {} defined",
+                self.name,
+                columns.len(),
+                self.columns.len()
+            )));
+        }
+        for (c, a) in self.columns.iter().zip(&columns) {
+            let want = c.ty.to_arrow();
+            if a.data_type() != &want {
+                return Err(StageError::Invalid(format!(
+                    "schema '{}': column '{}' is {}, schema says {}",
+                    self.name,
+                    c.name,
+                    a.data_type(),
+                    want
+                )));
+            }
+            if !c.nullable && a.null_count() > 0 {
+                return Err(StageError::Invalid(format!(
+                    "schema '{}': column '{}' has {} nulls but is not nullable",
+                    self.name,
+                    c.name,
+                    a.null_count()
+                )));
+            }
+        }
+        RecordBatch::try_new(self.arrow(), columns).map_err(|e| StageError::Arrow {
+            context: format!("schema '{}'", self.name),
+            source: e,
+        })
+    }
+
+    /// Checks that a batch read from, or about to be written to, an artifact matches this
+    /// schema exactly: names, order, types, and no nulls where none are allowed.
+    pub fn check(&self, got: &ArrowSchema, what: &str) -> StageResult<()> {
+        let names: Vec<&str> = got.fields().iter().map(|f| f.name().as_str()).collect();
+        for (i, c) in self.columns.iter().enumerate() {
+            let Some(f) = got.fields().get(i) else {
+                return Err(StageError::Invalid(format!(
+                    "{what}: missing column '{}' (schema '{}'; has {:?})",
+                    c.name, self.name, names
+                )));
+            };
+            if f.name() != &c.name {
+                return Err(StageError::Invalid(format!(
+                    "{what}: column {} is '{}', schema '{}' expects '{}'",
+                    i + 1,
+                    f.name(),
+                    self.name,
+                    c.name
+                )));
+            }
+            let want = c.ty.to_arrow();
+            if !types_match(f.data_type(), &want) {
+                return Err(StageError::Invalid(format!(
+                    "{what}: column '{}' is {}, schema '{}' says {}",
+                    c.name,
+                    f.data_type(),
+                    self.name,
+                    want
+                )));
+            }
+        }
+        if got.fields().len() > self.columns.len() {
+            return Err(StageError::Invalid(format!(
+                "{what}: extra column '{}' not in schema '{}'",
+                got.fields()[self.columns.len()].name(),
+                self.name
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// List fields may differ only in the inner field's nullability/name after a Parquet round trip.
+fn types_match(a: &DataType, b: &DataType) -> bool {
+    match (a, b) {
+        (DataType::List(x), DataType::List(y)) => x.data_type() == y.data_type(),
+        _ => a == b,
+    }
+}
+
+/// All schemas compiled into this build.
+pub struct SchemaRegistry {
+    schemas: BTreeMap<String, Schema>,
+}
+
+static REGISTRY: OnceLock<SchemaRegistry> = OnceLock::new();
+
+impl SchemaRegistry {
+    pub fn global() -> &'static SchemaRegistry {
+        REGISTRY.get_or_init(|| {
+            let mut schemas = BTreeMap::new();
+            for (stem, text) in SCHEMA_FILES {
+                let mut s: Schema = serde_yaml::from_str(text)
+                    .unwrap_or_else(|e| panic!("schemas/{stem}.yaml is invalid: {e}"));
+                assert_eq!(&s.name, stem, "schemas/{stem}.yaml must declare name: {stem}");
+                s.source = text;
+                schemas.insert(s.name.clone(), s);
+            }
+            SchemaRegistry { schemas }
+        })
+    }
+
+    pub fn get(&self, name: &str) -> StageResult<&Schema> {
+        self.schemas
+            .get(name)
+            .ok_or_else(|| StageError::Invalid(format!("no schema '{name}' in schemas/")))
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.schemas.keys().map(String::as_str)
+    }
+}
+
+/// Shorthand for `SchemaRegistry::global().get(name)`.
+pub fn schema(name: &str) -> StageResult<&'static Schema> {
+    SchemaRegistry::global().get(name)
+}

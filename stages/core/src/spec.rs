@@ -1,0 +1,196 @@
+//! What a stage declares about itself: inputs, outputs, params, and its fingerprint.
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+use crate::context::StageContext;
+use crate::error::StageResult;
+use crate::params::Params;
+
+/// A stage kind, as named by `uses:` in a pipeline file.
+pub trait Stage: Send + Sync {
+    /// The `uses:` name, e.g. `ingest_ohlcv`.
+    fn kind(&self) -> &'static str;
+
+    /// Inputs, outputs and params. The engine validates pipelines against it before running.
+    fn spec(&self) -> StageSpec;
+
+    /// The implementation's identity: its crate version plus every SQL, prompt or template
+    /// file it uses (which may depend on params, e.g. a prompt version). Changing any of them
+    /// changes the cache key.
+    fn fingerprint(&self, params: &Params) -> Fingerprint;
+
+    /// Files outside the store that the outputs depend on (raw data, model files), resolved
+    /// from params. Their contents (not their paths) go into the cache key.
+    fn external_files(&self, _params: &Params) -> StageResult<Vec<PathBuf>> {
+        Ok(Vec::new())
+    }
+
+    /// Environment facts that change results (e.g. "cuda" vs "cpu"). Part of the cache key.
+    fn environment(&self, _params: &Params) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Does the work: reads inputs and writes every declared output through `ctx`.
+    /// Runs on a blocking thread; a stage may start its own runtime or threads inside.
+    fn run(&self, ctx: &mut StageContext) -> StageResult<()>;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StageSpec {
+    pub doc: &'static str,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    pub params: Vec<ParamSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub name: &'static str,
+    /// Schema every file of the bound output must have (None: any, e.g. a report input).
+    pub schema: Option<&'static str>,
+    pub required: bool,
+    /// Accepts a list of upstream outputs (e.g. all metrics tables for a report).
+    pub many: bool,
+    pub doc: &'static str,
+}
+
+impl InputSpec {
+    pub fn one(name: &'static str, schema: &'static str, doc: &'static str) -> Self {
+        InputSpec {
+            name,
+            schema: Some(schema),
+            required: true,
+            many: false,
+            doc,
+        }
+    }
+    pub fn many(name: &'static str, schema: &'static str, doc: &'static str) -> Self {
+        InputSpec {
+            many: true,
+            ..InputSpec::one(name, schema, doc)
+        }
+    }
+    pub fn optional(mut self) -> Self {
+        self.required = false;
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputKind {
+    /// One Parquet file in the named schema.
+    Parquet { schema: &'static str },
+    /// A single file with this extension (e.g. "json", "md").
+    File { ext: &'static str },
+    /// A directory of files (e.g. a report with charts).
+    Dir,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub name: &'static str,
+    pub kind: OutputKind,
+    pub doc: &'static str,
+}
+
+impl OutputSpec {
+    pub fn parquet(name: &'static str, schema: &'static str, doc: &'static str) -> Self {
+        OutputSpec {
+            name,
+            kind: OutputKind::Parquet { schema },
+            doc,
+        }
+    }
+    pub fn dir(name: &'static str, doc: &'static str) -> Self {
+        OutputSpec {
+            name,
+            kind: OutputKind::Dir,
+            doc,
+        }
+    }
+    pub fn file(name: &'static str, ext: &'static str, doc: &'static str) -> Self {
+        OutputSpec {
+            name,
+            kind: OutputKind::File { ext },
+            doc,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    Str,
+    Int,
+    Float,
+    Bool,
+    Date,
+    /// A list (of strings, numbers...).
+    List,
+    /// Any JSON/YAML structure.
+    Any,
+    /// A filesystem path outside the store: its *contents* go into the key, not the string,
+    /// so the same data at another path is a cache hit.
+    Path,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub kind: ParamKind,
+    /// None: required.
+    pub default: Option<Value>,
+    pub doc: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, kind: ParamKind, doc: &'static str) -> Self {
+        ParamSpec {
+            name,
+            kind,
+            default: None,
+            doc,
+        }
+    }
+    pub fn with_default(
+        name: &'static str,
+        kind: ParamKind,
+        default: Value,
+        doc: &'static str,
+    ) -> Self {
+        ParamSpec {
+            name,
+            kind,
+            default: Some(default),
+            doc,
+        }
+    }
+}
+
+/// What defines a stage implementation.
+///
+/// SQL, prompt and template files are read at run time from the project root (so a user
+/// editing `prompts/...` or a `.sql` file reruns exactly the stages using it, without a
+/// rebuild). The engine reads each file once, hashes its bytes into the key, and hands the
+/// same bytes to the stage through [`StageContext::resource`].
+#[derive(Debug, Clone, Default)]
+pub struct Fingerprint {
+    /// Usually `concat!(env!("CARGO_PKG_NAME"), "@", env!("CARGO_PKG_VERSION"))` plus a
+    /// stage-local revision bumped when behaviour changes.
+    pub version: String,
+    /// Root-relative paths of every SQL/prompt/template file the stage reads.
+    pub files: Vec<String>,
+}
+
+impl Fingerprint {
+    pub fn new(version: impl Into<String>) -> Self {
+        Fingerprint {
+            version: version.into(),
+            files: Vec::new(),
+        }
+    }
+    pub fn file(mut self, root_relative_path: impl Into<String>) -> Self {
+        self.files.push(root_relative_path.into());
+        self
+    }
+}
