@@ -1,0 +1,75 @@
+//! `flag gc`: remove what no manifest needs (objects left by killed runs, staging dirs,
+//! orphan logs); with --prune also runs that no pipeline's latest state refers to.
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::store::Store;
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// Also drop runs that are not the latest of any stage in any pipeline
+    #[arg(long)]
+    pub prune: bool,
+    /// Print what would be removed
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(args: GcArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
+    let store = Store::existing(&super::store_dir(cli_store, &root))?;
+    let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
+    let tmp = if args.dry_run { 0 } else { store.clean_tmp()? };
+    let live_keys: BTreeSet<String> = store.refs()?.into_iter().map(|(_, _, k)| k).collect();
+    let mut keep = BTreeSet::new();
+    let mut keep_keys = BTreeSet::new();
+    let (mut runs, mut objects, mut bytes) = (0usize, 0usize, 0u64);
+    for m in store.manifests()? {
+        if args.prune && !live_keys.contains(&m.key) {
+            runs += 1;
+            if !args.dry_run {
+                let p = store.root.join("manifests").join(&m.key[..2]).join(format!("{}.json", m.key));
+                std::fs::remove_file(p)?;
+            }
+            continue;
+        }
+        keep_keys.insert(m.key.clone());
+        for o in m.outputs.values() {
+            for f in &o.files {
+                keep.insert(store.object_path(f));
+            }
+        }
+    }
+    for sub in std::fs::read_dir(store.root.join("objects"))?.flatten() {
+        for f in std::fs::read_dir(sub.path())?.flatten() {
+            let p = f.path();
+            if !keep.contains(&p) {
+                objects += 1;
+                bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
+                if !args.dry_run {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+        }
+    }
+    let mut logs = 0;
+    for f in std::fs::read_dir(store.root.join("logs"))?.flatten() {
+        let name = f.file_name().to_string_lossy().to_string();
+        let key = name.trim_end_matches(".log");
+        if !keep_keys.contains(key) {
+            logs += 1;
+            if !args.dry_run {
+                std::fs::remove_file(f.path())?;
+            }
+        }
+    }
+    println!(
+        "{}{runs} runs, {objects} objects ({:.1} MB), {logs} logs, {tmp} staging dirs",
+        if args.dry_run { "would remove " } else { "removed " },
+        bytes as f64 / 1e6
+    );
+    Ok(ExitCode::SUCCESS)
+}

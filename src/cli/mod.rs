@@ -1,0 +1,91 @@
+//! Command-line interface (clap derive). One module per subcommand.
+pub mod bench;
+pub mod gc;
+pub mod llm;
+pub mod path;
+pub mod run;
+pub mod show;
+pub mod status;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "flag", version, about = "Reproducible, content-addressed pipelines for LLM + RL trading research")]
+pub struct Cli {
+    /// The store (cache) directory [default: <project root>/artifacts]
+    #[arg(long, global = true, env = "FLAG_STORE")]
+    pub store: Option<PathBuf>,
+    /// Project root for relative paths, SQL and prompt files [default: parent of pipelines/]
+    #[arg(long, global = true, env = "FLAG_ROOT")]
+    pub root: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run what is stale in a pipeline, reuse what is cached
+    Run(run::RunArgs),
+    /// Show each stage's state (cached / stale and why) without running anything
+    Status(status::StatusArgs),
+    /// Print an artifact's rows, or query it with SQL (DataFusion)
+    Show(show::ShowArgs),
+    /// Print the file path(s) of an artifact, for duckdb / pandas
+    Path(path::PathArgs),
+    /// Re-hash every stored object; report and drop corrupted ones so they are recomputed
+    Verify(verify::VerifyArgs),
+    /// Remove objects no manifest uses, and staging left by killed runs
+    Gc(gc::GcArgs),
+    /// The embedded language models (tokenize, logits, generate, embed, bench)
+    Llm(llm::LlmArgs),
+    /// Measure the store's hashing/commit throughput (for `just bench`)
+    #[command(hide = true)]
+    BenchStore(bench::BenchStoreArgs),
+}
+
+/// The store directory for a command.
+pub fn store_dir(cli_store: &Option<PathBuf>, root: &Path) -> PathBuf {
+    cli_store.clone().unwrap_or_else(|| root.join("artifacts"))
+}
+
+/// Pipeline name + store for commands that address `STAGE.OUTPUT`.
+pub fn resolve_pipeline_name(store: &crate::store::Store, pipeline: &Option<PathBuf>) -> anyhow::Result<String> {
+    if let Some(p) = pipeline {
+        let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or(serde_yaml::Value::Null);
+        if let Some(n) = doc.get("name").and_then(|n| n.as_str()) {
+            return Ok(n.to_string());
+        }
+        return Ok(p.file_stem().unwrap_or_default().to_string_lossy().to_string());
+    }
+    store
+        .last_pipeline()
+        .ok_or_else(|| anyhow::anyhow!("no pipeline has run in {} yet; pass --pipeline", store.root.display()))
+}
+
+/// `stage.output` -> the latest manifest of that stage and the output's record.
+pub fn resolve_output(
+    store: &crate::store::Store,
+    pipeline: &str,
+    reference: &str,
+) -> anyhow::Result<(crate::store::Manifest, crate::store::OutputRecord)> {
+    let (stage, output) = reference
+        .split_once('.')
+        .ok_or_else(|| anyhow::anyhow!("'{reference}': expected STAGE.OUTPUT"))?;
+    let key = store.get_ref(pipeline, stage).ok_or_else(|| {
+        anyhow::anyhow!("stage '{stage}' has not run in pipeline '{pipeline}' (store {})", store.root.display())
+    })?;
+    let m = store
+        .lookup(&key)?
+        .ok_or_else(|| anyhow::anyhow!("the latest run of '{stage}' ({}) is no longer in the store; rerun the pipeline", crate::store::short(&key)))?;
+    let rec = m.outputs.get(output).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "stage '{stage}' has no output '{output}' (outputs: {})",
+            m.outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    Ok((m, rec))
+}

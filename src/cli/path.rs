@@ -1,0 +1,28 @@
+//! `flag path STAGE.OUTPUT`: where the artifact's file(s) are, for duckdb / pandas.
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::store::Store;
+
+#[derive(Args, Debug)]
+pub struct PathArgs {
+    /// The artifact, as STAGE.OUTPUT
+    pub output: String,
+    /// The pipeline whose latest run to use [default: the last pipeline run in this store]
+    #[arg(long)]
+    pub pipeline: Option<PathBuf>,
+}
+
+pub fn run(args: PathArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
+    let store = Store::existing(&super::store_dir(cli_store, &root))?;
+    let name = super::resolve_pipeline_name(&store, &args.pipeline)?;
+    let (_, rec) = super::resolve_output(&store, &name, &args.output)?;
+    for f in &rec.files {
+        let p = store.object_path(f);
+        println!("{}", std::fs::canonicalize(&p).unwrap_or(p).display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,38 @@
+//! `flag`: the pipeline engine and its command line.
+//!
+//! pipeline YAML -> validated DAG (pipeline/) -> cache keys (cache/) -> content-addressed
+//! store (store/) -> scheduler (scheduler/) -> CLI (cli/).
+mod cache;
+mod cli;
+mod error;
+mod pipeline;
+mod registry;
+mod scheduler;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => cli::run::run(a, &cli.store, &cli.root),
+        Command::Status(a) => cli::status::run(a, &cli.store, &cli.root),
+        Command::Show(a) => cli::show::run(a, &cli.store, &cli.root),
+        Command::Path(a) => cli::path::run(a, &cli.store, &cli.root),
+        Command::Verify(a) => cli::verify::run(a, &cli.store, &cli.root),
+        Command::Gc(a) => cli::gc::run(a, &cli.store, &cli.root),
+        Command::Llm(a) => cli::llm::run(a).map(|_| ExitCode::SUCCESS),
+        Command::BenchStore(a) => cli::bench::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
