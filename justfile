@@ -1,0 +1,41 @@
+# flag: LLM + RL trading research pipelines.  `just run pipelines/flag.yaml`, `just test`.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+cache := env_var_or_default("FLAG_CACHE", env_var("HOME") / ".cache/flag")
+export FLAG_CACHE := cache
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", cache / "target")
+# tch links the libtorch of the pip-installed torch in the project venv.
+export LIBTORCH_USE_PYTORCH := "1"
+export VIRTUAL_ENV := cache / "venv"
+export PATH := cache / "venv/bin" + ":" + env_var("PATH")
+export CARGO_TERM_PROGRESS_WHEN := "never"
+
+flag := CARGO_TARGET_DIR / "release/flag"
+
+# Install what is missing (venv with torch, model packages, just); idempotent.
+setup:
+    bash .ci/setup
+
+# Build the `flag` binary (release; tests use the same profile, so CI builds once).
+build: setup
+    cargo build --release --bin flag
+
+# Run a pipeline: `just run pipelines/flag.yaml --set data_dir=/path/to/data`
+run PIPELINE *ARGS: build
+    {{flag}} run {{PIPELINE}} {{ARGS}}
+
+# Any flag subcommand: `just flag show indicators.table --limit 5`
+flag *ARGS: build
+    {{flag}} {{ARGS}}
+
+# The whole test suite (unit + end-to-end with the real binary, data and models).
+test: setup
+    cargo test --release --workspace --no-fail-fast
+
+lint: setup
+    cargo fmt --all -- --check
+    cargo clippy --release --workspace --all-targets -- -D warnings
+
+# Benchmarks; results are written to artifacts/bench/*.json and printed.
+bench: build
+    bash .ci/bench
