@@ -14,7 +14,9 @@ impl Registry {
         let all = flag_market::stages()
             .into_iter()
             .chain(flag_trading::stages())
-            .chain(flag_report::stages());
+            .chain(flag_report::stages())
+            .chain(flag_rl::stages())
+            .chain(flag_agents::stages());
         for s in all {
             let s: Arc<dyn Stage> = Arc::from(s);
             let prev = kinds.insert(s.kind(), s);

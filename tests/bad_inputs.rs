@@ -93,7 +93,7 @@ fn pipeline_file_errors_name_file_line_and_stage() {
     let out = f.fails("wrong_type", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: x\n      format: tdqn\n      tickers: 5\n", &[]);
     has(&out, &format!("{}:7: stage 'ohlcv': param 'tickers' must be a list, got a number 5", p("wrong_type")));
 
-    let out = f.fails("unknown_set", "params:\n  tickers: [AAPL]\nstages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: ${tickers}}\n", &["--set", "tikers=[MSFT]"]);
+    let out = f.fails("unknown_set", "params:\n  tickers: [AAPL]\nstages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: x\n      format: tdqn\n      tickers: ${tickers}\n", &["--set", "tikers=[MSFT]"]);
     has(&out, "--set tikers: unknown pipeline param (did you mean 'tickers'?)");
 
     let out = f.fails("unknown_input", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: [AAPL]}\n  ind:\n    uses: indicators\n    inputs:\n      bar: ohlcv.bars\n", &[]);
@@ -147,6 +147,12 @@ fn bad_data_files_fail_with_file_line_and_column() {
         std::fs::create_dir_all(&data).unwrap();
         let file = data.join("AAPL_2012-1-1_2018-1-1.csv");
         std::fs::write(&file, content).unwrap();
+        // The test-period file is the real one: only the train file is bad.
+        std::fs::copy(
+            data_dir().join("tdqn/AAPL_2018-1-1_2020-1-1.csv"),
+            data.join("AAPL_2018-1-1_2020-1-1.csv"),
+        )
+        .unwrap();
         let yaml = format!(
             "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: {}\n      format: tdqn\n      tickers: [AAPL]\n",
             data.display()

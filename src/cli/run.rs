@@ -75,7 +75,6 @@ pub fn run(args: RunArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf
         only: args.only.clone(),
         from: args.from.clone(),
         force: args.force,
-        dry_run: args.dry_run,
         jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
     };
     let progress = Arc::new(Progress::new(!args.json));

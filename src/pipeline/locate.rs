@@ -126,19 +126,6 @@ impl Locator {
             .map(|i| i + 1)
             .unwrap_or(1)
     }
-
-    /// 1-based line of a pipeline-level param definition (under `params:`).
-    pub fn param(&self, name: &str) -> usize {
-        let start = self.top_key("params");
-        self.lines
-            .iter()
-            .enumerate()
-            .skip(start)
-            .take_while(|(_, l)| !is_content(l) || indent_of(l) > 0)
-            .find(|(_, l)| key_of(l).as_deref() == Some(name))
-            .map(|(i, _)| i + 1)
-            .unwrap_or(start)
-    }
 }
 
 #[cfg(test)]
@@ -155,7 +142,6 @@ mod tests {
         assert_eq!(l.stage_key("one", Some("params"), "p"), 7);
         assert_eq!(l.stage_key("two", Some("inputs"), "bars"), 11);
         assert_eq!(l.stage_key("two", None, "uses"), 9);
-        assert_eq!(l.param("a"), 2);
         assert_eq!(l.stage_text("two", "one.bars"), 11);
     }
 }

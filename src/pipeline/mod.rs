@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flag_core::{Params, Stage};
-use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::registry::Registry;
@@ -51,7 +50,6 @@ pub struct Pipeline {
     pub file: PathBuf,
     /// Directory that relative paths, SQL and prompt files are resolved against.
     pub root: PathBuf,
-    pub params: BTreeMap<String, Value>,
     /// In dependency order (a stage comes after all stages it reads from).
     pub stages: Vec<PipelineStage>,
 }

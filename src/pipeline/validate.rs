@@ -489,7 +489,6 @@ pub(super) fn validate(
         name,
         file: file.to_path_buf(),
         root,
-        params,
         stages,
     })
 }

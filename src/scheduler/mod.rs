@@ -69,7 +69,6 @@ pub struct RunOptions {
     pub only: Vec<String>,
     pub from: Option<String>,
     pub force: bool,
-    pub dry_run: bool,
     pub jobs: usize,
 }
 
