@@ -1,0 +1,161 @@
+//! Indicators benchmark: synthetic OHLCV (2,000 tickers x 5,000 days = 10M rows by default,
+//! fixed seed) to Parquet, then the stage's own code path (`compute_parquet`, Parquet in ->
+//! Parquet out) on the real SQL file. Reports wall time (generation excluded) and peak RSS
+//! (VmHWM) as JSON in `$FLAG_BENCH_OUT/indicators.json` (default `<repo>/bench/results/`).
+//!
+//! Scale down with FLAG_BENCH_TICKERS and FLAG_BENCH_DAYS, e.g.
+//! `FLAG_BENCH_TICKERS=100 cargo bench -p flag-market --bench indicators`.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use flag_core::arrow::array::{ArrayRef, Date32Array, Float64Array, StringArray};
+use flag_core::parquet::arrow::ArrowWriter;
+use flag_core::schema::schema;
+use flag_market::indicators::{Options, SQL_FILE, compute_parquet};
+
+const SEED: u64 = 0x5EED_F1A6;
+/// Tickers per generated batch (bounded memory while generating).
+const GEN_TICKERS_PER_BATCH: usize = 50;
+/// 2000-01-03 as days since 1970-01-01.
+const FIRST_DAY: i32 = 10_959;
+
+/// SplitMix64: tiny, deterministic, good enough for synthetic prices.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// Writes `tickers` x `days` geometric-Brownian bars, sorted by ticker then date.
+fn generate(path: &Path, tickers: usize, days: usize) -> u64 {
+    let ohlcv = schema("ohlcv").unwrap();
+    let mut writer =
+        ArrowWriter::try_new(File::create(path).unwrap(), ohlcv.arrow(), None).unwrap();
+    let mut rng = Rng(SEED);
+    let mut rows = 0u64;
+    for first in (0..tickers).step_by(GEN_TICKERS_PER_BATCH) {
+        let n = GEN_TICKERS_PER_BATCH.min(tickers - first) * days;
+        let (mut t, mut d) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut cols: [Vec<f64>; 5] = std::array::from_fn(|_| Vec::with_capacity(n));
+        for k in first..first + GEN_TICKERS_PER_BATCH.min(tickers - first) {
+            let name = format!("T{k:05}");
+            let sigma = 0.01 + 0.02 * rng.uniform();
+            let mut close = 20.0 + 180.0 * rng.uniform();
+            for day in 0..days {
+                let open = close * (0.002 * rng.normal()).exp();
+                close = open * (0.0002 + sigma * rng.normal()).exp();
+                let high = open.max(close) * (1.0 + 0.005 * rng.normal().abs());
+                let low = open.min(close) * (1.0 - 0.005 * rng.normal().abs());
+                let volume = (1.0e6 * (0.3 * rng.normal()).exp()).round();
+                t.push(name.clone());
+                d.push(FIRST_DAY + day as i32);
+                for (c, v) in cols.iter_mut().zip([open, high, low, close, volume]) {
+                    c.push(v);
+                }
+            }
+        }
+        let mut arrays: Vec<ArrayRef> = vec![
+            Arc::new(StringArray::from(t)),
+            Arc::new(Date32Array::from(d)),
+        ];
+        arrays.extend(
+            cols.into_iter()
+                .map(|c| Arc::new(Float64Array::from(c)) as ArrayRef),
+        );
+        arrays.push(Arc::new(Float64Array::from(vec![None::<f64>; n])));
+        let batch = ohlcv.batch(arrays).unwrap();
+        rows += batch.num_rows() as u64;
+        writer.write(&batch).unwrap();
+    }
+    writer.close().unwrap();
+    rows
+}
+
+/// Peak resident set size of this process so far, in MiB (Linux VmHWM).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn main() {
+    let tickers = env_usize("FLAG_BENCH_TICKERS", 2_000);
+    let days = env_usize("FLAG_BENCH_DAYS", 5_000);
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let repo = manifest.join("../..");
+    let sql = std::fs::read_to_string(repo.join(SQL_FILE)).expect("reading the indicators SQL");
+    let work = std::env::temp_dir().join(format!("flag-bench-indicators-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let (input, output) = (work.join("bars.parquet"), work.join("indicators.parquet"));
+
+    let gen_start = Instant::now();
+    let rows = generate(&input, tickers, days);
+    let gen_s = gen_start.elapsed().as_secs_f64();
+    let rss_before = peak_rss_mib();
+
+    let opts = Options::default();
+    let start = Instant::now();
+    let stats = compute_parquet(
+        &sql,
+        std::slice::from_ref(&input),
+        &output,
+        &opts,
+        &|_, _| {},
+    )
+    .unwrap();
+    let wall_s = start.elapsed().as_secs_f64();
+    assert_eq!(stats.rows, rows);
+
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let report = serde_json::json!({
+        "bench": "indicators",
+        "rows": rows,
+        "tickers": tickers,
+        "days": days,
+        "groups": stats.groups,
+        "chunk_rows": opts.chunk_rows,
+        "threads": threads,
+        "wall_s": wall_s,
+        "rows_per_s": rows as f64 / wall_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_after_generation_mib": rss_before,
+        "generation_s": gen_s,
+        "input_bytes": size(&input),
+        "output_bytes": size(&output),
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    let out_dir = std::env::var_os("FLAG_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("bench/results"));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let text = serde_json::to_string_pretty(&report).unwrap();
+    std::fs::write(out_dir.join("indicators.json"), format!("{text}\n")).unwrap();
+    println!("{text}");
+}

@@ -1,0 +1,397 @@
+//! Runs the indicators SQL with DataFusion: on one in-memory batch ([`IndicatorRunner`]), or
+//! Parquet in -> Parquet out ([`compute_parquet`]) in groups of whole tickers, so memory stays
+//! bounded by the group size whatever the input size.
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::{Date32Type, SchemaRef};
+use datafusion::datasource::MemTable;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use flag_core::parquet::arrow::ArrowWriter;
+use flag_core::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use flag_core::parquet::basic::Compression;
+use flag_core::parquet::file::properties::WriterProperties;
+use flag_core::schema::schema;
+use flag_core::{Schema, StageError, StageResult};
+
+use super::udwf;
+
+/// The table name the SQL reads.
+pub const INPUT_TABLE: &str = "bars";
+/// Default number of rows after which a group of tickers is closed (at the next ticker).
+pub const DEFAULT_CHUNK_ROWS: usize = 250_000;
+
+fn df_err(context: &str, e: impl std::fmt::Display) -> StageError {
+    StageError::external(format!("indicators: {context}"), e)
+}
+
+/// A DataFusion session with the TA-Lib window functions registered, and the SQL to run.
+pub struct IndicatorRunner {
+    runtime: tokio::runtime::Runtime,
+    ctx: SessionContext,
+    sql: String,
+    output: &'static Schema,
+}
+
+impl IndicatorRunner {
+    /// `sql`: the text of `stages/market/sql/indicators.sql` (or a variant of it);
+    /// `threads`: DataFusion's partitions and worker threads (0: one per core).
+    pub fn new(sql: &str, threads: usize) -> StageResult<Self> {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .map_err(|e| StageError::io("indicators: starting the DataFusion runtime", e))?;
+        let config = SessionConfig::new()
+            .with_target_partitions(threads)
+            .with_batch_size(8192);
+        let ctx = SessionContext::new_with_config(config);
+        udwf::register(&ctx);
+        Ok(IndicatorRunner {
+            runtime,
+            ctx,
+            sql: sql.to_string(),
+            output: schema("indicators")?,
+        })
+    }
+
+    /// Indicators for `bars` (schema ohlcv, whole tickers: a ticker must not be split across
+    /// calls). Returns one batch in schema `indicators`, sorted by ticker then date.
+    pub fn run_batch(&self, bars: RecordBatch) -> StageResult<RecordBatch> {
+        schema("ohlcv")?.check(&bars.schema(), "indicators input")?;
+        let table = MemTable::try_new(bars.schema(), vec![vec![bars]])
+            .map_err(|e| df_err("registering the input", e))?;
+        let batches = self.runtime.block_on(async {
+            self.ctx
+                .deregister_table(INPUT_TABLE)
+                .map_err(|e| df_err("replacing the input", e))?;
+            self.ctx
+                .register_table(INPUT_TABLE, Arc::new(table))
+                .map_err(|e| df_err("registering the input", e))?;
+            let df = self
+                .ctx
+                .sql(&self.sql)
+                .await
+                .map_err(|e| df_err("planning the SQL", e))?;
+            let out_schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+            let batches = df
+                .collect()
+                .await
+                .map_err(|e| df_err("running the SQL", e))?;
+            Ok::<_, StageError>((out_schema, batches))
+        });
+        let (out_schema, batches) = batches?;
+        self.output.check(&out_schema, "indicators SQL output")?;
+        let all = concat_batches(&out_schema, &batches).map_err(|e| StageError::Arrow {
+            context: "indicators: joining the SQL output".into(),
+            source: e,
+        })?;
+        // Rebuild in the registry's schema: same columns, declared nullability, checked nulls.
+        self.output.batch(all.columns().to_vec())
+    }
+}
+
+/// How [`compute_parquet`] groups and runs the work.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// A group of tickers is closed at the first ticker change after this many rows. Part of
+    /// the output bytes (one row group per group), so the stage takes it as a param.
+    pub chunk_rows: usize,
+    /// DataFusion threads (0: one per core). Does not change the output.
+    pub threads: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            chunk_rows: DEFAULT_CHUNK_ROWS,
+            threads: 0,
+        }
+    }
+}
+
+/// Totals of one [`compute_parquet`] run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunStats {
+    pub rows: u64,
+    pub groups: u64,
+}
+
+/// Reads bars (schema ohlcv, sorted by ticker then date, unique) from `inputs` in order,
+/// computes the indicators group by group and appends each group to the Parquet file
+/// `output` as it is done. `progress(done_rows, total_rows)` is called after each group.
+pub fn compute_parquet(
+    sql: &str,
+    inputs: &[PathBuf],
+    output: &Path,
+    opts: &Options,
+    progress: &dyn Fn(u64, u64),
+) -> StageResult<RunStats> {
+    let runner = IndicatorRunner::new(sql, opts.threads)?;
+    let out_schema = schema("indicators")?;
+    let wctx = || format!("writing {}", output.display());
+    let file = File::create(output).map_err(|e| StageError::io(wctx(), e))?;
+    // The same settings as flag_core's writer, so all artifacts look alike.
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_created_by("flag".to_string())
+        .build();
+    let mut writer = ArrowWriter::try_new(file, out_schema.arrow(), Some(props)).map_err(|e| {
+        StageError::Parquet {
+            context: wctx(),
+            source: e,
+        }
+    })?;
+
+    let mut readers = Vec::with_capacity(inputs.len());
+    let mut total = 0u64;
+    for path in inputs {
+        let rctx = || format!("reading {}", path.display());
+        let f = File::open(path).map_err(|e| StageError::io(rctx(), e))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| StageError::Parquet {
+                context: rctx(),
+                source: e,
+            })?;
+        schema("ohlcv")?.check(builder.schema(), &path.display().to_string())?;
+        total += builder.metadata().file_metadata().num_rows().max(0) as u64;
+        readers.push((path, builder));
+    }
+
+    let mut order = OrderCheck::default();
+    let mut grouper = Grouper::new(opts.chunk_rows);
+    let mut stats = RunStats { rows: 0, groups: 0 };
+    let mut emit = |group: RecordBatch, stats: &mut RunStats| -> StageResult<()> {
+        let out = runner.run_batch(group)?;
+        writer.write(&out).map_err(|e| StageError::Parquet {
+            context: wctx(),
+            source: e,
+        })?;
+        // One row group per group of tickers: keeps the writer's buffer to one group.
+        writer.flush().map_err(|e| StageError::Parquet {
+            context: wctx(),
+            source: e,
+        })?;
+        stats.rows += out.num_rows() as u64;
+        stats.groups += 1;
+        progress(stats.rows, total);
+        Ok(())
+    };
+    for (path, builder) in readers {
+        let rctx = || format!("reading {}", path.display());
+        let reader =
+            builder
+                .with_batch_size(64 * 1024)
+                .build()
+                .map_err(|e| StageError::Parquet {
+                    context: rctx(),
+                    source: e,
+                })?;
+        order.start_file(path);
+        for batch in reader {
+            let batch = batch.map_err(|e| StageError::Arrow {
+                context: rctx(),
+                source: e,
+            })?;
+            order.check(&batch)?;
+            for group in grouper.push(batch)? {
+                emit(group, &mut stats)?;
+            }
+        }
+    }
+    if let Some(group) = grouper.finish()? {
+        emit(group, &mut stats)?;
+    }
+    let file = writer.into_inner().map_err(|e| StageError::Parquet {
+        context: wctx(),
+        source: e,
+    })?;
+    file.sync_all().map_err(|e| StageError::io(wctx(), e))?;
+    Ok(stats)
+}
+
+/// Checks that rows come sorted by (ticker, date) with no repeat, across batches and files:
+/// grouping relies on it, and a repeated day would corrupt every window.
+#[derive(Default)]
+struct OrderCheck {
+    file: PathBuf,
+    row: u64,
+    last: Option<(String, i32)>,
+}
+
+impl OrderCheck {
+    fn start_file(&mut self, path: &Path) {
+        self.file = path.to_path_buf();
+        self.row = 0;
+    }
+
+    fn check(&mut self, batch: &RecordBatch) -> StageResult<()> {
+        let tickers = batch.column(0).as_string::<i32>();
+        let dates = batch.column(1).as_primitive::<Date32Type>();
+        for i in 0..batch.num_rows() {
+            self.row += 1;
+            let bad = |column: &str, message: String| {
+                StageError::data(self.file.clone(), self.row, column, message)
+            };
+            if tickers.is_null(i) {
+                return Err(bad("ticker", "is null".into()));
+            }
+            if dates.is_null(i) {
+                return Err(bad("date", "is null".into()));
+            }
+            let (t, d) = (tickers.value(i), dates.value(i));
+            if let Some((lt, ld)) = &self.last {
+                if t < lt.as_str() {
+                    return Err(bad(
+                        "ticker",
+                        format!("'{t}' after '{lt}': bars must be sorted by ticker, then date"),
+                    ));
+                }
+                if t == lt && d <= *ld {
+                    let what = if d == *ld {
+                        "repeats"
+                    } else {
+                        "goes back from"
+                    };
+                    return Err(bad(
+                        "date",
+                        format!("{t}: day {} {what} day {}", fmt_day(d), fmt_day(*ld)),
+                    ));
+                }
+            }
+            match &mut self.last {
+                Some((lt, ld)) if lt == t => *ld = d,
+                _ => self.last = Some((t.to_string(), d)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fmt_day(days: i32) -> String {
+    chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163)
+        .map_or_else(|| days.to_string(), |d| d.to_string())
+}
+
+/// Cuts a sorted stream of bars into groups of whole tickers. A group ends at the first
+/// ticker change at or after `chunk_rows` rows, which depends on the data only (not on how
+/// the reader batches it), so equal inputs give equal groups and equal output bytes.
+struct Grouper {
+    chunk_rows: usize,
+    pending: Vec<RecordBatch>,
+    rows: usize,
+    last_ticker: Option<String>,
+}
+
+impl Grouper {
+    fn new(chunk_rows: usize) -> Self {
+        Grouper {
+            chunk_rows: chunk_rows.max(1),
+            pending: Vec::new(),
+            rows: 0,
+            last_ticker: None,
+        }
+    }
+
+    /// Adds a batch; returns the groups it completes.
+    fn push(&mut self, batch: RecordBatch) -> StageResult<Vec<RecordBatch>> {
+        let mut done = Vec::new();
+        let mut rest = batch;
+        loop {
+            let n = rest.num_rows();
+            let tickers = rest.column(0).as_string::<i32>();
+            let from = self.chunk_rows.saturating_sub(self.rows);
+            let cut = (from..n).find(|&j| {
+                let prev = if j == 0 {
+                    self.last_ticker.as_deref()
+                } else {
+                    Some(tickers.value(j - 1))
+                };
+                prev.is_some_and(|p| p != tickers.value(j))
+            });
+            match cut {
+                Some(j) => {
+                    self.pending.push(rest.slice(0, j));
+                    done.push(self.take()?);
+                    rest = rest.slice(j, n - j);
+                }
+                None => {
+                    if n > 0 {
+                        self.last_ticker = Some(tickers.value(n - 1).to_string());
+                    }
+                    self.rows += n;
+                    self.pending.push(rest);
+                    return Ok(done);
+                }
+            }
+        }
+    }
+
+    /// The last, incomplete group (None when no rows are left).
+    fn finish(&mut self) -> StageResult<Option<RecordBatch>> {
+        if self.rows == 0 {
+            return Ok(None);
+        }
+        self.take().map(Some)
+    }
+
+    fn take(&mut self) -> StageResult<RecordBatch> {
+        let schema = self.pending[0].schema();
+        let group = concat_batches(&schema, &self.pending).map_err(|e| StageError::Arrow {
+            context: "indicators: grouping bars".into(),
+            source: e,
+        })?;
+        self.pending.clear();
+        self.rows = 0;
+        self.last_ticker = None;
+        Ok(group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{ArrayRef, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema as ArrowSchema};
+
+    fn tickers(v: &[&str]) -> RecordBatch {
+        let schema = Arc::new(ArrowSchema::new(vec![Field::new(
+            "ticker",
+            DataType::Utf8,
+            false,
+        )]));
+        let col: ArrayRef = Arc::new(StringArray::from(v.to_vec()));
+        RecordBatch::try_new(schema, vec![col]).unwrap()
+    }
+
+    fn names(b: &RecordBatch) -> Vec<String> {
+        let t = b.column(0).as_string::<i32>();
+        (0..b.num_rows()).map(|i| t.value(i).to_string()).collect()
+    }
+
+    /// Groups must not depend on how the input is batched.
+    #[test]
+    fn groups_end_at_the_first_ticker_change_after_chunk_rows() {
+        let rows = ["A", "A", "A", "B", "B", "C", "D", "D", "D", "D"];
+        for split in 1..rows.len() {
+            let mut g = Grouper::new(4);
+            let mut got = g.push(tickers(&rows[..split])).unwrap();
+            got.extend(g.push(tickers(&rows[split..])).unwrap());
+            got.extend(g.finish().unwrap());
+            let got: Vec<_> = got.iter().map(names).collect();
+            assert_eq!(
+                got,
+                vec![vec!["A", "A", "A", "B", "B"], vec!["C", "D", "D", "D", "D"]],
+                "split at {split}"
+            );
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Ingest stages: raw vendor files in, typed and checked tables out.
+//!
+//! - `ingest_ohlcv` ([`ohlcv`]): daily bars (schema `ohlcv`) and a defect report (schema
+//!   `ingest_report`) from TDQN, yfinance, classic Yahoo and CoinGecko files.
+//! - `ingest_news` ([`news`]): news items (schema `news`) from stocknewsapi, gnews and
+//!   CryptoTrade files, each tagged with the first trading date it may influence.
+use flag_core::Stage;
+
+pub mod news;
+pub mod news_formats;
+pub mod ohlcv;
+pub mod ohlcv_formats;
+pub mod util;
+
+pub use news::IngestNews;
+pub use ohlcv::IngestOhlcv;
+
+pub fn stages() -> Vec<Box<dyn Stage>> {
+    vec![Box::new(IngestOhlcv), Box::new(IngestNews)]
+}

@@ -1,0 +1,301 @@
+//! Readers for the OHLCV file formats. Each turns one file into rows with their line numbers;
+//! validation that needs every file of a ticker (duplicates, gaps) is in `ohlcv.rs`.
+use std::path::{Path, PathBuf};
+
+use chrono::{NaiveDate, NaiveDateTime, Timelike};
+use flag_core::{StageError, StageResult};
+
+use super::util::{
+    check_width, column_index, csv_records, expect_header, is_blank, parse_price, parse_volume,
+    parse_ymd, read_text,
+};
+
+/// The OHLCV formats `ingest_ohlcv` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// TDQN benchmark CSV `Timestamp,Open,High,Low,Close,Volume` (Close adjusted, O/H/L not).
+    Tdqn,
+    /// yfinance export: `Date|Price,Close,High,Low,Open,Volume`, a ticker row, maybe a `Date,,,` row.
+    Yfinance,
+    /// Classic Yahoo download `Date,Open,High,Low,Close,Adj Close,Volume`.
+    Yahoo,
+    /// CoinGecko daily snapshot `snapped_at,open,market_cap,total_volume` (one price a day).
+    Coingecko,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> StageResult<Format> {
+        match s {
+            "tdqn" => Ok(Format::Tdqn),
+            "yfinance" => Ok(Format::Yfinance),
+            "yahoo" => Ok(Format::Yahoo),
+            "coingecko" => Ok(Format::Coingecko),
+            other => Err(StageError::param(
+                "format",
+                format!("'{other}' is not one of tdqn, yfinance, yahoo, coingecko"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Tdqn => "tdqn",
+            Format::Yfinance => "yfinance",
+            Format::Yahoo => "yahoo",
+            Format::Coingecko => "coingecko",
+        }
+    }
+
+    /// Crypto trades every calendar day; stock calendars have weekends and holidays.
+    pub fn is_crypto(self) -> bool {
+        self == Format::Coingecko
+    }
+
+    /// The files holding `ticker` when `source` is a directory, in concatenation order.
+    pub fn ticker_files(self, source: &Path, ticker: &str) -> Vec<PathBuf> {
+        match self {
+            Format::Tdqn => vec![
+                source.join(format!("{ticker}_2012-1-1_2018-1-1.csv")),
+                source.join(format!("{ticker}_2018-1-1_2020-1-1.csv")),
+            ],
+            Format::Yfinance => vec![source.join(format!("{ticker}_historical_data.csv"))],
+            Format::Yahoo => vec![source.join(format!("{ticker}.csv"))],
+            Format::Coingecko => {
+                vec![source.join(format!("{}_daily.csv", ticker.to_lowercase()))]
+            }
+        }
+    }
+
+    /// Source column names for (open, high, low, close, volume, adj_close), for messages.
+    pub fn columns(self) -> [&'static str; 6] {
+        match self {
+            Format::Tdqn => ["Open", "High", "Low", "Close", "Volume", "-"],
+            Format::Yfinance => ["Open", "High", "Low", "Close", "Volume", "Adj Close"],
+            Format::Yahoo => ["Open", "High", "Low", "Close", "Volume", "Adj Close"],
+            Format::Coingecko => ["open", "open", "open", "open", "total_volume", "-"],
+        }
+    }
+}
+
+/// One data row of a file. For CoinGecko it is one snapshot: open = high = low = close = the
+/// snapshot price, and `close` is derived later from the next day's snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRow {
+    pub date: NaiveDate,
+    pub open: f64,
+    pub high: f64,
+    pub low: f64,
+    pub close: f64,
+    pub volume: f64,
+    pub adj_close: Option<f64>,
+    pub line: u64,
+    /// CoinGecko only: the snapshot is not at exactly 00:00:00 UTC.
+    pub off_midnight: bool,
+}
+
+impl RawRow {
+    pub fn values(&self) -> [Option<f64>; 6] {
+        [
+            Some(self.open),
+            Some(self.high),
+            Some(self.low),
+            Some(self.close),
+            Some(self.volume),
+            self.adj_close,
+        ]
+    }
+}
+
+/// A parsed file: its rows in file order and what was skipped.
+#[derive(Debug, Default)]
+pub struct ParsedFile {
+    pub rows: Vec<RawRow>,
+    /// Data rows in the file (header lines excluded).
+    pub rows_read: u64,
+    /// Rows whose price fields are all empty (`""` or `null`, Yahoo's holiday rows): dropped.
+    pub empty_rows: u64,
+}
+
+pub fn read_file(format: Format, file: &Path, ticker: &str) -> StageResult<ParsedFile> {
+    let text = read_text(file)?;
+    let recs = csv_records(file, &text)?;
+    let Some((hline, header)) = recs.first() else {
+        return Err(StageError::file(file, "file is empty"));
+    };
+    let (header, body) = (header.clone(), &recs[1..]);
+    let parsed = match format {
+        Format::Tdqn => {
+            let want = ["Timestamp", "Open", "High", "Low", "Close", "Volume"];
+            expect_header(file, *hline, &header, &want)?;
+            price_rows(file, &header, body, [0, 1, 2, 3, 4, 5], None)?
+        }
+        Format::Yahoo => {
+            let want = [
+                "Date",
+                "Open",
+                "High",
+                "Low",
+                "Close",
+                "Adj Close",
+                "Volume",
+            ];
+            expect_header(file, *hline, &header, &want)?;
+            price_rows(file, &header, body, [0, 1, 2, 3, 4, 6], Some(5))?
+        }
+        Format::Yfinance => yfinance(file, ticker, *hline, &header, body)?,
+        Format::Coingecko => {
+            let want = ["snapped_at", "open", "market_cap", "total_volume"];
+            expect_header(file, *hline, &header, &want)?;
+            snapshots(file, &header, body)?
+        }
+    };
+    if parsed.rows_read == 0 {
+        return Err(StageError::file(file, "file has a header but no data rows"));
+    }
+    Ok(parsed)
+}
+
+/// yfinance writes `Date,Close,...` (or `Price,Close,...`), then a row naming the ticker in
+/// every price column, then (newer versions) a `Date,,,,,` row. Columns are found by name.
+fn yfinance(
+    file: &Path,
+    ticker: &str,
+    hline: u64,
+    header: &[String],
+    body: &[(u64, Vec<String>)],
+) -> StageResult<ParsedFile> {
+    let first = header.first().map(|s| s.trim()).unwrap_or("");
+    if first != "Date" && first != "Price" {
+        return Err(StageError::data(
+            file,
+            hline,
+            "Date",
+            format!("header column 1 is '{first}', expected 'Date' or 'Price'"),
+        ));
+    }
+    let idx = column_index(
+        file,
+        hline,
+        header,
+        &["Open", "High", "Low", "Close", "Volume"],
+    )?;
+    let adj = header.iter().position(|h| h.trim() == "Adj Close");
+    let Some((tline, trow)) = body.first() else {
+        return Err(StageError::file(
+            file,
+            "file has a header but no ticker row",
+        ));
+    };
+    check_width(file, *tline, header, trow)?;
+    if !(trow[0].trim().is_empty() || trow[0].trim() == "Ticker") {
+        return Err(StageError::data(
+            file,
+            *tline,
+            header[0].clone(),
+            format!(
+                "expected the ticker row (',{ticker},...'), found '{}'",
+                trow[0]
+            ),
+        ));
+    }
+    for (i, cell) in trow.iter().enumerate().skip(1) {
+        if cell.trim() != ticker {
+            return Err(StageError::data(
+                file,
+                *tline,
+                header[i].clone(),
+                format!("ticker row says '{}', expected '{ticker}'", cell.trim()),
+            ));
+        }
+    }
+    let mut rest = &body[1..];
+    if let Some((_, r)) = rest.first()
+        && r.first().is_some_and(|c| c.trim() == "Date")
+        && r.iter().skip(1).all(|c| c.trim().is_empty())
+    {
+        rest = &rest[1..];
+    }
+    price_rows(
+        file,
+        header,
+        rest,
+        [0, idx[0], idx[1], idx[2], idx[3], idx[4]],
+        adj,
+    )
+}
+
+/// Rows of a stock CSV; `idx` = positions of (date, open, high, low, close, volume).
+fn price_rows(
+    file: &Path,
+    header: &[String],
+    body: &[(u64, Vec<String>)],
+    idx: [usize; 6],
+    adj: Option<usize>,
+) -> StageResult<ParsedFile> {
+    let mut out = ParsedFile::default();
+    let name = |i: usize| header[i].trim().to_string();
+    for (line, rec) in body {
+        let line = *line;
+        out.rows_read += 1;
+        check_width(file, line, header, rec)?;
+        let date = parse_ymd(file, line, &name(idx[0]), &rec[idx[0]])?;
+        let mut price_cols: Vec<usize> = idx[1..5].to_vec();
+        price_cols.extend(adj);
+        // Yahoo writes holidays as rows of `null`; they carry no bar, so they are dropped and
+        // counted. A row with only some prices missing is a broken row: fatal below.
+        if price_cols.iter().all(|&i| is_blank(&rec[i])) {
+            out.empty_rows += 1;
+            continue;
+        }
+        let p = |i: usize| parse_price(file, line, &name(i), &rec[i]);
+        out.rows.push(RawRow {
+            date,
+            open: p(idx[1])?,
+            high: p(idx[2])?,
+            low: p(idx[3])?,
+            close: p(idx[4])?,
+            volume: parse_volume(file, line, &name(idx[5]), &rec[idx[5]])?,
+            adj_close: adj.map(p).transpose()?,
+            line,
+            off_midnight: false,
+        });
+    }
+    Ok(out)
+}
+
+/// CoinGecko snapshots. `market_cap` is not read: it is not part of a bar (and the real file
+/// has one empty and one zero market cap, which would otherwise reject good prices).
+fn snapshots(
+    file: &Path,
+    header: &[String],
+    body: &[(u64, Vec<String>)],
+) -> StageResult<ParsedFile> {
+    let mut out = ParsedFile::default();
+    for (line, rec) in body {
+        let line = *line;
+        out.rows_read += 1;
+        check_width(file, line, header, rec)?;
+        let raw = rec[0].trim();
+        let ts = NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S UTC").map_err(|_| {
+            StageError::data(
+                file,
+                line,
+                "snapped_at",
+                format!("'{raw}' is not a 'YYYY-MM-DD HH:MM:SS UTC' time"),
+            )
+        })?;
+        let price = parse_price(file, line, "open", &rec[1])?;
+        out.rows.push(RawRow {
+            date: ts.date(),
+            open: price,
+            high: price,
+            low: price,
+            close: price,
+            volume: parse_volume(file, line, "total_volume", &rec[3])?,
+            adj_close: None,
+            line,
+            off_midnight: ts.num_seconds_from_midnight() != 0,
+        });
+    }
+    Ok(out)
+}
