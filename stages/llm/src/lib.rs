@@ -1,0 +1,14 @@
+//! Embedded LLM runtime on tch: GGUF reader, byte-level BPE tokenizer, llama decoder with a
+//! KV cache and batched generation, scores (logprobs, top-k entropy, perplexity, candidate
+//! log-likelihoods), a trainable policy/value mode, and the MiniLM sentence embedder.
+
+pub mod embed;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod llama;
+pub mod models;
+pub mod tokenizer;
+pub mod trainable;
+
+pub use error::{LlmError, Result};

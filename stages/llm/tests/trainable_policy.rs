@@ -1,0 +1,100 @@
+//! Trainable mode on CPU: a few Adam steps on the top 2 blocks (plus heads) lower a policy +
+//! value loss, the frozen bottom blocks and embedding stay bit-identical, the trainable blocks
+//! do move, and only trainable tensors are in the VarStore.
+
+use flag_llm::trainable::TrainablePolicy;
+use tch::nn::OptimizerConfig;
+use tch::{Device, Kind, Tensor, nn};
+
+#[test]
+fn adam_on_top_two_blocks_lowers_loss_and_keeps_frozen_weights() {
+    flag_llm::generate::set_threads(1);
+    tch::manual_seed(0);
+    let path = flag_llm::models::smollm2_gguf(None).expect("SmolLM2 GGUF must be installed");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let policy = TrainablePolicy::new(path.as_path(), 2, 3, &vs.root()).unwrap();
+    assert_eq!(policy.frozen_blocks().len(), 28);
+    assert_eq!(policy.trainable_blocks().len(), 2);
+
+    // The VarStore holds the 2 blocks (6 tensors each), the final norm and 2 heads (w, b).
+    let vars = vs.variables();
+    assert_eq!(vars.len(), 2 * 6 + 1 + 4, "{:?}", vars.keys());
+    assert!(
+        vars.keys()
+            .all(|k| !k.contains("block0.") && !k.contains("embed"))
+    );
+
+    let frozen_before: Vec<Tensor> = policy
+        .frozen_blocks()
+        .iter()
+        .flat_map(|b| [b.wqkv.copy(), b.w_down.copy(), b.attn_norm.copy()])
+        .chain([policy.frozen_embedding().copy()])
+        .collect();
+    let top_before = policy.trainable_blocks()[1].w_gate_up.copy();
+
+    // Two left-padded prompts (mask 0 = padding) with target actions and returns.
+    let ids = Tensor::from_slice(&[2i64, 2, 19556, 905, 28, 6403, 1980, 253, 655, 28]).view([2, 5]);
+    let mask = Tensor::from_slice(&[0i64, 0, 1, 1, 1, 1, 1, 1, 1, 1]).view([2, 5]);
+    let target_action = Tensor::from_slice(&[2i64, 0]);
+    let target_value = Tensor::from_slice(&[1.0f32, -1.0]);
+
+    let mut opt = nn::Adam::default().build(&vs, 1e-4).unwrap();
+    let mut losses = Vec::new();
+    for _ in 0..6 {
+        let (logits, value) = policy.forward(&ids, &mask).unwrap();
+        assert_eq!(logits.size(), [2, 3]);
+        assert_eq!(value.size(), [2]);
+        let loss = logits.cross_entropy_for_logits(&target_action)
+            + (value - &target_value).square().mean(Kind::Float);
+        losses.push(loss.double_value(&[]));
+        opt.backward_step(&loss);
+    }
+    eprintln!("losses: {losses:?}");
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(
+        losses.windows(2).all(|w| w[1] < w[0]),
+        "loss not decreasing: {losses:?}"
+    );
+    assert!(losses[5] < losses[0] * 0.5, "loss did not drop: {losses:?}");
+
+    let frozen_after: Vec<Tensor> = policy
+        .frozen_blocks()
+        .iter()
+        .flat_map(|b| {
+            [
+                b.wqkv.shallow_clone(),
+                b.w_down.shallow_clone(),
+                b.attn_norm.shallow_clone(),
+            ]
+        })
+        .chain([policy.frozen_embedding().shallow_clone()])
+        .collect();
+    for (i, (a, b)) in frozen_before.iter().zip(&frozen_after).enumerate() {
+        assert!(a.equal(b), "frozen tensor {i} changed");
+        assert!(!b.requires_grad());
+    }
+    let top_after = &policy.trainable_blocks()[1].w_gate_up;
+    assert!(!top_before.equal(top_after), "trainable block did not move");
+
+    // Padding on the right gives the same reading as the same prompt padded on the left.
+    let (l_left, v_left) = policy
+        .forward(&ids.narrow(0, 0, 1), &mask.narrow(0, 0, 1))
+        .unwrap();
+    let ids_r = Tensor::from_slice(&[19556i64, 905, 28, 2, 2]).view([1, 5]);
+    let mask_r = Tensor::from_slice(&[1i64, 1, 1, 0, 0]).view([1, 5]);
+    let (l_right, v_right) = policy.forward(&ids_r, &mask_r).unwrap();
+    assert!(
+        l_left.allclose(&l_right, 1e-4, 1e-4, false),
+        "{l_left} vs {l_right}"
+    );
+    assert!(v_left.allclose(&v_right, 1e-4, 1e-4, false));
+
+    // Bad inputs are errors.
+    assert!(policy.forward(&ids, &mask.narrow(1, 0, 4)).is_err());
+    let bad = Tensor::from_slice(&[49152i64]).view([1, 1]);
+    assert!(
+        policy
+            .forward(&bad, &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu)))
+            .is_err()
+    );
+}
