@@ -1,0 +1,160 @@
+//! Behaviour of the TDQN agent: observation size and causality on real AAPL data,
+//! bit-for-bit reproducibility, and learning a trivially learnable series.
+use std::path::PathBuf;
+
+use flag_rl::agent::Agent;
+use flag_rl::config::DdqnConfig;
+use flag_rl::data::read_tdqn_csv;
+use flag_rl::features::Bars;
+use flag_rl::net::QNet;
+use flag_rl::train::{TickerData, train_run};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Tensor};
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("FLAG_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data"))
+}
+
+/// AAPL from the TDQN benchmark: 2012-2017 train, 2018-2019 test, one series.
+fn aapl() -> (Bars, std::ops::Range<usize>, std::ops::Range<usize>) {
+    let dir = data_dir().join("tdqn");
+    let mut b = read_tdqn_csv(&dir.join("AAPL_2012-1-1_2018-1-1.csv")).unwrap();
+    let test = read_tdqn_csv(&dir.join("AAPL_2018-1-1_2020-1-1.csv")).unwrap();
+    let n = b.len();
+    b.dates.extend(&test.dates);
+    b.high.extend(&test.high);
+    b.low.extend(&test.low);
+    b.close.extend(&test.close);
+    b.volume.extend(&test.volume);
+    let total = b.len();
+    (b, 0..n, n..total)
+}
+
+/// A deterministic up-trend (about +0.6 % a day) with a small wiggle so features vary.
+fn uptrend(n: usize) -> Bars {
+    let close: Vec<f64> = (0..n)
+        .map(|t| 100.0 * (0.006 * t as f64 + 0.01 * (t as f64 / 3.0).sin()).exp())
+        .collect();
+    Bars {
+        dates: (0..n as i32).collect(),
+        high: close
+            .iter()
+            .enumerate()
+            .map(|(t, c)| c * (1.01 + 0.004 * (t as f64 / 2.0).cos()))
+            .collect(),
+        low: close.iter().map(|c| c * 0.99).collect(),
+        volume: (0..n).map(|t| 1e6 * (1.0 + 0.3 * (t as f64 / 5.0).sin())).collect(),
+        close,
+    }
+}
+
+#[test]
+fn tdqn_observation_has_117_inputs() {
+    tch::set_num_threads(1);
+    let cfg = DdqnConfig::default();
+    assert_eq!(cfg.observation_size(0), 117);
+    assert_eq!(cfg.observation_size(2), 119);
+    let (bars, train, test) = aapl();
+    assert_eq!((train.len(), test.len()), (1509, 503));
+    let data = TickerData::new("AAPL", bars, train, test, &cfg, None).unwrap();
+    assert_eq!(data.features.width, 116);
+    let agent = Agent::new(cfg, &data.features, Device::Cpu, ChaCha8Rng::seed_from_u64(0)).unwrap();
+    assert_eq!(agent.inputs(), 117);
+    let obs = data.features.observation(data.test.start, 1.0);
+    assert_eq!(obs.len(), 117);
+    let net = QNet::new(&cfg, 117, Device::Cpu, Some(&mut ChaCha8Rng::seed_from_u64(0)));
+    let q = net.forward(&Tensor::from_slice(&obs).view([1, 117]), false, None);
+    assert_eq!(q.size(), vec![1, 2]);
+}
+
+#[test]
+fn observation_at_t_uses_no_later_data() {
+    let cfg = DdqnConfig::default();
+    let (bars, train, test) = aapl();
+    let base = TickerData::new("AAPL", bars.clone(), train.clone(), test.clone(), &cfg, None).unwrap();
+    for t in [test.start, test.start + 137, test.end - 2] {
+        let mut changed = bars.clone();
+        for i in t + 1..changed.len() {
+            changed.close[i] *= 1.5 + (i % 3) as f64;
+            changed.high[i] *= 2.0;
+            changed.low[i] *= 0.5;
+            changed.volume[i] = 7.0 + i as f64;
+        }
+        let other = TickerData::new("AAPL", changed.clone(), train.clone(), test.clone(), &cfg, None).unwrap();
+        let (a, b) = (base.features.row(t), other.features.row(t));
+        assert!(
+            a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "row {t} changed"
+        );
+        assert_ne!(
+            base.features.row(t + 1),
+            other.features.row(t + 1),
+            "the change is visible at t + 1"
+        );
+        // Changing day t itself must change the observation (the check can fail).
+        changed.close[t] *= 1.01;
+        let third = TickerData::new("AAPL", changed, train.clone(), test.clone(), &cfg, None).unwrap();
+        assert_ne!(base.features.row(t), third.features.row(t));
+    }
+}
+
+fn small_config(episodes: usize) -> DdqnConfig {
+    DdqnConfig {
+        episodes,
+        ..DdqnConfig::default()
+    }
+}
+
+#[test]
+fn same_seed_gives_bit_identical_training() {
+    tch::set_num_threads(1);
+    let cfg = small_config(2);
+    let bars = uptrend(160);
+    let data = TickerData::new("UP", bars, 0..120, 120..160, &cfg, None).unwrap();
+    let run = |seed| train_run(&cfg, &data, seed, Device::Cpu, 252.0, &|_, _| {}).unwrap();
+    let (a, b, c) = (run(7), run(7), run(8));
+    assert!(a.agent.learn_steps > 0);
+    let (wa, wb, wc) = (
+        a.agent.policy.snapshot(),
+        b.agent.policy.snapshot(),
+        c.agent.policy.snapshot(),
+    );
+    let bits = |w: &Vec<(String, Vec<f32>)>| -> Vec<u32> {
+        w.iter().flat_map(|(_, v)| v.iter().map(|x| x.to_bits())).collect()
+    };
+    assert_eq!(bits(&wa), bits(&wb));
+    assert_ne!(bits(&wa), bits(&wc), "another seed must give other weights");
+    assert_eq!(a.paths, b.paths);
+    assert_eq!(a.curve.len(), 2);
+    for (x, y) in a.curve.iter().zip(&b.curve) {
+        assert_eq!(x.mean_loss.to_bits(), y.mean_loss.to_bits());
+        assert_eq!(x.test_return.to_bits(), y.test_return.to_bits());
+    }
+}
+
+#[test]
+#[ignore = "fails today: with the paper's lr 1e-4 and ~1k steps the agent does not yet learn the up-trend (issue 4, open)"]
+fn learns_a_trivial_uptrend() {
+    tch::set_num_threads(1);
+    let cfg = small_config(8);
+    let bars = uptrend(300);
+    let data = TickerData::new("UP", bars, 0..240, 240..300, &cfg, None).unwrap();
+    let mut good = 0;
+    for seed in 0..3 {
+        let out = train_run(&cfg, &data, seed, Device::Cpu, 252.0, &|_, _| {}).unwrap();
+        let test = &out.paths[1];
+        let long = test.steps.iter().filter(|s| s.action == "LONG").count() as f64 / test.steps.len() as f64;
+        let ret = test.total_return(cfg.initial_capital);
+        eprintln!(
+            "seed {seed}: test LONG share {long:.2}, test return {ret:.4}, curve {:?}",
+            out.curve.last()
+        );
+        if long >= 0.8 && ret > 0.0 && test.steps.last().is_some_and(|s| s.action == "LONG") {
+            good += 1;
+        }
+    }
+    assert!(good >= 2, "only {good} of 3 runs learned to stay long");
+}
