@@ -26,7 +26,7 @@ pub enum EngineError {
         stage: String,
         kind: String,
         #[source]
-        source: flag_core::StageError,
+        source: Box<flag_core::StageError>,
     },
     #[error("{0}")]
     Usage(String),

@@ -17,8 +17,14 @@ impl Fixture {
         copy_project(root.path());
         let f = Fixture { root };
         let mut c = flag(f.root(), &f.store());
-        c.args(["run", "pipelines/test-small.yaml", "--only", "ohlcv", "--set"])
-            .arg(format!("data_dir={}", data_dir().display()));
+        c.args([
+            "run",
+            "pipelines/test-small.yaml",
+            "--only",
+            "ohlcv",
+            "--set",
+        ])
+        .arg(format!("data_dir={}", data_dir().display()));
         run_ok(&mut c);
         f
     }
@@ -37,11 +43,18 @@ impl Fixture {
         let mut c = flag(self.root(), &self.store());
         c.arg("run").arg(&file).args(extra);
         let out = c.output().unwrap();
-        assert!(!out.status.success(), "{name}: expected failure\n{}", stdout(&out));
+        assert!(
+            !out.status.success(),
+            "{name}: expected failure\n{}",
+            stdout(&out)
+        );
         assert_eq!(before, snapshot(&self.store()), "{name}: the store changed");
         assert!(
             !self.store().join("tmp").exists()
-                || std::fs::read_dir(self.store().join("tmp")).unwrap().next().is_none(),
+                || std::fs::read_dir(self.store().join("tmp"))
+                    .unwrap()
+                    .next()
+                    .is_none(),
             "{name}: staging left behind"
         );
         format!("{}{}", stdout(&out), stderr(&out))
@@ -49,59 +62,168 @@ impl Fixture {
 }
 
 fn has(out: &str, want: &str) {
-    assert!(out.contains(want), "expected message:\n  {want}\ngot:\n{out}");
+    assert!(
+        out.contains(want),
+        "expected message:\n  {want}\ngot:\n{out}"
+    );
 }
 
 #[test]
 fn pipeline_file_errors_name_file_line_and_stage() {
     let f = Fixture::new();
-    let p = |n: &str| f.root().join("pipelines").join(format!("{n}.yaml")).display().to_string();
+    let p = |n: &str| {
+        f.root()
+            .join("pipelines")
+            .join(format!("{n}.yaml"))
+            .display()
+            .to_string()
+    };
 
     let out = f.fails("cycle", "stages:\n  a:\n    uses: indicators\n    inputs:\n      bars: b.table\n  b:\n    uses: indicators\n    inputs:\n      bars: a.table\n", &[]);
-    has(&out, &format!("{}:2: cycle between stages: a -> b -> a", p("cycle")));
+    has(
+        &out,
+        &format!("{}:2: cycle between stages: a -> b -> a", p("cycle")),
+    );
 
-    let out = f.fails("unknown_kind", "stages:\n  ohlcv:\n    uses: ingest_ohlc\n", &[]);
-    has(&out, &format!("{}:3: stage 'ohlcv': unknown stage kind 'ingest_ohlc' (did you mean 'ingest_ohlcv'?)", p("unknown_kind")));
+    let out = f.fails(
+        "unknown_kind",
+        "stages:\n  ohlcv:\n    uses: ingest_ohlc\n",
+        &[],
+    );
+    has(
+        &out,
+        &format!(
+            "{}:3: stage 'ohlcv': unknown stage kind 'ingest_ohlc' (did you mean 'ingest_ohlcv'?)",
+            p("unknown_kind")
+        ),
+    );
 
     let out = f.fails("bad_output_ref", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: [AAPL]}\n  ind:\n    uses: indicators\n    inputs:\n      bars: ohlcv.bar\n", &[]);
-    has(&out, &format!("{}:8: stage 'ind': input 'bars': stage 'ohlcv' has no output 'bar' (did you mean 'bars'?)", p("bad_output_ref")));
+    has(
+        &out,
+        &format!(
+            "{}:8: stage 'ind': input 'bars': stage 'ohlcv' has no output 'bar' (did you mean 'bars'?)",
+            p("bad_output_ref")
+        ),
+    );
 
     let out = f.fails("bad_stage_ref", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: [AAPL]}\n  ind:\n    uses: indicators\n    inputs:\n      bars: ohlvc.bars\n", &[]);
-    has(&out, &format!("{}:8: stage 'ind': input 'bars' refers to unknown stage 'ohlvc' (did you mean 'ohlcv'?)", p("bad_stage_ref")));
+    has(
+        &out,
+        &format!(
+            "{}:8: stage 'ind': input 'bars' refers to unknown stage 'ohlvc' (did you mean 'ohlcv'?)",
+            p("bad_stage_ref")
+        ),
+    );
 
-    let out = f.fails("duplicate", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n  ohlcv:\n    uses: ingest_ohlcv\n", &[]);
-    has(&out, &format!("{}:4: duplicate stage name 'ohlcv' (first defined at line 2)", p("duplicate")));
+    let out = f.fails(
+        "duplicate",
+        "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n  ohlcv:\n    uses: ingest_ohlcv\n",
+        &[],
+    );
+    has(
+        &out,
+        &format!(
+            "{}:4: duplicate stage name 'ohlcv' (first defined at line 2)",
+            p("duplicate")
+        ),
+    );
 
     let out = f.fails("missing_param", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      format: tdqn\n      tickers: [AAPL]\n", &[]);
-    has(&out, &format!("{}:2: stage 'ohlcv': missing required param 'source'", p("missing_param")));
+    has(
+        &out,
+        &format!(
+            "{}:2: stage 'ohlcv': missing required param 'source'",
+            p("missing_param")
+        ),
+    );
 
     let out = f.fails("unknown_param", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: x\n      format: tdqn\n      tickers: [AAPL]\n      tikers: [MSFT]\n", &[]);
-    has(&out, &format!("{}:8: stage 'ohlcv': unknown param 'tikers' for kind 'ingest_ohlcv' (did you mean 'tickers'?)", p("unknown_param")));
+    has(
+        &out,
+        &format!(
+            "{}:8: stage 'ohlcv': unknown param 'tikers' for kind 'ingest_ohlcv' (did you mean 'tickers'?)",
+            p("unknown_param")
+        ),
+    );
 
     let out = f.fails("escape", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: [AAPL]}\n    outputs:\n      bars: ../../../etc/bars.parquet\n", &[]);
-    has(&out, &format!("{}:6: stage 'ohlcv': output 'bars': output path '../../../etc/bars.parquet' escapes the store ('..' is not allowed)", p("escape")));
+    has(
+        &out,
+        &format!(
+            "{}:6: stage 'ohlcv': output 'bars': output path '../../../etc/bars.parquet' escapes the store ('..' is not allowed)",
+            p("escape")
+        ),
+    );
 
     let out = f.fails("absolute", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: [AAPL]}\n    outputs:\n      bars: /tmp/bars.parquet\n", &[]);
-    has(&out, &format!("{}:6: stage 'ohlcv': output 'bars': output path '/tmp/bars.parquet' must be relative to the store", p("absolute")));
+    has(
+        &out,
+        &format!(
+            "{}:6: stage 'ohlcv': output 'bars': output path '/tmp/bars.parquet' must be relative to the store",
+            p("absolute")
+        ),
+    );
 
-    let out = f.fails("syntax", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n   params: [\n", &[]);
+    let out = f.fails(
+        "syntax",
+        "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n   params: [\n",
+        &[],
+    );
     has(&out, &format!("{}:4: invalid YAML", p("syntax")));
 
     let out = f.fails("unknown_ref_param", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: ${data}/tdqn\n      format: tdqn\n      tickers: [AAPL]\n", &[]);
-    has(&out, &format!("{}:5: stage 'ohlcv': param 'source': unknown pipeline param '${{data}}' (pipeline params: data_dir)", p("unknown_ref_param")));
+    has(
+        &out,
+        &format!(
+            "{}:5: stage 'ohlcv': param 'source': unknown pipeline param '${{data}}' (pipeline params: data_dir)",
+            p("unknown_ref_param")
+        ),
+    );
 
     let out = f.fails("wrong_type", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: x\n      format: tdqn\n      tickers: 5\n", &[]);
-    has(&out, &format!("{}:7: stage 'ohlcv': param 'tickers' must be a list, got a number 5", p("wrong_type")));
+    has(
+        &out,
+        &format!(
+            "{}:7: stage 'ohlcv': param 'tickers' must be a list, got a number 5",
+            p("wrong_type")
+        ),
+    );
 
     let out = f.fails("unknown_set", "params:\n  tickers: [AAPL]\nstages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params:\n      source: x\n      format: tdqn\n      tickers: ${tickers}\n", &["--set", "tikers=[MSFT]"]);
-    has(&out, "--set tikers: unknown pipeline param (did you mean 'tickers'?)");
+    has(
+        &out,
+        "--set tikers: unknown pipeline param (did you mean 'tickers'?)",
+    );
 
     let out = f.fails("unknown_input", "stages:\n  ohlcv:\n    uses: ingest_ohlcv\n    params: {source: x, format: tdqn, tickers: [AAPL]}\n  ind:\n    uses: indicators\n    inputs:\n      bar: ohlcv.bars\n", &[]);
-    has(&out, &format!("{}:8: stage 'ind': unknown input 'bar' for kind 'indicators' (did you mean 'bars'?)", p("unknown_input")));
-    has(&out, &format!("{}:5: stage 'ind': missing required input 'bars'", p("unknown_input")));
+    has(
+        &out,
+        &format!(
+            "{}:8: stage 'ind': unknown input 'bar' for kind 'indicators' (did you mean 'bars'?)",
+            p("unknown_input")
+        ),
+    );
+    has(
+        &out,
+        &format!(
+            "{}:5: stage 'ind': missing required input 'bars'",
+            p("unknown_input")
+        ),
+    );
 
-    let out = f.fails("self_ref", "stages:\n  ind:\n    uses: indicators\n    inputs:\n      bars: ind.table\n", &[]);
-    has(&out, &format!("{}:5: stage 'ind': input 'bars' refers to the stage itself", p("self_ref")));
+    let out = f.fails(
+        "self_ref",
+        "stages:\n  ind:\n    uses: indicators\n    inputs:\n      bars: ind.table\n",
+        &[],
+    );
+    has(
+        &out,
+        &format!(
+            "{}:5: stage 'ind': input 'bars' refers to the stage itself",
+            p("self_ref")
+        ),
+    );
 }
 
 /// Bad data files through the real binary: the run fails naming file, line and column, and
@@ -158,7 +280,13 @@ fn bad_data_files_fail_with_file_line_and_column() {
             data.display()
         );
         let out = f.fails(name, &yaml, &[]);
-        has(&out, &format!("error: stage 'ohlcv' (ingest_ohlcv) failed: {}{want}", file.display()));
+        has(
+            &out,
+            &format!(
+                "error: stage 'ohlcv' (ingest_ohlcv) failed: {}{want}",
+                file.display()
+            ),
+        );
         has(&out, "log:");
     }
 }

@@ -4,7 +4,11 @@ mod common;
 
 use common::*;
 
-fn run_json(root: &std::path::Path, store: &std::path::Path, extra: &[&str]) -> std::process::Output {
+fn run_json(
+    root: &std::path::Path,
+    store: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
     let data = data_dir();
     let mut c = flag(root, store);
     c.args(["run", "pipelines/test-small.yaml", "--json", "--set"])
@@ -34,8 +38,14 @@ fn second_run_is_all_cached_and_a_param_change_reruns_exactly_its_dependants() {
     assert_eq!(st["baselines"], "ran");
     assert_eq!(st["metrics"], "ran");
     assert_eq!(st["report"], "ran");
-    let reason = records(&third)["baselines"]["reason"].as_str().unwrap().to_string();
-    assert!(reason.contains("param cost: 0.001 -> 0.002"), "reason: {reason}");
+    let reason = records(&third)["baselines"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        reason.contains("param cost: 0.001 -> 0.002"),
+        "reason: {reason}"
+    );
 
     // Back to the original value: every stage is a cache hit again.
     let fourth = statuses(&run_json(root.path(), &store, &[]));
@@ -52,7 +62,10 @@ fn identical_upstream_bytes_stop_the_rerun_there() {
     let second = run_json(root.path(), &store, &["--set", "ohlcv.end=2030-01-01"]);
     let st = statuses(&second);
     assert_eq!(st["ohlcv"], "ran", "{st:?}");
-    assert_eq!(output_hashes(&first)["ohlcv"], output_hashes(&second)["ohlcv"]);
+    assert_eq!(
+        output_hashes(&first)["ohlcv"],
+        output_hashes(&second)["ohlcv"]
+    );
     for s in ["indicators", "baselines", "metrics", "report"] {
         assert_eq!(st[s], "cached", "{s} should be cut off: {st:?}");
     }
@@ -65,7 +78,12 @@ fn editing_a_stage_sql_file_invalidates_that_stage() {
     let store = root.path().join("store");
     run_json(root.path(), &store, &[]);
     let sql_dir = root.path().join("stages/market/sql");
-    let sql = std::fs::read_dir(&sql_dir).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "sql")).expect("an indicators SQL file");
+    let sql = std::fs::read_dir(&sql_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "sql"))
+        .expect("an indicators SQL file");
     let mut text = std::fs::read_to_string(&sql).unwrap();
     text.push_str("\n-- a comment: the bytes changed, so the key must change\n");
     std::fs::write(&sql, text).unwrap();
@@ -73,9 +91,15 @@ fn editing_a_stage_sql_file_invalidates_that_stage() {
     let st = statuses(&out);
     assert_eq!(st["ohlcv"], "cached");
     assert_eq!(st["indicators"], "ran", "{st:?}");
-    let reason = records(&out)["indicators"]["reason"].as_str().unwrap().to_string();
+    let reason = records(&out)["indicators"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let name = sql.file_name().unwrap().to_string_lossy().to_string();
-    assert!(reason.contains(&name) && reason.contains("changed"), "reason: {reason}");
+    assert!(
+        reason.contains(&name) && reason.contains("changed"),
+        "reason: {reason}"
+    );
     // The output is the same (a comment), so downstream stops early.
     assert_eq!(st["baselines"], "cached", "{st:?}");
 }
@@ -87,19 +111,43 @@ fn dry_run_and_status_explain_without_running() {
     let store = root.path().join("store");
     let data = data_dir();
     let mut c = flag(root.path(), &store);
-    c.args(["run", "pipelines/test-small.yaml", "--dry-run", "--set"]).arg(format!("data_dir={}", data.display()));
+    c.args(["run", "pipelines/test-small.yaml", "--dry-run", "--set"])
+        .arg(format!("data_dir={}", data.display()));
     let out = stdout(&run_ok(&mut c));
-    assert!(out.contains("stale") && out.contains("new: no earlier run"), "{out}");
+    assert!(
+        out.contains("stale") && out.contains("new: no earlier run"),
+        "{out}"
+    );
     assert!(out.contains("upstream stage 'ohlcv' will run"), "{out}");
     assert!(snapshot(&store).is_empty(), "a dry run wrote to the store");
 
     run_json(root.path(), &store, &[]);
     let mut c = flag(root.path(), &store);
-    c.args(["status", "pipelines/test-small.yaml", "--set", "baselines.cost=0.003", "--set"]).arg(format!("data_dir={}", data.display()));
+    c.args([
+        "status",
+        "pipelines/test-small.yaml",
+        "--set",
+        "baselines.cost=0.003",
+        "--set",
+    ])
+    .arg(format!("data_dir={}", data.display()));
     let out = stdout(&run_ok(&mut c));
-    assert!(out.lines().any(|l| l.starts_with("cached") && l.contains("indicators")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("stale") && l.contains("baselines") && l.contains("param cost")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("stale") && l.contains("metrics") && l.contains("upstream stage 'baselines' will run")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("cached") && l.contains("indicators")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("stale") && l.contains("baselines") && l.contains("param cost")),
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with("stale")
+            && l.contains("metrics")
+            && l.contains("upstream stage 'baselines' will run")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -109,9 +157,17 @@ fn show_and_path_open_artifacts_with_standard_tools() {
     let store = root.path().join("store");
     run_json(root.path(), &store, &[]);
     let mut c = flag(root.path(), &store);
-    c.args(["show", "ohlcv.bars", "--sql", "SELECT ticker, COUNT(*) AS n FROM t GROUP BY ticker ORDER BY ticker"]);
+    c.args([
+        "show",
+        "ohlcv.bars",
+        "--sql",
+        "SELECT ticker, COUNT(*) AS n FROM t GROUP BY ticker ORDER BY ticker",
+    ]);
     let out = stdout(&run_ok(&mut c));
-    assert!(out.contains("AAPL") && out.contains("MSFT") && out.contains("| n "), "{out}");
+    assert!(
+        out.contains("AAPL") && out.contains("MSFT") && out.contains("| n "),
+        "{out}"
+    );
     let mut c = flag(root.path(), &store);
     c.args(["path", "indicators.table"]);
     let out = stdout(&run_ok(&mut c));

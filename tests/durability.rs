@@ -47,13 +47,24 @@ fn kill_9_at_many_points_then_rerun_matches_an_uninterrupted_run() {
             let mut v = flag(root.path(), &store);
             v.args(["verify", "--report-only"]);
             let out = v.output().unwrap();
-            assert!(out.status.success(), "verify after kill at {f}: {}", stdout(&out));
+            assert!(
+                out.status.success(),
+                "verify after kill at {f}: {}",
+                stdout(&out)
+            );
         }
     }
-    assert!(killed >= fractions.len() / 2, "only {killed} runs were killed mid-run");
+    assert!(
+        killed >= fractions.len() / 2,
+        "only {killed} runs were killed mid-run"
+    );
 
     let resumed = run_ok(&mut run_cmd(root.path(), &store));
-    assert_eq!(output_hashes(&resumed), reference, "results differ from an uninterrupted run");
+    assert_eq!(
+        output_hashes(&resumed),
+        reference,
+        "results differ from an uninterrupted run"
+    );
     // And nothing half-written is left for a later run to trip on.
     let again = statuses(&run_ok(&mut run_cmd(root.path(), &store)));
     assert!(again.values().all(|s| s == "cached"), "{again:?}");
@@ -67,7 +78,10 @@ fn a_flipped_byte_in_a_stored_object_is_detected_and_recomputed() {
     let first = run_ok(&mut run_cmd(root.path(), &store));
     let before = output_hashes(&first);
     let rec = &records(&first)["indicators"];
-    let path = rec["outputs"]["table"]["path"].as_str().unwrap().to_string();
+    let path = rec["outputs"]["table"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -78,15 +92,26 @@ fn a_flipped_byte_in_a_stored_object_is_detected_and_recomputed() {
     v.args(["verify", "--report-only"]);
     let out = v.output().unwrap();
     assert!(!out.status.success());
-    assert!(stdout(&out).contains("CORRUPT indicators.table") && stdout(&out).contains("is corrupted"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("CORRUPT indicators.table") && stdout(&out).contains("is corrupted"),
+        "{}",
+        stdout(&out)
+    );
 
     // The next run does not use it: it recomputes the stage, with the reason.
     let second = run_ok(&mut run_cmd(root.path(), &store));
     let st = statuses(&second);
     assert_eq!(st["indicators"], "ran", "{st:?}");
-    let reason = records(&second)["indicators"]["reason"].as_str().unwrap().to_string();
+    let reason = records(&second)["indicators"]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(reason.contains("corrupted"), "{reason}");
-    assert!(stderr(&second).contains("failed verification"), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("failed verification"),
+        "{}",
+        stderr(&second)
+    );
     assert_eq!(output_hashes(&second)["indicators"], before["indicators"]);
     // Recomputed bytes are identical, so downstream stays cached.
     assert_eq!(st["baselines"], "cached");
@@ -103,10 +128,23 @@ fn two_concurrent_runs_on_one_store_do_not_corrupt_it() {
     let reference = output_hashes(&run_ok(&mut run_cmd(root.path(), &reference_store)));
 
     let store = root.path().join("store");
-    let a = run_cmd(root.path(), &store).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let b = run_cmd(root.path(), &store).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let a = run_cmd(root.path(), &store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = run_cmd(root.path(), &store)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(a.status.success() && b.status.success(), "{}\n{}", stderr(&a), stderr(&b));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
     assert_eq!(output_hashes(&a), reference);
     assert_eq!(output_hashes(&b), reference);
     // One of them waited for the other and then found everything cached.
@@ -115,7 +153,10 @@ fn two_concurrent_runs_on_one_store_do_not_corrupt_it() {
         sa.values().all(|s| s == "cached") || sb.values().all(|s| s == "cached"),
         "{sa:?} {sb:?}"
     );
-    assert!(stderr(&a).contains("waiting for another flag run") || stderr(&b).contains("waiting for another flag run"));
+    assert!(
+        stderr(&a).contains("waiting for another flag run")
+            || stderr(&b).contains("waiting for another flag run")
+    );
     let mut v = flag(root.path(), &store);
     v.args(["verify"]);
     run_ok(&mut v);
@@ -126,7 +167,11 @@ fn a_lock_held_by_a_killed_process_does_not_block_the_next_run() {
     let root = tempfile::tempdir().unwrap();
     copy_project(root.path());
     let store = root.path().join("store");
-    let mut child = run_cmd(root.path(), &store).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = run_cmd(root.path(), &store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let _ = child.kill();
     child.wait().unwrap();

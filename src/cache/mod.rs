@@ -50,7 +50,8 @@ fn tree_hash(path: &Path) -> Result<String> {
     let mut files = Vec::new();
     let mut stack = vec![path.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).map_err(|e| EngineError::io(format!("reading {}", d.display()), e))?;
+        let rd = std::fs::read_dir(&d)
+            .map_err(|e| EngineError::io(format!("reading {}", d.display()), e))?;
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -83,7 +84,12 @@ pub fn key_parts(
         let p = root.join(rel);
         let bytes = std::fs::read(&p).map_err(|e| {
             EngineError::io(
-                format!("stage '{}': reading resource file {} (project root {})", stage.name, rel, root.display()),
+                format!(
+                    "stage '{}': reading resource file {} (project root {})",
+                    stage.name,
+                    rel,
+                    root.display()
+                ),
                 e,
             )
         })?;
@@ -91,25 +97,38 @@ pub fn key_parts(
         resource_bytes.insert(rel.clone(), bytes);
     }
 
-    let external_files = stage.imp.external_files(&stage.params).map_err(|e| EngineError::Stage {
-        stage: stage.name.clone(),
-        kind: stage.kind.clone(),
-        source: e,
-    })?;
+    let external_files =
+        stage
+            .imp
+            .external_files(&stage.params)
+            .map_err(|e| EngineError::Stage {
+                stage: stage.name.clone(),
+                kind: stage.kind.clone(),
+                source: Box::new(e),
+            })?;
     let mut external = Vec::new();
     for f in &external_files {
-        let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         external.push((name, hash_file(f).map_err(|e| annotate(stage, e))?));
     }
     let spec = stage.imp.spec();
     let mut params = BTreeMap::new();
     for (k, v) in &stage.params.0 {
-        let is_path = spec.params.iter().any(|p| p.name == k && p.kind == ParamKind::Path);
+        let is_path = spec
+            .params
+            .iter()
+            .any(|p| p.name == k && p.kind == ParamKind::Path);
         let v = match (is_path, v.as_str()) {
             // The same data at another path is the same input; a stage that lists its files
             // in external_files covers the contents, otherwise hash the whole path.
             (true, Some(_)) if !external_files.is_empty() => Value::String("<contents>".into()),
-            (true, Some(p)) if Path::new(p).exists() => Value::String(format!("<contents {}>", tree_hash(Path::new(p)).map_err(|e| annotate(stage, e))?)),
+            (true, Some(p)) if Path::new(p).exists() => Value::String(format!(
+                "<contents {}>",
+                tree_hash(Path::new(p)).map_err(|e| annotate(stage, e))?
+            )),
             _ => v.clone(),
         };
         params.insert(k.clone(), v);
@@ -117,12 +136,17 @@ pub fn key_parts(
     let mut schemas = BTreeMap::new();
     for o in &spec.outputs {
         if let OutputKind::Parquet { schema } = o.kind {
-            let s = SchemaRegistry::global().get(schema).map_err(|e| EngineError::Stage {
-                stage: stage.name.clone(),
-                kind: stage.kind.clone(),
-                source: e,
-            })?;
-            schemas.insert(o.name.to_string(), blake3::hash(s.source.as_bytes()).to_hex().to_string());
+            let s = SchemaRegistry::global()
+                .get(schema)
+                .map_err(|e| EngineError::Stage {
+                    stage: stage.name.clone(),
+                    kind: stage.kind.clone(),
+                    source: Box::new(e),
+                })?;
+            schemas.insert(
+                o.name.to_string(),
+                blake3::hash(s.source.as_bytes()).to_hex().to_string(),
+            );
         }
     }
     let env = stage.imp.environment(&stage.params).into_iter().collect();
@@ -154,7 +178,11 @@ fn annotate(stage: &PipelineStage, e: EngineError) -> EngineError {
 
 fn show(v: &Value) -> String {
     let s = v.to_string();
-    if s.len() > 60 { format!("{}…", &s[..57]) } else { s }
+    if s.len() > 60 {
+        format!("{}…", &s[..57])
+    } else {
+        s
+    }
 }
 
 /// Human reasons why `new` differs from `old` (the previous run of the same stage).
@@ -176,7 +204,11 @@ pub fn explain(old: &KeyParts, new: &KeyParts) -> Vec<String> {
             _ => {}
         }
     }
-    for k in old.resources.keys().filter(|k| !new.resources.contains_key(*k)) {
+    for k in old
+        .resources
+        .keys()
+        .filter(|k| !new.resources.contains_key(*k))
+    {
         why.push(format!("no longer uses {k}"));
     }
     for (k, v) in &new.params {
@@ -208,14 +240,19 @@ pub fn explain(old: &KeyParts, new: &KeyParts) -> Vec<String> {
             let desc: Vec<String> = refs
                 .iter()
                 .filter(|r| !old_refs.contains(r))
-                .map(|(r, h)| {
-                    match old_refs.iter().find(|(or, _)| or == r) {
-                        Some((_, oh)) => format!("{r} {} -> {}", short(oh), short(h)),
-                        None => format!("{r} (newly bound)"),
-                    }
+                .map(|(r, h)| match old_refs.iter().find(|(or, _)| or == r) {
+                    Some((_, oh)) => format!("{r} {} -> {}", short(oh), short(h)),
+                    None => format!("{r} (newly bound)"),
                 })
                 .collect();
-            why.push(format!("input {k} changed: {}", if desc.is_empty() { "bindings removed".into() } else { desc.join(", ") }));
+            why.push(format!(
+                "input {k} changed: {}",
+                if desc.is_empty() {
+                    "bindings removed".into()
+                } else {
+                    desc.join(", ")
+                }
+            ));
         }
     }
     if old.schemas != new.schemas {

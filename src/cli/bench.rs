@@ -20,7 +20,10 @@ pub struct BenchStoreArgs {
 }
 
 pub fn run(args: BenchStoreArgs) -> anyhow::Result<ExitCode> {
-    let dir = args.dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("flag-bench-{}", std::process::id())));
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("flag-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let store = Store::open(&dir.join("store"))?;
     let staging = store.staging_dir("0000000000000000")?;
@@ -50,7 +53,11 @@ pub fn run(args: BenchStoreArgs) -> anyhow::Result<ExitCode> {
     }
     let hash_s = t.elapsed().as_secs_f64() / reps as f64;
     let t = Instant::now();
-    let rec = store.commit_output(&staging, "blob", &flag_core::OutputKind::File { ext: "bin" })?;
+    let rec = store.commit_output(
+        &staging,
+        "blob",
+        &flag_core::OutputKind::File { ext: "bin" },
+    )?;
     let commit_s = t.elapsed().as_secs_f64();
     let obj = store.object_path(&rec.files[0]);
     let t = Instant::now();

@@ -18,7 +18,11 @@ pub struct GcArgs {
     pub dry_run: bool,
 }
 
-pub fn run(args: GcArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: GcArgs,
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
     let store = Store::existing(&super::store_dir(cli_store, &root))?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
@@ -31,7 +35,11 @@ pub fn run(args: GcArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>
         if args.prune && !live_keys.contains(&m.key) {
             runs += 1;
             if !args.dry_run {
-                let p = store.root.join("manifests").join(&m.key[..2]).join(format!("{}.json", m.key));
+                let p = store
+                    .root
+                    .join("manifests")
+                    .join(&m.key[..2])
+                    .join(format!("{}.json", m.key));
                 std::fs::remove_file(p)?;
             }
             continue;
@@ -68,7 +76,11 @@ pub fn run(args: GcArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>
     }
     println!(
         "{}{runs} runs, {objects} objects ({:.1} MB), {logs} logs, {tmp} staging dirs",
-        if args.dry_run { "would remove " } else { "removed " },
+        if args.dry_run {
+            "would remove "
+        } else {
+            "removed "
+        },
         bytes as f64 / 1e6
     );
     Ok(ExitCode::SUCCESS)

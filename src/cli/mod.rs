@@ -13,7 +13,11 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "flag", version, about = "Reproducible, content-addressed pipelines for LLM + RL trading research")]
+#[command(
+    name = "flag",
+    version,
+    about = "Reproducible, content-addressed pipelines for LLM + RL trading research"
+)]
 pub struct Cli {
     /// The store (cache) directory [default: <project root>/artifacts]
     #[arg(long, global = true, env = "FLAG_STORE")]
@@ -52,18 +56,29 @@ pub fn store_dir(cli_store: &Option<PathBuf>, root: &Path) -> PathBuf {
 }
 
 /// Pipeline name + store for commands that address `STAGE.OUTPUT`.
-pub fn resolve_pipeline_name(store: &crate::store::Store, pipeline: &Option<PathBuf>) -> anyhow::Result<String> {
+pub fn resolve_pipeline_name(
+    store: &crate::store::Store,
+    pipeline: &Option<PathBuf>,
+) -> anyhow::Result<String> {
     if let Some(p) = pipeline {
-        let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
         let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or(serde_yaml::Value::Null);
         if let Some(n) = doc.get("name").and_then(|n| n.as_str()) {
             return Ok(n.to_string());
         }
-        return Ok(p.file_stem().unwrap_or_default().to_string_lossy().to_string());
+        return Ok(p
+            .file_stem()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .to_string());
     }
-    store
-        .last_pipeline()
-        .ok_or_else(|| anyhow::anyhow!("no pipeline has run in {} yet; pass --pipeline", store.root.display()))
+    store.last_pipeline().ok_or_else(|| {
+        anyhow::anyhow!(
+            "no pipeline has run in {} yet; pass --pipeline",
+            store.root.display()
+        )
+    })
 }
 
 /// `stage.output` -> the latest manifest of that stage and the output's record.
@@ -76,11 +91,17 @@ pub fn resolve_output(
         .split_once('.')
         .ok_or_else(|| anyhow::anyhow!("'{reference}': expected STAGE.OUTPUT"))?;
     let key = store.get_ref(pipeline, stage).ok_or_else(|| {
-        anyhow::anyhow!("stage '{stage}' has not run in pipeline '{pipeline}' (store {})", store.root.display())
+        anyhow::anyhow!(
+            "stage '{stage}' has not run in pipeline '{pipeline}' (store {})",
+            store.root.display()
+        )
     })?;
-    let m = store
-        .lookup(&key)?
-        .ok_or_else(|| anyhow::anyhow!("the latest run of '{stage}' ({}) is no longer in the store; rerun the pipeline", crate::store::short(&key)))?;
+    let m = store.lookup(&key)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the latest run of '{stage}' ({}) is no longer in the store; rerun the pipeline",
+            crate::store::short(&key)
+        )
+    })?;
     let rec = m.outputs.get(output).cloned().ok_or_else(|| {
         anyhow::anyhow!(
             "stage '{stage}' has no output '{output}' (outputs: {})",

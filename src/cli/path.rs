@@ -15,7 +15,11 @@ pub struct PathArgs {
     pub pipeline: Option<PathBuf>,
 }
 
-pub fn run(args: PathArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: PathArgs,
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
     let store = Store::existing(&super::store_dir(cli_store, &root))?;
     let name = super::resolve_pipeline_name(&store, &args.pipeline)?;

@@ -44,11 +44,21 @@ pub struct RunArgs {
 pub fn line(r: &StageReport) -> String {
     let rows: u64 = r.outputs.values().filter_map(|o| o.rows).sum();
     let extra = if r.status == Status::Ran || r.status == Status::Cached {
-        if rows > 0 { format!(" [{rows} rows]") } else { String::new() }
+        if rows > 0 {
+            format!(" [{rows} rows]")
+        } else {
+            String::new()
+        }
     } else {
         String::new()
     };
-    format!("{:<7} {:<22} {:>8.2}s  {}{extra}", r.status.label(), r.stage, r.seconds, r.reason)
+    format!(
+        "{:<7} {:<22} {:>8.2}s  {}{extra}",
+        r.status.label(),
+        r.stage,
+        r.seconds,
+        r.reason
+    )
 }
 
 pub fn print_report(r: &StageReport, json: bool, progress: &Progress) {
@@ -65,7 +75,11 @@ pub fn print_report(r: &StageReport, json: bool, progress: &Progress) {
     }
 }
 
-pub fn run(args: RunArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: RunArgs,
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let registry = Registry::builtin();
     let p = pipeline::load(&args.pipeline, cli_root.as_deref(), &args.set, &registry)?;
@@ -75,7 +89,11 @@ pub fn run(args: RunArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf
         only: args.only.clone(),
         from: args.from.clone(),
         force: args.force,
-        jobs: args.jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)),
+        jobs: args.jobs.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }),
     };
     let progress = Arc::new(Progress::new(!args.json));
     if args.dry_run {
@@ -88,7 +106,10 @@ pub fn run(args: RunArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf
         if holder.is_empty() {
             eprintln!("store lock acquired");
         } else {
-            eprintln!("waiting for another flag run ({holder}) to release {}/.lock", store.root.display());
+            eprintln!(
+                "waiting for another flag run ({holder}) to release {}/.lock",
+                store.root.display()
+            );
         }
     })?;
     store.clean_tmp()?;
@@ -100,9 +121,13 @@ pub fn run(args: RunArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf
     let (p, store) = (Arc::new(p), Arc::new(store));
     let pr = progress.clone();
     let json = args.json;
-    let reports = runtime.block_on(scheduler::run(p.clone(), store.clone(), opts, progress.clone(), move |r| {
-        print_report(r, json, &pr)
-    }))?;
+    let reports = runtime.block_on(scheduler::run(
+        p.clone(),
+        store.clone(),
+        opts,
+        progress.clone(),
+        move |r| print_report(r, json, &pr),
+    ))?;
     progress.finish();
     let count = |s: Status| reports.iter().filter(|r| r.status == s).count();
     if !args.json {
@@ -117,5 +142,9 @@ pub fn run(args: RunArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf
             store.root.display()
         );
     }
-    Ok(if count(Status::Failed) > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if count(Status::Failed) > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

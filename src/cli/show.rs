@@ -22,7 +22,11 @@ pub struct ShowArgs {
     pub pipeline: Option<PathBuf>,
 }
 
-pub fn run(args: ShowArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: ShowArgs,
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
     let store = Store::existing(&super::store_dir(cli_store, &root))?;
     let name = super::resolve_pipeline_name(&store, &args.pipeline)?;
@@ -45,13 +49,20 @@ pub fn run(args: ShowArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBu
         );
     }
     let table = args.output.replace('.', "_");
-    let sql = args.sql.clone().unwrap_or_else(|| format!("SELECT * FROM t LIMIT {}", args.limit));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let sql = args
+        .sql
+        .clone()
+        .unwrap_or_else(|| format!("SELECT * FROM t LIMIT {}", args.limit));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let batches = rt.block_on(async {
         let ctx = SessionContext::new();
         let p = path.to_string_lossy().to_string();
-        ctx.register_parquet("t", &p, ParquetReadOptions::default()).await?;
-        ctx.register_parquet(table.as_str(), &p, ParquetReadOptions::default()).await?;
+        ctx.register_parquet("t", &p, ParquetReadOptions::default())
+            .await?;
+        ctx.register_parquet(table.as_str(), &p, ParquetReadOptions::default())
+            .await?;
         ctx.sql(&sql).await?.collect().await
     })?;
     println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);

@@ -21,7 +21,11 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-pub fn run(args: StatusArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: StatusArgs,
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let registry = Registry::builtin();
     let p = pipeline::load(&args.pipeline, cli_root.as_deref(), &args.set, &registry)?;
     let store = Store::open(&super::store_dir(cli_store, &p.root))?;

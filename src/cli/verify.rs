@@ -14,7 +14,11 @@ pub struct VerifyArgs {
     pub report_only: bool,
 }
 
-pub fn run(args: VerifyArgs, cli_store: &Option<PathBuf>, cli_root: &Option<PathBuf>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: VerifyArgs,
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
     let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
     let store = Store::existing(&super::store_dir(cli_store, &root))?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
@@ -28,13 +32,37 @@ pub fn run(args: VerifyArgs, cli_store: &Option<PathBuf>, cli_root: &Option<Path
         }
         bad_runs += 1;
         for c in &bad {
-            println!("CORRUPT {}.{}: {c}", m.stage, m.outputs.iter().find(|(_, o)| o.files.iter().any(|f| store.object_path(f) == c.path)).map(|(n, _)| n.as_str()).unwrap_or("?"));
+            println!(
+                "CORRUPT {}.{}: {c}",
+                m.stage,
+                m.outputs
+                    .iter()
+                    .find(|(_, o)| o.files.iter().any(|f| store.object_path(f) == c.path))
+                    .map(|(n, _)| n.as_str())
+                    .unwrap_or("?")
+            );
         }
         if !args.report_only {
             store.invalidate(m, &bad)?;
-            println!("        dropped run {} of stage '{}': it will be recomputed", crate::store::short(&m.key), m.stage);
+            println!(
+                "        dropped run {} of stage '{}': it will be recomputed",
+                crate::store::short(&m.key),
+                m.stage
+            );
         }
     }
-    println!("verified {} runs, {files} files: {}", manifests.len(), if bad_runs == 0 { "all intact".to_string() } else { format!("{bad_runs} runs with corrupted objects") });
-    Ok(if bad_runs == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    println!(
+        "verified {} runs, {files} files: {}",
+        manifests.len(),
+        if bad_runs == 0 {
+            "all intact".to_string()
+        } else {
+            format!("{bad_runs} runs with corrupted objects")
+        }
+    );
+    Ok(if bad_runs == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -92,13 +92,27 @@ mod tests {
         p.insert("tickers".into(), json!(["AAPL", "MSFT"]));
         p.insert("data_dir".into(), json!("../shared/data"));
         p.insert("n".into(), json!(3));
-        assert_eq!(interpolate(&json!("${tickers}"), &p).unwrap(), json!(["AAPL", "MSFT"]));
+        assert_eq!(
+            interpolate(&json!("${tickers}"), &p).unwrap(),
+            json!(["AAPL", "MSFT"])
+        );
         assert_eq!(
             interpolate(&json!("${data_dir}/tdqn"), &p).unwrap(),
             json!("../shared/data/tdqn")
         );
-        assert_eq!(interpolate(&json!("n=${n} $$5"), &p).unwrap(), json!("n=3 $5"));
-        assert!(interpolate(&json!("${nope}"), &p).unwrap_err().contains("unknown pipeline param"));
-        assert!(interpolate(&json!("x${tickers}"), &p).unwrap_err().contains("cannot be spliced"));
+        assert_eq!(
+            interpolate(&json!("n=${n} $$5"), &p).unwrap(),
+            json!("n=3 $5")
+        );
+        assert!(
+            interpolate(&json!("${nope}"), &p)
+                .unwrap_err()
+                .contains("unknown pipeline param")
+        );
+        assert!(
+            interpolate(&json!("x${tickers}"), &p)
+                .unwrap_err()
+                .contains("cannot be spliced")
+        );
     }
 }

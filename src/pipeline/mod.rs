@@ -16,7 +16,6 @@ use flag_core::{Params, Stage};
 use crate::error::{EngineError, Result};
 use crate::registry::Registry;
 
-
 /// `stage.output`, as bound to a stage input.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct OutputRef {

@@ -102,8 +102,13 @@ fn check_publish_path(p: &str) -> std::result::Result<(), String> {
     if path.is_absolute() || p.starts_with('~') {
         return Err(format!("output path '{p}' must be relative to the store"));
     }
-    if path.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
-        return Err(format!("output path '{p}' escapes the store ('..' is not allowed)"));
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!(
+            "output path '{p}' escapes the store ('..' is not allowed)"
+        ));
     }
     Ok(())
 }
@@ -130,7 +135,10 @@ pub(super) fn validate(
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (name, line) in loc.stage_definitions() {
         if let Some(first) = seen.get(&name) {
-            errs.push(line, format!("duplicate stage name '{name}' (first defined at line {first})"));
+            errs.push(
+                line,
+                format!("duplicate stage name '{name}' (first defined at line {first})"),
+            );
         } else {
             seen.insert(name, line);
         }
@@ -145,7 +153,10 @@ pub(super) fn validate(
         message: format!("invalid YAML: {e}"),
     })?;
     let Value::Object(top) = doc else {
-        errs.push(1, "a pipeline file must be a map with 'params' and 'stages'");
+        errs.push(
+            1,
+            "a pipeline file must be a map with 'params' and 'stages'",
+        );
         return errs.finish().map(|_| unreachable!());
     };
     for k in top.keys() {
@@ -176,16 +187,24 @@ pub(super) fn validate(
     match top.get("params") {
         None | Some(Value::Null) => {}
         Some(Value::Object(m)) => params.extend(m.iter().map(|(k, v)| (k.clone(), v.clone()))),
-        Some(other) => errs.push(loc.top_key("params"), format!("'params' must be a map, got {}", type_name(other))),
+        Some(other) => errs.push(
+            loc.top_key("params"),
+            format!("'params' must be a map, got {}", type_name(other)),
+        ),
     }
     let mut stage_overrides: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     for o in overrides {
         let Some((k, v)) = o.split_once('=') else {
-            return Err(EngineError::Usage(format!("--set '{o}': expected KEY=VALUE")));
+            return Err(EngineError::Usage(format!(
+                "--set '{o}': expected KEY=VALUE"
+            )));
         };
         let (k, v) = (k.trim(), yaml_scalar(v.trim()));
         if let Some((stage, p)) = k.split_once('.') {
-            stage_overrides.entry(stage.into()).or_default().insert(p.into(), v);
+            stage_overrides
+                .entry(stage.into())
+                .or_default()
+                .insert(p.into(), v);
         } else if params.contains_key(k) {
             params.insert(k.into(), v);
         } else {
@@ -201,11 +220,17 @@ pub(super) fn validate(
     let stages_val = match top.get("stages") {
         Some(Value::Object(m)) if !m.is_empty() => m.clone(),
         Some(Value::Object(_)) | Some(Value::Null) => {
-            errs.push(loc.top_key("stages"), "'stages' is empty: a pipeline needs at least one stage");
+            errs.push(
+                loc.top_key("stages"),
+                "'stages' is empty: a pipeline needs at least one stage",
+            );
             return errs.finish().map(|_| unreachable!());
         }
         Some(other) => {
-            errs.push(loc.top_key("stages"), format!("'stages' must be a map, got {}", type_name(other)));
+            errs.push(
+                loc.top_key("stages"),
+                format!("'stages' must be a map, got {}", type_name(other)),
+            );
             return errs.finish().map(|_| unreachable!());
         }
         None => {
@@ -233,7 +258,10 @@ pub(super) fn validate(
             continue;
         };
         if sname.contains('.') || sname.contains('/') {
-            errs.push(line, format!("stage '{sname}': names may not contain '.' or '/'"));
+            errs.push(
+                line,
+                format!("stage '{sname}': names may not contain '.' or '/'"),
+            );
         }
         for k in body.keys() {
             if !STAGE_KEYS.contains(&k.as_str()) {
@@ -262,7 +290,10 @@ pub(super) fn validate(
                     ),
                 ),
             },
-            _ => errs.push(line, format!("stage '{sname}': missing 'uses: <stage kind>'")),
+            _ => errs.push(
+                line,
+                format!("stage '{sname}': missing 'uses: <stage kind>'"),
+            ),
         }
     }
 
@@ -279,7 +310,13 @@ pub(super) fn validate(
             None | Some(Value::Null) => BTreeMap::new(),
             Some(Value::Object(m)) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             Some(other) => {
-                errs.push(loc.stage_key(sname, None, "params"), format!("stage '{sname}': 'params' must be a map, got {}", type_name(other)));
+                errs.push(
+                    loc.stage_key(sname, None, "params"),
+                    format!(
+                        "stage '{sname}': 'params' must be a map, got {}",
+                        type_name(other)
+                    ),
+                );
                 BTreeMap::new()
             }
         };
@@ -295,7 +332,11 @@ pub(super) fn validate(
                     format!(
                         "stage '{sname}': unknown param '{pname}' for kind '{kind}'{} (params: {})",
                         suggest(pname, spec.params.iter().map(|p| p.name)),
-                        spec.params.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+                        spec.params
+                            .iter()
+                            .map(|p| p.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
                 continue;
@@ -327,7 +368,10 @@ pub(super) fn validate(
                     }
                     None => errs.push(
                         line,
-                        format!("stage '{sname}': missing required param '{}' ({})", p.name, p.doc),
+                        format!(
+                            "stage '{sname}': missing required param '{}' ({})",
+                            p.name, p.doc
+                        ),
                     ),
                 }
             }
@@ -339,7 +383,13 @@ pub(super) fn validate(
             None | Some(Value::Null) => serde_json::Map::new(),
             Some(Value::Object(m)) => m.clone(),
             Some(other) => {
-                errs.push(loc.stage_key(sname, None, "inputs"), format!("stage '{sname}': 'inputs' must be a map of input: stage.output, got {}", type_name(other)));
+                errs.push(
+                    loc.stage_key(sname, None, "inputs"),
+                    format!(
+                        "stage '{sname}': 'inputs' must be a map of input: stage.output, got {}",
+                        type_name(other)
+                    ),
+                );
                 serde_json::Map::new()
             }
         };
@@ -351,7 +401,11 @@ pub(super) fn validate(
                     format!(
                         "stage '{sname}': unknown input '{iname}' for kind '{kind}'{} (inputs: {})",
                         suggest(iname, spec.inputs.iter().map(|i| i.name)),
-                        spec.inputs.iter().map(|i| i.name).collect::<Vec<_>>().join(", ")
+                        spec.inputs
+                            .iter()
+                            .map(|i| i.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
                 continue;
@@ -361,12 +415,21 @@ pub(super) fn validate(
                 v => vec![v],
             };
             if refs.len() > 1 && !ispec.many {
-                errs.push(iline, format!("stage '{sname}': input '{iname}' takes one output, got {}", refs.len()));
+                errs.push(
+                    iline,
+                    format!(
+                        "stage '{sname}': input '{iname}' takes one output, got {}",
+                        refs.len()
+                    ),
+                );
             }
             let mut bound = Vec::new();
             for r in refs {
                 let Some(rs) = r.as_str() else {
-                    errs.push(iline, format!("stage '{sname}': input '{iname}' must be 'stage.output', got {r}"));
+                    errs.push(
+                        iline,
+                        format!("stage '{sname}': input '{iname}' must be 'stage.output', got {r}"),
+                    );
                     continue;
                 };
                 let rline = loc.stage_text(sname, rs);
@@ -375,7 +438,10 @@ pub(super) fn validate(
                     continue;
                 };
                 if oref.stage == *sname {
-                    errs.push(rline, format!("stage '{sname}': input '{iname}' refers to the stage itself"));
+                    errs.push(
+                        rline,
+                        format!("stage '{sname}': input '{iname}' refers to the stage itself"),
+                    );
                     continue;
                 }
                 match (stages_val.get(&oref.stage), specs.get(&oref.stage)) {
@@ -389,7 +455,8 @@ pub(super) fn validate(
                     ),
                     (Some(_), Some(up)) => {
                         if let Some(o) = up.outputs.iter().find(|o| o.name == oref.output) {
-                            if let (Some(want), OutputKind::Parquet { schema }) = (ispec.schema, &o.kind)
+                            if let (Some(want), OutputKind::Parquet { schema }) =
+                                (ispec.schema, &o.kind)
                                 && want != *schema
                             {
                                 errs.push(rline, format!("stage '{sname}': input '{iname}' needs schema '{want}', but '{rs}' has schema '{schema}'"));
@@ -415,7 +482,13 @@ pub(super) fn validate(
         }
         for i in &spec.inputs {
             if i.required && !given_inputs.contains_key(i.name) {
-                errs.push(line, format!("stage '{sname}': missing required input '{}' ({})", i.name, i.doc));
+                errs.push(
+                    line,
+                    format!(
+                        "stage '{sname}': missing required input '{}' ({})",
+                        i.name, i.doc
+                    ),
+                );
             }
         }
 
@@ -432,7 +505,13 @@ pub(super) fn validate(
                 .map(|v| (v.as_str().unwrap_or_default().to_string(), None))
                 .collect(),
             Some(other) => {
-                errs.push(loc.stage_key(sname, None, "outputs"), format!("stage '{sname}': 'outputs' must be a map of output: path, got {}", type_name(other)));
+                errs.push(
+                    loc.stage_key(sname, None, "outputs"),
+                    format!(
+                        "stage '{sname}': 'outputs' must be a map of output: path, got {}",
+                        type_name(other)
+                    ),
+                );
                 vec![]
             }
         };
@@ -480,7 +559,10 @@ pub(super) fn validate(
         });
     }
     if let Some(cyc) = find_cycle(&stages) {
-        errs.push(loc.stage(&cyc[0]), format!("cycle between stages: {}", cyc.join(" -> ")));
+        errs.push(
+            loc.stage(&cyc[0]),
+            format!("cycle between stages: {}", cyc.join(" -> ")),
+        );
     }
     errs.finish()?;
 
@@ -499,7 +581,16 @@ fn find_cycle(stages: &[PipelineStage]) -> Option<Vec<String>> {
     order.sort_by_key(|s| s.line);
     let deps: BTreeMap<String, Vec<String>> = order
         .iter()
-        .map(|s| (s.name.clone(), s.inputs.values().flatten().map(|r| r.stage.clone()).collect()))
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.inputs
+                    .values()
+                    .flatten()
+                    .map(|r| r.stage.clone())
+                    .collect(),
+            )
+        })
         .collect();
     fn dfs(
         n: &str,
@@ -539,7 +630,16 @@ fn toposort(mut stages: Vec<PipelineStage>) -> Vec<PipelineStage> {
     stages.sort_by_key(|s| s.line);
     let deps: BTreeMap<String, BTreeSet<String>> = stages
         .iter()
-        .map(|s| (s.name.clone(), s.inputs.values().flatten().map(|r| r.stage.clone()).collect()))
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.inputs
+                    .values()
+                    .flatten()
+                    .map(|r| r.stage.clone())
+                    .collect(),
+            )
+        })
         .collect();
     let mut done: BTreeSet<String> = BTreeSet::new();
     let mut out = Vec::with_capacity(stages.len());

@@ -31,7 +31,11 @@ fn bind_inputs(st: &PipelineStage, store: &Store, upstream: &BTreeMap<String, Ma
     let mut hashes = BTreeMap::new();
     let mut arts = BTreeMap::new();
     for (iname, refs) in &st.inputs {
-        let schema = spec.inputs.iter().find(|i| i.name == iname).and_then(|i| i.schema);
+        let schema = spec
+            .inputs
+            .iter()
+            .find(|i| i.name == iname)
+            .and_then(|i| i.schema);
         let mut hs = Vec::new();
         let mut as_ = Vec::new();
         for r in refs {
@@ -71,7 +75,13 @@ fn output_infos(m: &Manifest, st: &PipelineStage, store: &Store) -> BTreeMap<Str
 }
 
 /// Why the stage must run, compared with the latest run of it in this pipeline.
-fn why_stale(p: &Pipeline, st: &PipelineStage, store: &Store, parts: &KeyParts, key: &str) -> String {
+fn why_stale(
+    p: &Pipeline,
+    st: &PipelineStage,
+    store: &Store,
+    parts: &KeyParts,
+    key: &str,
+) -> String {
     let Some(prev_key) = store.get_ref(&p.name, &st.name) else {
         return "new: no earlier run of this stage".into();
     };
@@ -82,7 +92,11 @@ fn why_stale(p: &Pipeline, st: &PipelineStage, store: &Store, parts: &KeyParts, 
         Some(prev) => match serde_json::from_value::<KeyParts>(prev.parts.clone()) {
             Ok(old) => {
                 let why = cache::explain(&old, parts);
-                if why.is_empty() { "key changed".into() } else { why.join("; ") }
+                if why.is_empty() {
+                    "key changed".into()
+                } else {
+                    why.join("; ")
+                }
             }
             Err(_) => "previous run recorded by an older format".into(),
         },
@@ -128,7 +142,12 @@ pub fn plan_stage(
             }
             _ => {
                 return Ok((
-                    report(st, Status::Stale, format!("upstream stage '{}' will run", r.stage), None),
+                    report(
+                        st,
+                        Status::Stale,
+                        format!("upstream stage '{}' will run", r.stage),
+                        None,
+                    ),
                     None,
                 ));
             }
@@ -138,11 +157,24 @@ pub fn plan_stage(
     let (parts, _) = cache::key_parts(st, &p.root, hashes)?;
     let key = parts.key();
     if force {
-        return Ok((report(st, Status::Stale, "forced (--force)".into(), Some(key)), None));
+        return Ok((
+            report(st, Status::Stale, "forced (--force)".into(), Some(key)),
+            None,
+        ));
     }
     match store.lookup(&key)? {
-        Some(m) if m.outputs.values().flat_map(|o| &o.files).all(|f| store.object_path(f).exists()) => {
-            let mut r = report(st, Status::Cached, cached_reason(p, st, store, &key), Some(key));
+        Some(m)
+            if m.outputs
+                .values()
+                .flat_map(|o| &o.files)
+                .all(|f| store.object_path(f).exists()) =>
+        {
+            let mut r = report(
+                st,
+                Status::Cached,
+                cached_reason(p, st, store, &key),
+                Some(key),
+            );
             r.outputs = output_infos(&m, st, store);
             Ok((r, Some(m)))
         }
@@ -169,7 +201,10 @@ pub fn execute(
         r.error = Some(err.to_string());
         r.log = log;
         r.seconds = started.elapsed().as_secs_f64();
-        Outcome { report: r, manifest: None }
+        Outcome {
+            report: r,
+            manifest: None,
+        }
     };
     let (hashes, artifacts) = bind_inputs(st, store, upstream);
     let (parts, resources) = match cache::key_parts(st, &p.root, hashes) {
@@ -178,18 +213,38 @@ pub fn execute(
     };
     let key = parts.key();
 
-    let mut reason = if force { Some("forced (--force)".to_string()) } else { None };
+    let mut reason = if force {
+        Some("forced (--force)".to_string())
+    } else {
+        None
+    };
     if !force {
         match store.lookup(&key) {
             Ok(Some(m)) => match store.verify(&m) {
                 Ok(bad) if bad.is_empty() => {
-                    if let Err(e) = store.set_ref(&p.name, &st.name, &key).and_then(|_| store.publish(&m, &st.publish)) {
-                        return failed("could not record the cached result".into(), &e, Some(key), None);
+                    if let Err(e) = store
+                        .set_ref(&p.name, &st.name, &key)
+                        .and_then(|_| store.publish(&m, &st.publish))
+                    {
+                        return failed(
+                            "could not record the cached result".into(),
+                            &e,
+                            Some(key),
+                            None,
+                        );
                     }
-                    let mut r = report(st, Status::Cached, cached_reason(p, st, store, &key), Some(key));
+                    let mut r = report(
+                        st,
+                        Status::Cached,
+                        cached_reason(p, st, store, &key),
+                        Some(key),
+                    );
                     r.outputs = output_infos(&m, st, store);
                     r.seconds = started.elapsed().as_secs_f64();
-                    return Outcome { report: r, manifest: Some(m) };
+                    return Outcome {
+                        report: r,
+                        manifest: Some(m),
+                    };
                 }
                 Ok(bad) => {
                     let details: Vec<String> = bad.iter().map(|c| c.to_string()).collect();
@@ -199,11 +254,26 @@ pub fn execute(
                         details.join("; ")
                     ));
                     if let Err(e) = store.invalidate(&m, &bad) {
-                        return failed("could not remove a corrupted object".into(), &e, Some(key), None);
+                        return failed(
+                            "could not remove a corrupted object".into(),
+                            &e,
+                            Some(key),
+                            None,
+                        );
                     }
-                    reason = Some(format!("cached output corrupted ({}); recomputed", details.join("; ")));
+                    reason = Some(format!(
+                        "cached output corrupted ({}); recomputed",
+                        details.join("; ")
+                    ));
                 }
-                Err(e) => return failed("could not verify the cached outputs".into(), &e, Some(key), None),
+                Err(e) => {
+                    return failed(
+                        "could not verify the cached outputs".into(),
+                        &e,
+                        Some(key),
+                        None,
+                    );
+                }
             },
             Ok(None) => {}
             Err(e) => return failed("could not read the store".into(), &e, Some(key), None),
@@ -230,14 +300,25 @@ pub fn execute(
         staging.clone(),
         resources,
         log_file,
-        Some(Arc::new(move |done, total, msg: &str| bar2.update(done, total, msg))),
+        Some(Arc::new(move |done, total, msg: &str| {
+            bar2.update(done, total, msg)
+        })),
     );
-    ctx.log(format!("stage {} ({}) key {key}\nreason: {reason}\nparams: {}", st.name, st.kind, serde_json::to_string(&st.params.0).unwrap_or_default()));
+    ctx.log(format!(
+        "stage {} ({}) key {key}\nreason: {reason}\nparams: {}",
+        st.name,
+        st.kind,
+        serde_json::to_string(&st.params.0).unwrap_or_default()
+    ));
     let run = catch_unwind(AssertUnwindSafe(|| st.imp.run(&mut ctx)));
     bar.done();
     let stage_err = match run {
         Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(EngineError::Stage { stage: st.name.clone(), kind: st.kind.clone(), source: e }),
+        Ok(Err(e)) => Some(EngineError::Stage {
+            stage: st.name.clone(),
+            kind: st.kind.clone(),
+            source: Box::new(e),
+        }),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<String>()
@@ -247,7 +328,9 @@ pub fn execute(
             Some(EngineError::Stage {
                 stage: st.name.clone(),
                 kind: st.kind.clone(),
-                source: flag_core::StageError::Invalid(format!("the stage panicked: {msg}")),
+                source: Box::new(flag_core::StageError::Invalid(format!(
+                    "the stage panicked: {msg}"
+                ))),
             })
         }
     };
@@ -255,7 +338,12 @@ pub fn execute(
         ctx.log(format!("FAILED: {e}"));
         drop(ctx);
         let _ = fs::remove_dir_all(&staging);
-        return failed(reason, &e, Some(key), Some(store.root.join(&log_rel).to_string_lossy().to_string()));
+        return failed(
+            reason,
+            &e,
+            Some(key),
+            Some(store.root.join(&log_rel).to_string_lossy().to_string()),
+        );
     }
     let seconds = started.elapsed().as_secs_f64();
     ctx.log(format!("finished in {seconds:.3}s"));
@@ -265,7 +353,10 @@ pub fn execute(
     let commit = || -> Result<Manifest> {
         let mut outputs = BTreeMap::new();
         for o in &spec.outputs {
-            outputs.insert(o.name.to_string(), store.commit_output(&staging, o.name, &o.kind)?);
+            outputs.insert(
+                o.name.to_string(),
+                store.commit_output(&staging, o.name, &o.kind)?,
+            );
         }
         let m = Manifest {
             format: crate::store::STORE_FORMAT,
@@ -292,8 +383,16 @@ pub fn execute(
             r.outputs = output_infos(&m, st, store);
             r.seconds = seconds;
             r.log = Some(store.root.join(&log_rel).to_string_lossy().to_string());
-            Outcome { report: r, manifest: Some(m) }
+            Outcome {
+                report: r,
+                manifest: Some(m),
+            }
         }
-        Err(e) => failed(reason, &e, Some(key), Some(store.root.join(&log_rel).to_string_lossy().to_string())),
+        Err(e) => failed(
+            reason,
+            &e,
+            Some(key),
+            Some(store.root.join(&log_rel).to_string_lossy().to_string()),
+        ),
     }
 }

@@ -126,7 +126,12 @@ pub async fn run(
             if !selected.contains(&i) || started.contains(&i) || running.len() >= jobs {
                 continue;
             }
-            let deps: Vec<&str> = st.inputs.values().flatten().map(|r| r.stage.as_str()).collect();
+            let deps: Vec<&str> = st
+                .inputs
+                .values()
+                .flatten()
+                .map(|r| r.stage.as_str())
+                .collect();
             if !deps.iter().all(|d| results.contains_key(*d)) {
                 continue;
             }

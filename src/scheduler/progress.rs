@@ -71,7 +71,9 @@ impl Progress {
             return StageBar(None);
         }
         let b = self.multi.add(ProgressBar::new_spinner());
-        b.set_style(ProgressStyle::with_template("  {prefix:>18} {spinner} {elapsed} {msg}").unwrap());
+        b.set_style(
+            ProgressStyle::with_template("  {prefix:>18} {spinner} {elapsed} {msg}").unwrap(),
+        );
         b.set_prefix(stage.to_string());
         b.enable_steady_tick(Duration::from_millis(120));
         StageBar(Some(b))

@@ -33,7 +33,11 @@ impl StoreLock {
                         path: path.clone(),
                         message: format!(
                             "locked by another flag run ({}); retry when it ends",
-                            if holder.is_empty() { "unknown process" } else { &holder }
+                            if holder.is_empty() {
+                                "unknown process"
+                            } else {
+                                &holder
+                            }
                         ),
                     });
                 }

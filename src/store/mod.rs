@@ -64,12 +64,12 @@ pub fn short(hash: &str) -> &str {
 
 pub fn hash_file(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
-    let meta =
-        fs::metadata(path).map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+    let meta = fs::metadata(path)
+        .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
     // Small files: plain read (mmap setup costs more than it saves).
     if meta.len() < 1 << 20 {
-        let bytes =
-            fs::read(path).map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+        let bytes = fs::read(path)
+            .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
         h.update(&bytes);
     } else {
         h.update_mmap_rayon(path)
@@ -91,7 +91,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Writes `bytes` to `path` so that readers see the old file or the whole new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("path has a parent");
-    io(fs::create_dir_all(dir), || format!("creating {}", dir.display()))?;
+    io(fs::create_dir_all(dir), || {
+        format!("creating {}", dir.display())
+    })?;
     static N: AtomicU64 = AtomicU64::new(0);
     let tmp = dir.join(format!(
         ".{}.{}.{}.tmp",
@@ -104,7 +106,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         io(f.write_all(bytes), || format!("writing {}", tmp.display()))?;
         io(f.sync_all(), || format!("syncing {}", tmp.display()))?;
     }
-    io(fs::rename(&tmp, path), || format!("renaming into {}", path.display()))?;
+    io(fs::rename(&tmp, path), || {
+        format!("renaming into {}", path.display())
+    })?;
     sync_dir(dir)
 }
 
@@ -119,7 +123,11 @@ fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
         if p.is_dir() {
             walk(&p, base, out)?;
         } else {
-            let rel = p.strip_prefix(base).unwrap().to_string_lossy().replace('\\', "/");
+            let rel = p
+                .strip_prefix(base)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
             out.push((rel, p));
         }
     }
@@ -130,7 +138,9 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store> {
         for d in ["objects", "manifests", "refs", "logs", "out", "tmp"] {
             let p = root.join(d);
-            io(fs::create_dir_all(&p), || format!("creating store directory {}", p.display()))?;
+            io(fs::create_dir_all(&p), || {
+                format!("creating store directory {}", p.display())
+            })?;
         }
         Ok(Store {
             root: root.to_path_buf(),
@@ -222,7 +232,9 @@ impl Store {
     pub fn invalidate(&self, m: &Manifest, bad: &[Corruption]) -> Result<()> {
         for c in bad {
             if c.path.exists() {
-                io(fs::remove_file(&c.path), || format!("removing {}", c.path.display()))?;
+                io(fs::remove_file(&c.path), || {
+                    format!("removing {}", c.path.display())
+                })?;
             }
         }
         let p = self.manifest_path(&m.key);
@@ -241,7 +253,9 @@ impl Store {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        io(fs::create_dir_all(&p), || format!("creating {}", p.display()))?;
+        io(fs::create_dir_all(&p), || {
+            format!("creating {}", p.display())
+        })?;
         Ok(p)
     }
 
@@ -279,7 +293,11 @@ impl Store {
                         message: format!("the stage did not write its output '{name}'"),
                     });
                 }
-                let kn = if matches!(kind, OutputKind::Parquet { .. }) { "parquet" } else { "file" };
+                let kn = if matches!(kind, OutputKind::Parquet { .. }) {
+                    "parquet"
+                } else {
+                    "file"
+                };
                 (vec![(fname, p)], kn)
             }
             OutputKind::Dir => {
@@ -304,7 +322,10 @@ impl Store {
                 format!("syncing {}", path.display())
             })?;
             let hash = hash_file(&path)?;
-            let bytes = io(fs::metadata(&path), || format!("reading {}", path.display()))?.len();
+            let bytes = io(fs::metadata(&path), || {
+                format!("reading {}", path.display())
+            })?
+            .len();
             let entry = FileEntry {
                 name: rel,
                 hash,
@@ -312,12 +333,16 @@ impl Store {
             };
             let dest = self.object_path(&entry);
             let parent = dest.parent().unwrap().to_path_buf();
-            io(fs::create_dir_all(&parent), || format!("creating {}", parent.display()))?;
+            io(fs::create_dir_all(&parent), || {
+                format!("creating {}", parent.display())
+            })?;
             if dest.exists() {
                 // Same bytes already stored (an identical rerun, or another output).
                 let _ = fs::remove_file(&path);
             } else {
-                io(fs::rename(&path, &dest), || format!("storing {}", dest.display()))?;
+                io(fs::rename(&path, &dest), || {
+                    format!("storing {}", dest.display())
+                })?;
                 if !touched_dirs.contains(&parent) {
                     touched_dirs.push(parent);
                 }
@@ -361,7 +386,10 @@ impl Store {
     }
 
     pub fn set_ref(&self, pipeline: &str, stage: &str, key: &str) -> Result<()> {
-        write_atomic(&self.root.join("refs").join(pipeline).join(stage), key.as_bytes())?;
+        write_atomic(
+            &self.root.join("refs").join(pipeline).join(stage),
+            key.as_bytes(),
+        )?;
         write_atomic(&self.root.join("refs").join("LAST"), pipeline.as_bytes())
     }
 
@@ -385,13 +413,21 @@ impl Store {
             if !p.path().is_dir() {
                 continue;
             }
-            for s in io(fs::read_dir(p.path()), || format!("listing {}", p.path().display()))?.flatten() {
+            for s in io(fs::read_dir(p.path()), || {
+                format!("listing {}", p.path().display())
+            })?
+            .flatten()
+            {
                 let name = s.file_name().to_string_lossy().to_string();
                 if name.starts_with('.') {
                     continue;
                 }
                 if let Ok(k) = fs::read_to_string(s.path()) {
-                    out.push((p.file_name().to_string_lossy().to_string(), name, k.trim().to_string()));
+                    out.push((
+                        p.file_name().to_string_lossy().to_string(),
+                        name,
+                        k.trim().to_string(),
+                    ));
                 }
             }
         }
@@ -404,7 +440,11 @@ impl Store {
         let mut out = Vec::new();
         let dir = self.root.join("manifests");
         for sub in io(fs::read_dir(&dir), || format!("listing {}", dir.display()))?.flatten() {
-            for f in io(fs::read_dir(sub.path()), || format!("listing {}", sub.path().display()))?.flatten() {
+            for f in io(fs::read_dir(sub.path()), || {
+                format!("listing {}", sub.path().display())
+            })?
+            .flatten()
+            {
                 let p = f.path();
                 if p.extension().is_some_and(|e| e == "json")
                     && let Ok(bytes) = fs::read(&p)
@@ -421,27 +461,51 @@ impl Store {
     /// Points `out/<path>` at the latest outputs (symlinks into objects/).
     pub fn publish(&self, m: &Manifest, paths: &BTreeMap<String, String>) -> Result<()> {
         for (name, rel) in paths {
-            let Some(out) = m.outputs.get(name) else { continue };
+            let Some(out) = m.outputs.get(name) else {
+                continue;
+            };
             let dest = self.root.join("out").join(rel);
             let parent = dest.parent().unwrap().to_path_buf();
-            io(fs::create_dir_all(&parent), || format!("creating {}", parent.display()))?;
+            io(fs::create_dir_all(&parent), || {
+                format!("creating {}", parent.display())
+            })?;
             if out.kind == "dir" {
-                let tmp = parent.join(format!(".{}.{}.tmp", dest.file_name().unwrap().to_string_lossy(), std::process::id()));
+                let tmp = parent.join(format!(
+                    ".{}.{}.tmp",
+                    dest.file_name().unwrap().to_string_lossy(),
+                    std::process::id()
+                ));
                 let _ = fs::remove_dir_all(&tmp);
                 for f in &out.files {
                     let link = tmp.join(&f.name);
-                    io(fs::create_dir_all(link.parent().unwrap()), || format!("creating {}", tmp.display()))?;
-                    io(std::os::unix::fs::symlink(self.object_path(f), &link), || format!("linking {}", link.display()))?;
+                    io(fs::create_dir_all(link.parent().unwrap()), || {
+                        format!("creating {}", tmp.display())
+                    })?;
+                    io(
+                        std::os::unix::fs::symlink(self.object_path(f), &link),
+                        || format!("linking {}", link.display()),
+                    )?;
                 }
                 if dest.exists() || dest.symlink_metadata().is_ok() {
                     let _ = fs::remove_dir_all(&dest).or_else(|_| fs::remove_file(&dest));
                 }
-                io(fs::rename(&tmp, &dest), || format!("publishing {}", dest.display()))?;
+                io(fs::rename(&tmp, &dest), || {
+                    format!("publishing {}", dest.display())
+                })?;
             } else {
-                let tmp = parent.join(format!(".{}.{}.tmp", dest.file_name().unwrap().to_string_lossy(), std::process::id()));
+                let tmp = parent.join(format!(
+                    ".{}.{}.tmp",
+                    dest.file_name().unwrap().to_string_lossy(),
+                    std::process::id()
+                ));
                 let _ = fs::remove_file(&tmp);
-                io(std::os::unix::fs::symlink(self.object_path(&out.files[0]), &tmp), || format!("linking {}", tmp.display()))?;
-                io(fs::rename(&tmp, &dest), || format!("publishing {}", dest.display()))?;
+                io(
+                    std::os::unix::fs::symlink(self.object_path(&out.files[0]), &tmp),
+                    || format!("linking {}", tmp.display()),
+                )?;
+                io(fs::rename(&tmp, &dest), || {
+                    format!("publishing {}", dest.display())
+                })?;
             }
         }
         Ok(())

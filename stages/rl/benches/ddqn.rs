@@ -41,8 +41,13 @@ fn main() {
         ..DdqnConfig::default()
     };
     let data = TickerData::new("AAPL", bars, 0..n, n..total, &cfg, None).expect("prepare AAPL");
-    let mut agent =
-        flag_rl::agent::Agent::new(cfg, &data.features, Device::Cpu, ChaCha8Rng::seed_from_u64(0)).expect("agent");
+    let mut agent = flag_rl::agent::Agent::new(
+        cfg,
+        &data.features,
+        Device::Cpu,
+        ChaCha8Rng::seed_from_u64(0),
+    )
+    .expect("agent");
 
     let mut steps = 0usize;
     let (mut train_s, mut eval_s) = (0.0, 0.0);
@@ -52,7 +57,10 @@ fn main() {
         let (s, loss) = train_episode(&mut agent, &data);
         let dt = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        let paths = [evaluate(&agent, &data, "train"), evaluate(&agent, &data, "test")];
+        let paths = [
+            evaluate(&agent, &data, "train"),
+            evaluate(&agent, &data, "test"),
+        ];
         let de = t1.elapsed().as_secs_f64();
         steps += s;
         train_s += dt;

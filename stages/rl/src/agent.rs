@@ -135,7 +135,10 @@ impl Agent {
 
     /// Q-values of the policy network in evaluation mode, `[n][2]`.
     pub fn q_values(&self, ts: &[i64], pos: &[f32]) -> Vec<[f32; 2]> {
-        let q = tch::no_grad(|| self.policy.forward(&self.observations(ts, pos), false, None));
+        let q = tch::no_grad(|| {
+            self.policy
+                .forward(&self.observations(ts, pos), false, None)
+        });
         let q = q.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let mut flat = vec![0f32; ts.len() * 2];
         q.view([-1]).copy_data(&mut flat, ts.len() * 2);
@@ -178,7 +181,10 @@ impl Agent {
         let next_pos: Vec<f32> = batch.iter().map(|b| b.next_position).collect();
         let actions: Vec<i64> = batch.iter().map(|b| b.action as i64).collect();
         let rewards: Vec<f32> = batch.iter().map(|b| b.reward).collect();
-        let not_done: Vec<f32> = batch.iter().map(|b| if b.done { 0.0 } else { 1.0 }).collect();
+        let not_done: Vec<f32> = batch
+            .iter()
+            .map(|b| if b.done { 0.0 } else { 1.0 })
+            .collect();
         let dev = self.device;
         let state = self.observations(&ts, &pos);
         let next_state = self.observations(&next_ts, &next_pos);
@@ -210,7 +216,7 @@ impl Agent {
         self.opt.clip_grad_norm(self.cfg.grad_clip);
         self.opt.step();
         self.learn_steps += 1;
-        if self.iterations % self.cfg.target_update == 0 {
+        if self.iterations.is_multiple_of(self.cfg.target_update) {
             // Same names on both sides by construction, so the copy cannot fail.
             let _ = self.target.vs.copy(&self.policy.vs);
         }

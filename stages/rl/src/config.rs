@@ -111,7 +111,9 @@ impl DdqnConfig {
 
     /// Exploration rate after `iteration` actions.
     pub fn epsilon_at(&self, iteration: u64) -> f64 {
-        self.epsilon_end + (self.epsilon_start - self.epsilon_end) * (-(iteration as f64) / self.epsilon_decay).exp()
+        self.epsilon_end
+            + (self.epsilon_start - self.epsilon_end)
+                * (-(iteration as f64) / self.epsilon_decay).exp()
     }
 
     /// Rejects values the training loop cannot run with.

@@ -8,13 +8,21 @@ use flag_trading::series::from_days;
 
 use crate::features::Bars;
 
-fn column<'a, T: 'static>(batch: &'a RecordBatch, file: &Path, name: &str, ty: &str) -> StageResult<&'a T> {
+fn column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    file: &Path,
+    name: &str,
+    ty: &str,
+) -> StageResult<&'a T> {
     let col = batch
         .column_by_name(name)
         .ok_or_else(|| StageError::file(file, format!("has no column '{name}'")))?;
-    col.as_any()
-        .downcast_ref::<T>()
-        .ok_or_else(|| StageError::file(file, format!("column '{name}' is {}, expected {ty}", col.data_type())))
+    col.as_any().downcast_ref::<T>().ok_or_else(|| {
+        StageError::file(
+            file,
+            format!("column '{name}' is {}, expected {ty}", col.data_type()),
+        )
+    })
 }
 
 /// Splits an indicators-like table into per-ticker bars sorted by date. `file` names the
@@ -24,10 +32,22 @@ pub fn read_bars(batch: &RecordBatch, file: &Path) -> StageResult<Vec<(String, B
     let ticker = column::<StringArray>(batch, file, "ticker", "utf8")?;
     let date = column::<Date32Array>(batch, file, "date", "date32")?;
     let nums = [
-        ("high", column::<Float64Array>(batch, file, "high", "float64")?),
-        ("low", column::<Float64Array>(batch, file, "low", "float64")?),
-        ("close", column::<Float64Array>(batch, file, "close", "float64")?),
-        ("volume", column::<Float64Array>(batch, file, "volume", "float64")?),
+        (
+            "high",
+            column::<Float64Array>(batch, file, "high", "float64")?,
+        ),
+        (
+            "low",
+            column::<Float64Array>(batch, file, "low", "float64")?,
+        ),
+        (
+            "close",
+            column::<Float64Array>(batch, file, "close", "float64")?,
+        ),
+        (
+            "volume",
+            column::<Float64Array>(batch, file, "volume", "float64")?,
+        ),
     ];
     let mut rows: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
     for i in 0..batch.num_rows() {
@@ -62,15 +82,25 @@ pub fn read_bars(batch: &RecordBatch, file: &Path) -> StageResult<Vec<(String, B
     let mut out = Vec::with_capacity(rows.len());
     for (t, mut idx) in rows {
         idx.sort_by_key(|&i| date.value(i));
-        if let Some(w) = idx.windows(2).find(|w| date.value(w[0]) == date.value(w[1])) {
+        if let Some(w) = idx
+            .windows(2)
+            .find(|w| date.value(w[0]) == date.value(w[1]))
+        {
             return Err(StageError::data(
                 file,
                 w[1] as u64 + 1,
                 "date",
-                format!("ticker {t} has a second row for {}", from_days(date.value(w[1]))),
+                format!(
+                    "ticker {t} has a second row for {}",
+                    from_days(date.value(w[1]))
+                ),
             ));
         }
-        let get = |k: usize| idx.iter().map(|&i| nums[k].1.value(i)).collect::<Vec<f64>>();
+        let get = |k: usize| {
+            idx.iter()
+                .map(|&i| nums[k].1.value(i))
+                .collect::<Vec<f64>>()
+        };
         out.push((
             t.to_string(),
             Bars {
@@ -90,7 +120,10 @@ pub const SIGNAL_FEATURES: usize = 2;
 
 /// Per ticker, per date: `[interaction, direction]` from an `llm_signal` table. Values are
 /// checked: direction in [-1, 1], strength in [0, 1], interaction in [-1, 1].
-pub fn read_signals(batch: &RecordBatch, file: &Path) -> StageResult<BTreeMap<String, BTreeMap<i32, [f64; 2]>>> {
+pub fn read_signals(
+    batch: &RecordBatch,
+    file: &Path,
+) -> StageResult<BTreeMap<String, BTreeMap<i32, [f64; 2]>>> {
     let ticker = column::<StringArray>(batch, file, "ticker", "utf8")?;
     let date = column::<Date32Array>(batch, file, "date", "date32")?;
     let cols = [
@@ -116,7 +149,12 @@ pub fn read_signals(batch: &RecordBatch, file: &Path) -> StageResult<BTreeMap<St
     let mut out: BTreeMap<String, BTreeMap<i32, [f64; 2]>> = BTreeMap::new();
     for i in 0..batch.num_rows() {
         if ticker.is_null(i) || date.is_null(i) {
-            return Err(StageError::data(file, i as u64 + 1, "ticker", "ticker or date is null"));
+            return Err(StageError::data(
+                file,
+                i as u64 + 1,
+                "ticker",
+                "ticker or date is null",
+            ));
         }
         let mut v = [0.0; 3];
         for (k, (name, arr, lo, hi)) in cols.iter().enumerate() {
@@ -165,7 +203,8 @@ pub fn align_signals(dates: &[i32], signals: Option<&BTreeMap<i32, [f64; 2]>>) -
 /// Reads a TDQN data file (`Timestamp,Open,High,Low,Close,Volume`, one row per day in date
 /// order, as in the TDQN repository's `Data/`). Errors name the file, 1-based line and column.
 pub fn read_tdqn_csv(path: &Path) -> StageResult<Bars> {
-    let text = std::fs::read_to_string(path).map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| StageError::io(format!("reading {}", path.display()), e))?;
     let mut lines = text.lines().enumerate();
     let header = lines.next().map(|(_, h)| h.trim()).unwrap_or_default();
     if header != "Timestamp,Open,High,Low,Close,Volume" {
@@ -195,20 +234,38 @@ pub fn read_tdqn_csv(path: &Path) -> StageResult<Bars> {
                 format!("{} fields, expected 6", f.len()),
             ));
         }
-        let date = chrono::NaiveDate::parse_from_str(f[0].trim(), "%Y-%m-%d")
-            .map_err(|e| StageError::data(path, line_no, "Timestamp", format!("'{}': {e}", f[0])))?;
+        let date = chrono::NaiveDate::parse_from_str(f[0].trim(), "%Y-%m-%d").map_err(|e| {
+            StageError::data(path, line_no, "Timestamp", format!("'{}': {e}", f[0]))
+        })?;
         let days = flag_trading::series::to_days(date);
         if b.dates.last().is_some_and(|&d| d >= days) {
-            return Err(StageError::data(path, line_no, "Timestamp", "dates must increase"));
+            return Err(StageError::data(
+                path,
+                line_no,
+                "Timestamp",
+                "dates must increase",
+            ));
         }
         let num = |k: usize, name: &str| -> StageResult<f64> {
             f[k].trim()
                 .parse::<f64>()
                 .ok()
                 .filter(|x| x.is_finite() && (name != "Close" || *x > 0.0))
-                .ok_or_else(|| StageError::data(path, line_no, name, format!("'{}' is not a valid number", f[k])))
+                .ok_or_else(|| {
+                    StageError::data(
+                        path,
+                        line_no,
+                        name,
+                        format!("'{}' is not a valid number", f[k]),
+                    )
+                })
         };
-        let (h, l, c, v) = (num(2, "High")?, num(3, "Low")?, num(4, "Close")?, num(5, "Volume")?);
+        let (h, l, c, v) = (
+            num(2, "High")?,
+            num(3, "Low")?,
+            num(4, "Close")?,
+            num(5, "Volume")?,
+        );
         b.dates.push(days);
         b.high.push(h);
         b.low.push(l);

@@ -120,7 +120,12 @@ pub struct FeatureMatrix {
 impl FeatureMatrix {
     /// Builds the matrix from (usually low-pass filtered) `bars`, coefficients fitted on the
     /// training rows, and `extra[t]` (same length per row) appended to row `t`.
-    pub fn build(bars: &Bars, coef: &Coefficients, window: usize, extra: Option<&[Vec<f64>]>) -> FeatureMatrix {
+    pub fn build(
+        bars: &Bars,
+        coef: &Coefficients,
+        window: usize,
+        extra: Option<&[Vec<f64>]>,
+    ) -> FeatureMatrix {
         let n = bars.len();
         let per = window - 1;
         let market_width = 4 * per;
@@ -134,11 +139,16 @@ impl FeatureMatrix {
                 let (c, h, l) = (bars.close[i], bars.high[i], bars.low[i]);
                 let ret = (c - bars.close[i - 1]) / bars.close[i - 1];
                 let range = (h - l).abs();
-                let pos = if range != 0.0 { (c - l).abs() / range } else { 0.5 };
+                let pos = if range != 0.0 {
+                    (c - l).abs() / range
+                } else {
+                    0.5
+                };
                 row[k] = scale(ret, 0.0, coef.max_abs_return, 0.0) as f32;
                 row[per + k] = scale(range, 0.0, coef.max_range, 0.0) as f32;
                 row[2 * per + k] = pos as f32;
-                row[3 * per + k] = scale(bars.volume[i], coef.min_volume, coef.max_volume, 0.0) as f32;
+                row[3 * per + k] =
+                    scale(bars.volume[i], coef.min_volume, coef.max_volume, 0.0) as f32;
             }
             if let Some(extra) = extra {
                 for (dst, &x) in row[market_width..].iter_mut().zip(&extra[t]) {
@@ -194,7 +204,10 @@ mod tests {
         let b = bars(40);
         let c = Coefficients::fit(&b, 0..40);
         assert_eq!(c.max_abs_return, 0.1); // 10 -> 11
-        assert_eq!((c.max_range, c.min_volume, c.max_volume), (2.0, 100.0, 106.0));
+        assert_eq!(
+            (c.max_range, c.min_volume, c.max_volume),
+            (2.0, 100.0, 106.0)
+        );
         let m = FeatureMatrix::build(&b, &c, 30, None);
         assert_eq!((m.width, m.first_valid), (116, 29));
         let r = m.row(29);
@@ -202,7 +215,7 @@ mod tests {
         assert_eq!(r[0], 1.0);
         assert_eq!(r[29], 1.0);
         assert_eq!(r[58], 0.5);
-        assert_eq!(r[87], ((1 % 7) as f64 / 6.0) as f32);
+        assert_eq!(r[87], (1.0 / 6.0) as f32); // day 1 volume 1 of 0..6
         assert_eq!(m.observation(29, -1.0).len(), 117);
     }
 }

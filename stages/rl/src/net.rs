@@ -47,7 +47,12 @@ impl QNet {
     /// A network for `inputs` inputs. With `rng`, weights get Xavier-uniform values and biases
     /// PyTorch's Linear default `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`; without, zeros (a target
     /// network about to receive a copy).
-    pub fn new(cfg: &DdqnConfig, inputs: usize, device: Device, mut rng: Option<&mut ChaCha8Rng>) -> QNet {
+    pub fn new(
+        cfg: &DdqnConfig,
+        inputs: usize,
+        device: Device,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> QNet {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let mut param = |name: String, rows: usize, cols: usize, bound: f64| -> Tensor {
@@ -71,14 +76,24 @@ impl QNet {
         for i in 0..cfg.hidden_layers {
             let xavier = (6.0 / (fan_in + cfg.hidden) as f64).sqrt();
             let w = param(format!("fc{i}_weight"), cfg.hidden, fan_in, xavier);
-            let b = param(format!("fc{i}_bias"), cfg.hidden, 1, 1.0 / (fan_in as f64).sqrt());
+            let b = param(
+                format!("fc{i}_bias"),
+                cfg.hidden,
+                1,
+                1.0 / (fan_in as f64).sqrt(),
+            );
             let bn = nn::batch_norm1d(&root / format!("bn{i}"), cfg.hidden as i64, bn_cfg);
             hidden.push(Hidden { w, b, bn });
             fan_in = cfg.hidden;
         }
         let xavier = (6.0 / (fan_in + ACTIONS as usize) as f64).sqrt();
         let out_w = param("out_weight".into(), ACTIONS as usize, fan_in, xavier);
-        let out_b = param("out_bias".into(), ACTIONS as usize, 1, 1.0 / (fan_in as f64).sqrt());
+        let out_b = param(
+            "out_bias".into(),
+            ACTIONS as usize,
+            1,
+            1.0 / (fan_in as f64).sqrt(),
+        );
         QNet {
             vs,
             hidden,
@@ -104,7 +119,7 @@ impl QNet {
                 && let Some(r) = rng.as_deref_mut()
             {
                 let mask = self.dropout_mask(r, batch, x.device());
-                x = x * mask;
+                x *= mask;
             }
         }
         x.linear(&self.out_w, Some(&self.out_b))
@@ -123,7 +138,9 @@ impl QNet {
                 }
             })
             .collect();
-        Tensor::from_slice(&v).view([batch, self.width]).to_device(device)
+        Tensor::from_slice(&v)
+            .view([batch, self.width])
+            .to_device(device)
     }
 
     /// Every variable (weights, biases, BatchNorm affine and running statistics) as f32

@@ -14,8 +14,8 @@ use flag_core::arrow::array::{
 };
 use flag_core::schema::schema;
 use flag_core::{
-    Fingerprint, InputSpec, OutputSpec, ParamKind, ParamSpec, Params, Stage, StageContext, StageError, StageResult,
-    StageSpec,
+    Fingerprint, InputSpec, OutputSpec, ParamKind, ParamSpec, Params, Stage, StageContext,
+    StageError, StageResult, StageSpec,
 };
 use flag_trading::series::to_days;
 use serde_json::{Value, json};
@@ -47,7 +47,12 @@ pub struct DdqnSettings {
 impl DdqnSettings {
     pub fn from_params(p: &Params, with_signals: bool) -> StageResult<Self> {
         let d = |n: &str| p.date(n).map(to_days);
-        let dates = [d("train_start")?, d("train_end")?, d("test_start")?, d("test_end")?];
+        let dates = [
+            d("train_start")?,
+            d("train_end")?,
+            d("test_start")?,
+            d("test_end")?,
+        ];
         if dates[0] > dates[1] || dates[2] > dates[3] {
             return Err(StageError::param(
                 "train_start",
@@ -68,10 +73,9 @@ impl DdqnSettings {
             ..DdqnConfig::default()
         };
         if let Some(w) = p.get("window") {
-            cfg.window = w
-                .as_u64()
-                .ok_or_else(|| StageError::param("window", format!("must be a whole number, got {w}")))?
-                as usize;
+            cfg.window = w.as_u64().ok_or_else(|| {
+                StageError::param("window", format!("must be a whole number, got {w}"))
+            })? as usize;
         }
         cfg.validate()
             .map_err(|m| StageError::Invalid(format!("ddqn configuration: {m}")))?;
@@ -79,18 +83,26 @@ impl DdqnSettings {
         if runs == 0 {
             return Err(StageError::param("runs", "must be >= 1"));
         }
-        let seed = u64::try_from(p.i64("seed")?).map_err(|_| StageError::param("seed", "must be >= 0"))?;
+        let seed =
+            u64::try_from(p.i64("seed")?).map_err(|_| StageError::param("seed", "must be >= 0"))?;
         let dev = p.str("device")?;
-        let device = DeviceChoice::parse(&dev)
-            .ok_or_else(|| StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto")))?;
+        let device = DeviceChoice::parse(&dev).ok_or_else(|| {
+            StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto"))
+        })?;
         if device == DeviceChoice::Cuda && !tch::Cuda::is_available() {
             return Err(StageError::param(
                 "device",
                 "cuda was asked for but no CUDA device is available",
             ));
         }
-        let default_name = if with_signals { "llm_guided_ddqn" } else { "tdqn" };
-        let strategy = p.opt_str("strategy")?.unwrap_or_else(|| default_name.to_string());
+        let default_name = if with_signals {
+            "llm_guided_ddqn"
+        } else {
+            "tdqn"
+        };
+        let strategy = p
+            .opt_str("strategy")?
+            .unwrap_or_else(|| default_name.to_string());
         if strategy.is_empty() || strategy.contains('#') {
             return Err(StageError::param(
                 "strategy",
@@ -107,7 +119,10 @@ impl DdqnSettings {
         }
         Ok(DdqnSettings {
             cfg,
-            tickers: p.get("tickers").map(|_| p.str_list("tickers")).transpose()?,
+            tickers: p
+                .get("tickers")
+                .map(|_| p.str_list("tickers"))
+                .transpose()?,
             dates,
             runs,
             seed,
@@ -147,7 +162,11 @@ pub fn prepare(
     }
     let mut out = Vec::new();
     for (ticker, mut b) in bars {
-        if settings.tickers.as_ref().is_some_and(|w| !w.contains(&ticker)) {
+        if settings
+            .tickers
+            .as_ref()
+            .is_some_and(|w| !w.contains(&ticker))
+        {
             continue;
         }
         // Nothing after the test split reaches the agent.
@@ -165,8 +184,8 @@ pub fn prepare(
             )));
         }
         let extra = signals.map(|s| align_signals(&b.dates, s.get(&ticker)));
-        let data =
-            TickerData::new(&ticker, b, train, test, &settings.cfg, extra.as_deref()).map_err(StageError::Invalid)?;
+        let data = TickerData::new(&ticker, b, train, test, &settings.cfg, extra.as_deref())
+            .map_err(StageError::Invalid)?;
         out.push(data);
     }
     if out.is_empty() {
@@ -191,7 +210,8 @@ pub fn run_all(
     let next = AtomicUsize::new(0);
     let episodes_done = AtomicU64::new(0);
     let total = (jobs.len() * settings.cfg.episodes.max(1)) as u64;
-    let results: Mutex<Vec<Option<Result<RunRecord, String>>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let results: Mutex<Vec<Option<Result<RunRecord, String>>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
     let workers = settings.threads.clamp(1, jobs.len());
     std::thread::scope(|s| {
         for _ in 0..workers {
@@ -257,10 +277,17 @@ fn i64s(v: impl IntoIterator<Item = i64>) -> ArrayRef {
 }
 
 /// (strategy name with run suffix, record, path) in the schema's sort order.
-fn sorted_paths<'a>(strategy: &str, records: &'a [RunRecord]) -> Vec<(String, &'a RunRecord, &'a SplitPath)> {
+fn sorted_paths<'a>(
+    strategy: &str,
+    records: &'a [RunRecord],
+) -> Vec<(String, &'a RunRecord, &'a SplitPath)> {
     let mut rows: Vec<_> = records
         .iter()
-        .flat_map(|r| r.paths.iter().map(move |p| (format!("{strategy}#{}", r.run), r, p)))
+        .flat_map(|r| {
+            r.paths
+                .iter()
+                .map(move |p| (format!("{strategy}#{}", r.run), r, p))
+        })
         .collect();
     rows.sort_by(|a, b| (&a.0, &a.1.ticker, a.2.split).cmp(&(&b.0, &b.1.ticker, b.2.split)));
     rows
@@ -269,23 +296,30 @@ fn sorted_paths<'a>(strategy: &str, records: &'a [RunRecord]) -> Vec<(String, &'
 pub fn equity_batch(strategy: &str, records: &[RunRecord]) -> StageResult<RecordBatch> {
     let paths = sorted_paths(strategy, records);
     let rows = || {
-        paths
-            .iter()
-            .flat_map(|(s, r, p)| p.steps.iter().enumerate().map(move |(i, st)| (s, r, p, i, st)))
+        paths.iter().flat_map(|(s, r, p)| {
+            p.steps
+                .iter()
+                .enumerate()
+                .map(move |(i, st)| (s, r, p, i, st))
+        })
     };
     schema("equity")?.batch(vec![
         utf8(rows().map(|x| x.0.as_str())),
         utf8(rows().map(|_| ENV)),
         utf8(rows().map(|x| x.1.ticker.as_str())),
         utf8(rows().map(|x| x.2.split)),
-        Arc::new(Date32Array::from_iter_values(rows().map(|x| x.2.dates[x.3]))),
+        Arc::new(Date32Array::from_iter_values(
+            rows().map(|x| x.2.dates[x.3]),
+        )),
         f64s(rows().map(|x| x.2.prices[x.3])),
         utf8(rows().map(|x| x.4.action)),
         f64s(rows().map(|x| x.4.position)),
         f64s(rows().map(|x| x.4.cash)),
         f64s(rows().map(|x| x.4.value)),
         f64s(rows().map(|x| x.4.daily_return)),
-        Arc::new(BooleanArray::from_iter(rows().map(|x| Some(x.4.fill.is_some())))),
+        Arc::new(BooleanArray::from_iter(
+            rows().map(|x| Some(x.4.fill.is_some())),
+        )),
     ])
 }
 
@@ -316,7 +350,10 @@ pub fn trades_batch(strategy: &str, records: &[RunRecord]) -> StageResult<Record
 pub fn curve_batch(strategy: &str, records: &[RunRecord]) -> StageResult<RecordBatch> {
     let mut recs: Vec<&RunRecord> = records.iter().collect();
     recs.sort_by(|a, b| (&a.ticker, a.run).cmp(&(&b.ticker, b.run)));
-    let rows: Vec<(&RunRecord, &CurvePoint)> = recs.iter().flat_map(|r| r.curve.iter().map(move |c| (*r, c))).collect();
+    let rows: Vec<(&RunRecord, &CurvePoint)> = recs
+        .iter()
+        .flat_map(|r| r.curve.iter().map(move |c| (*r, c)))
+        .collect();
     schema("training_curve")?.batch(vec![
         utf8(rows.iter().map(|_| strategy)),
         utf8(rows.iter().map(|_| ENV)),
@@ -328,7 +365,8 @@ pub fn curve_batch(strategy: &str, records: &[RunRecord]) -> StageResult<RecordB
         i64s(rows.iter().map(|x| x.1.learn_steps as i64)),
         f64s(rows.iter().map(|x| x.1.epsilon)),
         Arc::new(Float64Array::from_iter(
-            rows.iter().map(|x| Some(x.1.mean_loss).filter(|l| l.is_finite())),
+            rows.iter()
+                .map(|x| Some(x.1.mean_loss).filter(|l| l.is_finite())),
         )),
         f64s(rows.iter().map(|x| x.1.train_return)),
         f64s(rows.iter().map(|x| x.1.train_sharpe)),
@@ -338,7 +376,10 @@ pub fn curve_batch(strategy: &str, records: &[RunRecord]) -> StageResult<RecordB
 }
 
 fn device_param(p: &Params) -> String {
-    p.opt_str("device").ok().flatten().unwrap_or_else(|| "auto".into())
+    p.opt_str("device")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "auto".into())
 }
 
 impl Stage for Ddqn {
@@ -361,7 +402,12 @@ impl Stage for Ddqn {
                     many: false,
                     doc: "Daily bars (schema indicators or ohlcv): ticker, date, high, low, close, volume",
                 },
-                InputSpec::one("signals", "llm_signal", "LLM strategist guidance per ticker and day").optional(),
+                InputSpec::one(
+                    "signals",
+                    "llm_signal",
+                    "LLM strategist guidance per ticker and day",
+                )
+                .optional(),
             ],
             outputs: vec![
                 OutputSpec::parquet(
@@ -370,10 +416,18 @@ impl Stage for Ddqn {
                     "Daily path of each run's final greedy policy, train and test",
                 ),
                 OutputSpec::parquet("trades", "trades", "Executed trades of those paths"),
-                OutputSpec::parquet("curve", "training_curve", "Per-episode training curve of every run"),
+                OutputSpec::parquet(
+                    "curve",
+                    "training_curve",
+                    "Per-episode training curve of every run",
+                ),
             ],
             params: vec![
-                ParamSpec::required("train_start", ParamKind::Date, "First day of the train split"),
+                ParamSpec::required(
+                    "train_start",
+                    ParamKind::Date,
+                    "First day of the train split",
+                ),
                 ParamSpec::required("train_end", ParamKind::Date, "Last day of the train split"),
                 ParamSpec::required("test_start", ParamKind::Date, "First day of the test split"),
                 ParamSpec::required("test_end", ParamKind::Date, "Last day of the test split"),
@@ -389,7 +443,12 @@ impl Stage for Ddqn {
                     json!(1),
                     "Independent runs per ticker; run r uses seed + r",
                 ),
-                ParamSpec::with_default("episodes", ParamKind::Int, json!(50), "Training episodes per run"),
+                ParamSpec::with_default(
+                    "episodes",
+                    ParamKind::Int,
+                    json!(50),
+                    "Training episodes per run",
+                ),
                 ParamSpec::with_default("seed", ParamKind::Int, json!(0), "Base seed"),
                 ParamSpec::with_default(
                     "device",
@@ -421,7 +480,12 @@ impl Stage for Ddqn {
                     json!(100000.0),
                     "Capital at the start of each split",
                 ),
-                ParamSpec::with_default("cost", ParamKind::Float, json!(0.001), "Transaction cost rate"),
+                ParamSpec::with_default(
+                    "cost",
+                    ParamKind::Float,
+                    json!(0.001),
+                    "Transaction cost rate",
+                ),
                 ParamSpec::with_default(
                     "epsilon",
                     ParamKind::Float,
@@ -450,10 +514,20 @@ impl Stage for Ddqn {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let with_signals = ctx.has_input("signals");
         let settings = DdqnSettings::from_params(&ctx.params, with_signals)?;
-        let table_file = ctx.input("table")?.files.first().cloned().unwrap_or_default();
+        let table_file = ctx
+            .input("table")?
+            .files
+            .first()
+            .cloned()
+            .unwrap_or_default();
         let bars = read_bars(&ctx.read_input("table")?, &table_file)?;
         let signals = if with_signals {
-            let file = ctx.input("signals")?.files.first().cloned().unwrap_or_default();
+            let file = ctx
+                .input("signals")?
+                .files
+                .first()
+                .cloned()
+                .unwrap_or_default();
             Some(read_signals(&ctx.read_input("signals")?, &file)?)
         } else {
             None
@@ -464,7 +538,9 @@ impl Stage for Ddqn {
         tch::manual_seed(settings.seed as i64);
         let records = {
             let shared: &StageContext = ctx;
-            run_all(&settings, &data, &|done, total, msg| shared.progress(done, total, msg))?
+            run_all(&settings, &data, &|done, total, msg| {
+                shared.progress(done, total, msg)
+            })?
         };
         for r in &records {
             ctx.log(format!(

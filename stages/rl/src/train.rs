@@ -122,7 +122,11 @@ fn env_config(cfg: &DdqnConfig) -> TdqnConfig {
 }
 
 fn tdqn_action(a: u8) -> TdqnAction {
-    if a == 1 { TdqnAction::Long } else { TdqnAction::Short }
+    if a == 1 {
+        TdqnAction::Long
+    } else {
+        TdqnAction::Short
+    }
 }
 
 fn position_of(a: u8) -> f32 {
@@ -145,7 +149,10 @@ pub fn train_run(
     let mut last = None;
     for episode in 0..cfg.episodes {
         let (steps, mean_loss) = train_episode(&mut agent, data);
-        let paths = [evaluate(&agent, data, "train"), evaluate(&agent, data, "test")];
+        let paths = [
+            evaluate(&agent, data, "train"),
+            evaluate(&agent, data, "test"),
+        ];
         curve.push(CurvePoint {
             episode: episode + 1,
             steps,
@@ -160,8 +167,17 @@ pub fn train_run(
         last = Some(paths);
         on_episode(episode + 1, cfg.episodes);
     }
-    let paths = last.unwrap_or_else(|| [evaluate(&agent, data, "train"), evaluate(&agent, data, "test")]);
-    Ok(RunOutput { agent, curve, paths })
+    let paths = last.unwrap_or_else(|| {
+        [
+            evaluate(&agent, data, "train"),
+            evaluate(&agent, data, "test"),
+        ]
+    });
+    Ok(RunOutput {
+        agent,
+        curve,
+        paths,
+    })
 }
 
 /// One episode on the filtered training data from a random start; returns the number of
@@ -204,7 +220,7 @@ pub fn train_episode(agent: &mut Agent, data: &TickerData) -> (usize, f64) {
             env = e;
             value_cash_pos = (cash, pos);
         }
-        if (k as u64 + 1) % cfg.learning_update_period == 0
+        if (k as u64 + 1).is_multiple_of(cfg.learning_update_period)
             && let Some(l) = agent.learn()
         {
             loss_sum += l;
@@ -213,7 +229,11 @@ pub fn train_episode(agent: &mut Agent, data: &TickerData) -> (usize, f64) {
         position = position_of(action);
         previous = action;
     }
-    let mean = if losses > 0 { loss_sum / losses as f64 } else { f64::NAN };
+    let mean = if losses > 0 {
+        loss_sum / losses as f64
+    } else {
+        f64::NAN
+    };
     (hi - start, mean)
 }
 

@@ -46,7 +46,9 @@ fn uptrend(n: usize) -> Bars {
             .map(|(t, c)| c * (1.01 + 0.004 * (t as f64 / 2.0).cos()))
             .collect(),
         low: close.iter().map(|c| c * 0.99).collect(),
-        volume: (0..n).map(|t| 1e6 * (1.0 + 0.3 * (t as f64 / 5.0).sin())).collect(),
+        volume: (0..n)
+            .map(|t| 1e6 * (1.0 + 0.3 * (t as f64 / 5.0).sin()))
+            .collect(),
         close,
     }
 }
@@ -61,11 +63,22 @@ fn tdqn_observation_has_117_inputs() {
     assert_eq!((train.len(), test.len()), (1509, 503));
     let data = TickerData::new("AAPL", bars, train, test, &cfg, None).unwrap();
     assert_eq!(data.features.width, 116);
-    let agent = Agent::new(cfg, &data.features, Device::Cpu, ChaCha8Rng::seed_from_u64(0)).unwrap();
+    let agent = Agent::new(
+        cfg,
+        &data.features,
+        Device::Cpu,
+        ChaCha8Rng::seed_from_u64(0),
+    )
+    .unwrap();
     assert_eq!(agent.inputs(), 117);
     let obs = data.features.observation(data.test.start, 1.0);
     assert_eq!(obs.len(), 117);
-    let net = QNet::new(&cfg, 117, Device::Cpu, Some(&mut ChaCha8Rng::seed_from_u64(0)));
+    let net = QNet::new(
+        &cfg,
+        117,
+        Device::Cpu,
+        Some(&mut ChaCha8Rng::seed_from_u64(0)),
+    );
     let q = net.forward(&Tensor::from_slice(&obs).view([1, 117]), false, None);
     assert_eq!(q.size(), vec![1, 2]);
 }
@@ -74,7 +87,15 @@ fn tdqn_observation_has_117_inputs() {
 fn observation_at_t_uses_no_later_data() {
     let cfg = DdqnConfig::default();
     let (bars, train, test) = aapl();
-    let base = TickerData::new("AAPL", bars.clone(), train.clone(), test.clone(), &cfg, None).unwrap();
+    let base = TickerData::new(
+        "AAPL",
+        bars.clone(),
+        train.clone(),
+        test.clone(),
+        &cfg,
+        None,
+    )
+    .unwrap();
     for t in [test.start, test.start + 137, test.end - 2] {
         let mut changed = bars.clone();
         for i in t + 1..changed.len() {
@@ -83,7 +104,15 @@ fn observation_at_t_uses_no_later_data() {
             changed.low[i] *= 0.5;
             changed.volume[i] = 7.0 + i as f64;
         }
-        let other = TickerData::new("AAPL", changed.clone(), train.clone(), test.clone(), &cfg, None).unwrap();
+        let other = TickerData::new(
+            "AAPL",
+            changed.clone(),
+            train.clone(),
+            test.clone(),
+            &cfg,
+            None,
+        )
+        .unwrap();
         let (a, b) = (base.features.row(t), other.features.row(t));
         assert!(
             a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
@@ -96,7 +125,8 @@ fn observation_at_t_uses_no_later_data() {
         );
         // Changing day t itself must change the observation (the check can fail).
         changed.close[t] *= 1.01;
-        let third = TickerData::new("AAPL", changed, train.clone(), test.clone(), &cfg, None).unwrap();
+        let third =
+            TickerData::new("AAPL", changed, train.clone(), test.clone(), &cfg, None).unwrap();
         assert_ne!(base.features.row(t), third.features.row(t));
     }
 }
@@ -123,7 +153,9 @@ fn same_seed_gives_bit_identical_training() {
         c.agent.policy.snapshot(),
     );
     let bits = |w: &Vec<(String, Vec<f32>)>| -> Vec<u32> {
-        w.iter().flat_map(|(_, v)| v.iter().map(|x| x.to_bits())).collect()
+        w.iter()
+            .flat_map(|(_, v)| v.iter().map(|x| x.to_bits()))
+            .collect()
     };
     assert_eq!(bits(&wa), bits(&wb));
     assert_ne!(bits(&wa), bits(&wc), "another seed must give other weights");
@@ -146,7 +178,8 @@ fn learns_a_trivial_uptrend() {
     for seed in 0..3 {
         let out = train_run(&cfg, &data, seed, Device::Cpu, 252.0, &|_, _| {}).unwrap();
         let test = &out.paths[1];
-        let long = test.steps.iter().filter(|s| s.action == "LONG").count() as f64 / test.steps.len() as f64;
+        let long = test.steps.iter().filter(|s| s.action == "LONG").count() as f64
+            / test.steps.len() as f64;
         let ret = test.total_return(cfg.initial_capital);
         eprintln!(
             "seed {seed}: test LONG share {long:.2}, test return {ret:.4}, curve {:?}",

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use flag_core::arrow::array::{Array, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray};
+use flag_core::arrow::array::{
+    Array, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use flag_core::arrow::datatypes::{DataType, Field, Schema};
 use flag_core::parquet_io::{read_parquet_file, write_parquet_file};
 use flag_core::{InputArtifact, Params, Stage, StageContext};
@@ -21,16 +23,22 @@ fn table(path: &Path, tickers: &[&str], bad_close_row: Option<usize>) {
     let (mut h, mut l, mut c, mut v) = (vec![], vec![], vec![], vec![]);
     for (k, name) in tickers.iter().enumerate() {
         for i in 0..DAYS {
-            let p = 50.0 * (1.0 + k as f64) * (0.004 * i as f64 + 0.02 * (i as f64 / 4.0).sin()).exp();
+            let p =
+                50.0 * (1.0 + k as f64) * (0.004 * i as f64 + 0.02 * (i as f64 / 4.0).sin()).exp();
             t.push(name.to_string());
             d.push(DAY0 + i as i32);
             h.push(p * 1.01);
             l.push(p * 0.985);
-            c.push(if bad_close_row == Some(t.len()) { -1.0 } else { p });
+            c.push(if bad_close_row == Some(t.len()) {
+                -1.0
+            } else {
+                p
+            });
             v.push(1e5 + (i % 9) as f64 * 1e4);
         }
     }
-    let fields = ["high", "low", "close", "volume"].map(|n| Field::new(n, DataType::Float64, false));
+    let fields =
+        ["high", "low", "close", "volume"].map(|n| Field::new(n, DataType::Float64, false));
     let schema = Arc::new(Schema::new(
         [
             Field::new("ticker", DataType::Utf8, false),
@@ -54,7 +62,9 @@ fn table(path: &Path, tickers: &[&str], bad_close_row: Option<usize>) {
 
 fn signals(path: &Path) {
     let n = DAYS;
-    let dir: Vec<f64> = (0..n).map(|i| if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+    let dir: Vec<f64> = (0..n)
+        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
     let strength: Vec<f64> = (0..n).map(|i| (i % 5) as f64 / 4.0).collect();
     let inter: Vec<f64> = dir.iter().zip(&strength).map(|(a, b)| a * b).collect();
     // Only the columns the stage reads (by name): the strategist's full llm_signal schema
@@ -69,7 +79,9 @@ fn signals(path: &Path) {
     let schema = Arc::new(Schema::new(fields));
     let cols: Vec<Arc<dyn Array>> = vec![
         Arc::new(StringArray::from(vec!["AAA"; n])),
-        Arc::new(Date32Array::from((0..n as i32).map(|i| DAY0 + i).collect::<Vec<_>>())),
+        Arc::new(Date32Array::from(
+            (0..n as i32).map(|i| DAY0 + i).collect::<Vec<_>>(),
+        )),
         Arc::new(Float64Array::from(dir)),
         Arc::new(Float64Array::from(strength)),
         Arc::new(Float64Array::from(inter)),
@@ -101,7 +113,12 @@ fn params(extra: serde_json::Value) -> Params {
     Params::new(p)
 }
 
-fn run(dir: &Path, table_file: PathBuf, signal_file: Option<PathBuf>, p: Params) -> flag_core::StageResult<()> {
+fn run(
+    dir: &Path,
+    table_file: PathBuf,
+    signal_file: Option<PathBuf>,
+    p: Params,
+) -> flag_core::StageResult<()> {
     let mut inputs = BTreeMap::new();
     inputs.insert(
         "table".to_string(),
@@ -176,7 +193,10 @@ fn writes_every_run_in_schema_order() {
     names.dedup();
     assert_eq!(names, vec!["tdqn#0", "tdqn#1"]);
     let actions = strings(eq, "action");
-    assert!(actions.iter().any(|a| a == "HOLD"), "no decision before a full window");
+    assert!(
+        actions.iter().any(|a| a == "HOLD"),
+        "no decision before a full window"
+    );
     assert!(actions.iter().any(|a| a == "LONG" || a == "SHORT"));
     let (_, curve) = read_parquet_file(&out.join("curve.parquet")).unwrap();
     assert_eq!(curve[0].num_rows(), 4);

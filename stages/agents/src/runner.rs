@@ -1,0 +1,113 @@
+//! The generate-parse-retry loop shared by the LLM stages. A malformed answer is retried with
+//! the rejection reason appended to the prompt (and seed + k, which only matters when
+//! sampling), at most `retries` times; then it is a recorded failure, never a guess.
+use std::collections::BTreeMap;
+
+use flag_core::{StageError, StageResult};
+use flag_llm::generate::Generation;
+
+use crate::backend::{LlmBackend, LlmRequest, LlmSettings};
+use crate::parse::ParseError;
+use crate::prompt::render;
+
+/// The result of one request after its attempts.
+#[derive(Debug, Clone)]
+pub struct Outcome<T> {
+    /// The validated value; None when every attempt failed.
+    pub value: Option<T>,
+    pub attempts: usize,
+    /// The last rejection reason (None when valid).
+    pub error: Option<String>,
+    /// Scores of the last attempt.
+    pub generation: Generation,
+    /// The last answer when valid, else every attempt's answer.
+    pub raw_text: String,
+}
+
+/// Runs `requests` as one batch, then re-batches the malformed ones.
+pub fn run_with_retries<T>(
+    backend: &dyn LlmBackend,
+    settings: &LlmSettings,
+    retry_template: (&str, &str),
+    requests: &[LlmRequest],
+    parse: impl Fn(&str) -> Result<T, ParseError>,
+) -> StageResult<Vec<Outcome<T>>> {
+    let mut out: Vec<Option<Outcome<T>>> = (0..requests.len()).map(|_| None).collect();
+    let mut history: Vec<Vec<String>> = vec![Vec::new(); requests.len()];
+    let mut errors: Vec<Option<String>> = vec![None; requests.len()];
+    let mut pending: Vec<usize> = (0..requests.len()).collect();
+    for attempt in 0..=settings.retries {
+        if pending.is_empty() {
+            break;
+        }
+        let batch = pending
+            .iter()
+            .map(|&i| {
+                let mut r = requests[i].clone();
+                if let Some(e) = &errors[i] {
+                    let vars: BTreeMap<&str, String> = [("error", e.clone())].into_iter().collect();
+                    r.user = format!(
+                        "{}\n\n{}",
+                        r.user,
+                        render(retry_template.1, retry_template.0, &vars)?.trim_end()
+                    );
+                }
+                Ok(r)
+            })
+            .collect::<StageResult<Vec<_>>>()?;
+        let mut opts = settings.opts.clone();
+        opts.seed = opts.seed.wrapping_add(attempt as u64);
+        let gens = backend.generate(&batch, &opts)?;
+        if gens.len() != batch.len() {
+            return Err(StageError::Invalid(format!(
+                "backend {} returned {} generations for {} prompts",
+                backend.name(),
+                gens.len(),
+                batch.len()
+            )));
+        }
+        let mut still = Vec::new();
+        for ((&i, g), r) in pending.iter().zip(gens).zip(&batch) {
+            let answer = format!("{}{}", r.prefill, g.text);
+            history[i].push(answer.clone());
+            match parse(&answer) {
+                Ok(v) => {
+                    out[i] = Some(Outcome {
+                        value: Some(v),
+                        attempts: attempt + 1,
+                        error: None,
+                        generation: g,
+                        raw_text: answer,
+                    })
+                }
+                Err(e) => {
+                    errors[i] = Some(e.to_string());
+                    if attempt == settings.retries {
+                        let raw = history[i]
+                            .iter()
+                            .enumerate()
+                            .map(|(k, a)| format!("--- attempt {} ---\n{a}", k + 1))
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        out[i] = Some(Outcome {
+                            value: None,
+                            attempts: attempt + 1,
+                            error: errors[i].clone(),
+                            generation: g,
+                            raw_text: raw,
+                        });
+                    } else {
+                        still.push(i);
+                    }
+                }
+            }
+        }
+        pending = still;
+    }
+    // Every request ends valid or failed on the last attempt; a gap would be a bug above.
+    out.into_iter()
+        .map(|o| {
+            o.ok_or_else(|| StageError::Invalid("a request was left without an outcome".into()))
+        })
+        .collect()
+}

@@ -1,0 +1,213 @@
+//! From a validated strategy and its token scores to the signal the RL agent reads.
+//!
+//! Which tokens count: H is the normalised top-k entropy (flag-llm's per-token value) of the
+//! *decision token*, the first generated token of the direction value. With the answer
+//! prefilled up to `{"direction": "`, it is the token where the model chooses LONG or SHORT;
+//! the tokens after it only complete the chosen word and are near-certain, so averaging them
+//! in would hide the model's doubt. If the value cannot be located among the generated tokens
+//! (it lies in the prefill or the text was altered), H is the mean over the whole answer.
+//!
+//! certainty = eps + (1 - eps)(1 - H), eps = 1e-4; strength = sqrt((confidence / 3) certainty);
+//! interaction = direction (+1 / -1) * strength. A failed answer gives direction 0, strength 0.
+use flag_core::StageResult;
+use flag_llm::generate::Generation;
+
+use crate::backend::LlmBackend;
+use crate::parse::Strategy;
+
+pub const EPS: f64 = 1e-4;
+
+/// certainty = eps + (1 - eps)(1 - H), H clamped to [0, 1] (NaN counts as H = 1).
+pub fn certainty(entropy: f64) -> f64 {
+    let h = if entropy.is_nan() {
+        1.0
+    } else {
+        entropy.clamp(0.0, 1.0)
+    };
+    EPS + (1.0 - EPS) * (1.0 - h)
+}
+
+/// strength = sqrt((confidence / 3) * certainty).
+pub fn strength(confidence: u8, certainty: f64) -> f64 {
+    ((f64::from(confidence) / 3.0) * certainty).sqrt()
+}
+
+/// The numbers recorded per strategy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SignalValues {
+    /// +1 LONG, -1 SHORT, 0 failed.
+    pub direction: f64,
+    pub certainty: Option<f64>,
+    pub strength: f64,
+    pub interaction: f64,
+    pub entropy: f64,
+    pub perplexity: f64,
+}
+
+impl SignalValues {
+    /// The neutral signal of a failed answer (scores of its last attempt kept).
+    pub fn neutral(g: &Generation) -> Self {
+        SignalValues {
+            direction: 0.0,
+            certainty: None,
+            strength: 0.0,
+            interaction: 0.0,
+            entropy: g.entropy,
+            perplexity: g.perplexity,
+        }
+    }
+
+    pub fn from_entropy(s: &Strategy, entropy: f64, perplexity: f64) -> Self {
+        let c = certainty(entropy);
+        let st = strength(s.confidence, c);
+        SignalValues {
+            direction: s.direction.sign(),
+            certainty: Some(c),
+            strength: st,
+            interaction: s.direction.sign() * st,
+            entropy,
+            perplexity,
+        }
+    }
+}
+
+/// Index of the generated token holding byte `offset` of the generated text, found by
+/// decoding growing prefixes of `ids` (answers are short, so this quadratic walk is cheap).
+pub fn token_at(
+    backend: &dyn LlmBackend,
+    ids: &[u32],
+    offset: usize,
+) -> StageResult<Option<usize>> {
+    for i in 0..ids.len() {
+        if backend.decode(&ids[..=i])?.len() > offset {
+            return Ok(Some(i));
+        }
+    }
+    Ok(None)
+}
+
+/// Signal of a validated strategy whose answer was `prefill + g.text`.
+pub fn strategy_signal(
+    backend: &dyn LlmBackend,
+    s: &Strategy,
+    prefill_len: usize,
+    g: &Generation,
+) -> StageResult<SignalValues> {
+    let token = match s.direction_offset.checked_sub(prefill_len) {
+        Some(off) => token_at(backend, &g.ids, off)?,
+        None => None,
+    };
+    let h = token
+        .and_then(|t| g.entropies.get(t))
+        .map_or(g.entropy, |&e| f64::from(e));
+    Ok(SignalValues::from_entropy(s, h, g.perplexity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse::Direction;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    fn strat(direction: Direction, confidence: u8) -> Strategy {
+        Strategy {
+            direction,
+            confidence,
+            explanation: "x".into(),
+            features: vec![("rsi".into(), 1.0)],
+            direction_offset: 0,
+        }
+    }
+
+    #[test]
+    fn hand_computed_values() {
+        // H = 0: certainty 1, strength sqrt(c / 3).
+        assert_eq!(certainty(0.0), 1.0);
+        assert!(close(strength(3, 1.0), 1.0));
+        assert!(close(strength(1, 1.0), (1.0f64 / 3.0).sqrt()));
+        // H = 1: certainty = eps, strength = sqrt(2/3 * 1e-4) = 0.00816496580927726.
+        assert!(close(certainty(1.0), 1e-4));
+        assert!(close(strength(2, certainty(1.0)), 0.008_164_965_809_277_26));
+        // H = 0.25: certainty = 1e-4 + 0.9999 * 0.75 = 0.750025;
+        // strength(2) = sqrt(0.750025 * 2 / 3) = sqrt(0.50001666...) = 0.70711856...
+        assert!(close(certainty(0.25), 0.750025));
+        let v = SignalValues::from_entropy(&strat(Direction::Short, 2), 0.25, 3.5);
+        assert!(close(v.strength, (0.750025f64 * 2.0 / 3.0).sqrt()));
+        assert!((v.strength - 0.707_118_56).abs() < 1e-8);
+        assert!(close(v.interaction, -v.strength));
+        assert_eq!((v.direction, v.entropy, v.perplexity), (-1.0, 0.25, 3.5));
+        // Out-of-range entropies are clamped, never produce NaN or values above 1.
+        assert_eq!(certainty(-0.5), 1.0);
+        assert!(close(certainty(7.0), EPS));
+        assert!(close(certainty(f64::NAN), EPS));
+    }
+
+    /// Token i decodes to TOKENS[i]; the generated text is their concatenation.
+    struct Fake;
+    const TOKENS: [&str; 5] = ["SH", "ORT", "\",", " \"confidence\": ", "2"];
+    impl LlmBackend for Fake {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+        fn generate(
+            &self,
+            _: &[crate::backend::LlmRequest],
+            _: &flag_llm::generate::GenerateOptions,
+        ) -> StageResult<Vec<Generation>> {
+            Ok(Vec::new())
+        }
+        fn decode(&self, ids: &[u32]) -> StageResult<String> {
+            Ok(ids.iter().map(|&i| TOKENS[i as usize]).collect())
+        }
+    }
+
+    #[test]
+    fn decision_token_entropy_is_used() {
+        let g = Generation {
+            text: TOKENS.concat(),
+            ids: vec![0, 1, 2, 3, 4],
+            logprobs: vec![-0.1; 5],
+            entropies: vec![0.4, 0.01, 0.0, 0.0, 0.3],
+            entropy: 0.142,
+            perplexity: 1.1,
+            finish_reason: flag_llm::generate::FinishReason::Length,
+        };
+        assert_eq!(token_at(&Fake, &g.ids, 0).unwrap(), Some(0));
+        assert_eq!(token_at(&Fake, &g.ids, 2).unwrap(), Some(1));
+        assert_eq!(token_at(&Fake, &g.ids, 99).unwrap(), None);
+        // Prefill `{"direction": "` is 15 bytes; the value starts right after it.
+        let mut s = strat(Direction::Short, 3);
+        s.direction_offset = 15;
+        let v = strategy_signal(&Fake, &s, 15, &g).unwrap();
+        assert_eq!(v.entropy, f64::from(0.4f32));
+        assert!(close(
+            v.interaction,
+            -((certainty(f64::from(0.4f32))).sqrt())
+        ));
+        // A value inside the prefill cannot be located: the answer mean is used.
+        s.direction_offset = 3;
+        assert_eq!(strategy_signal(&Fake, &s, 15, &g).unwrap().entropy, 0.142);
+    }
+
+    #[test]
+    fn neutral_signal_is_zero() {
+        let g = Generation {
+            text: "oops".into(),
+            ids: vec![1, 2],
+            logprobs: vec![-0.5, -1.5],
+            entropies: vec![0.2, 0.4],
+            entropy: 0.3,
+            perplexity: 2.5,
+            finish_reason: flag_llm::generate::FinishReason::Length,
+        };
+        let v = SignalValues::neutral(&g);
+        assert_eq!(
+            (v.direction, v.strength, v.interaction, v.certainty),
+            (0.0, 0.0, 0.0, None)
+        );
+        assert_eq!((v.entropy, v.perplexity), (0.3, 2.5));
+    }
+}

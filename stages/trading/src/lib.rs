@@ -1,0 +1,24 @@
+//! Trading environments, rule-based baselines and performance metrics, in plain Rust.
+//!
+//! * [`env`]: the TDQN (Théate & Ernst 2021) and FinAgent (Zhang et al. 2024) environments.
+//! * [`strategy`]: the baseline rules; [`backtest`]: running them, and the train-split grid
+//!   search of the moving-average windows.
+//! * [`metrics`]: FinAgent's metrics; the formulas are documented there only.
+//! * [`stages`]: the `baselines` and `metrics` stage kinds.
+
+pub mod backtest;
+pub mod env;
+pub mod metrics;
+pub mod series;
+pub mod stages;
+pub mod strategy;
+
+use flag_core::Stage;
+
+/// Every stage kind this crate provides.
+pub fn stages() -> Vec<Box<dyn Stage>> {
+    vec![
+        Box::new(stages::baselines::Baselines),
+        Box::new(stages::metrics::MetricsStage),
+    ]
+}
