@@ -16,9 +16,10 @@ flag := CARGO_TARGET_DIR / "release/flag"
 setup:
     bash .ci/setup
 
-# Build the `flag` binary (release; tests use the same profile, so CI builds once).
+# Build the `flag` binary. Same cargo invocation as the tests (workspace-wide feature
+# unification, release profile), so `just run` and `just test` share one build of datafusion.
 build: setup
-    cargo build --release --bin flag
+    cargo test --release --workspace --no-run
 
 # Run a pipeline: `just run pipelines/flag.yaml --set data_dir=/path/to/data`
 run PIPELINE *ARGS: build

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LLM benchmark: our decoder (`flag llm bench`) and llama.cpp (llama-cpp-python, compiled here
 # for CPU) on the same GGUF, the same prompt cut to the same token count, the same threads,
-# in the same run. Writes bench/results/llm.json with both and the ratios, and prints it.
+# in the same run. Writes $FLAG_BENCH_OUT/llm.json (default artifacts/bench/) with both and the ratios, and prints it.
 #
 #   bash .ci/bench-llm.sh            # CPU, 2 threads, prompt 128 tokens, 32 decode steps
 #   FLAG_BENCH_DEVICE=cuda bash .ci/bench-llm.sh   # our side on CUDA (bf16); llama.cpp stays CPU
@@ -20,7 +20,7 @@ PROMPT_TOKENS="${FLAG_BENCH_PROMPT_TOKENS:-128}"
 DECODE_TOKENS="${FLAG_BENCH_DECODE_TOKENS:-32}"
 REPEATS="${FLAG_BENCH_REPEATS:-3}"
 DEVICE="${FLAG_BENCH_DEVICE:-cpu}"
-OUT=bench/results/llm.json
+OUT="${FLAG_BENCH_OUT:-artifacts/bench}/llm.json"
 
 bash .ci/setup
 
@@ -36,7 +36,7 @@ if ! "$LVENV/bin/python" -c "import sys, llama_cpp, numpy; sys.exit(llama_cpp.__
     "$LVENV/bin/pip" install -q "llama-cpp-python==$LLAMA_CPP_VERSION" numpy
 fi
 
-cargo build --release --bin flag
+cargo test --release --workspace --no-run  # same build as just test/run
 FLAG="$CARGO_TARGET_DIR/release/flag"
 
 GGUF="${FLAG_SMOLLM2_GGUF:-}"

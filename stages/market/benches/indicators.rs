@@ -1,7 +1,7 @@
 //! Indicators benchmark: synthetic OHLCV (2,000 tickers x 5,000 days = 10M rows by default,
 //! fixed seed) to Parquet, then the stage's own code path (`compute_parquet`, Parquet in ->
 //! Parquet out) on the real SQL file. Reports wall time (generation excluded) and peak RSS
-//! (VmHWM) as JSON in `$FLAG_BENCH_OUT/indicators.json` (default `<repo>/bench/results/`).
+//! (VmHWM) as JSON in `$FLAG_BENCH_OUT/indicators.json` (default `<repo>/artifacts/bench/`).
 //!
 //! Scale down with FLAG_BENCH_TICKERS and FLAG_BENCH_DAYS, e.g.
 //! `FLAG_BENCH_TICKERS=100 cargo bench -p flag-market --bench indicators`.
@@ -153,7 +153,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&work);
     let out_dir = std::env::var_os("FLAG_BENCH_OUT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("bench/results"));
+        .unwrap_or_else(|| repo.join("artifacts/bench"));
     std::fs::create_dir_all(&out_dir).unwrap();
     let text = serde_json::to_string_pretty(&report).unwrap();
     std::fs::write(out_dir.join("indicators.json"), format!("{text}\n")).unwrap();
