@@ -58,7 +58,10 @@ impl StageContext {
             stage: stage.into(),
             params,
             inputs,
-            outputs: outputs.into_iter().map(|o| (o.name.to_string(), o)).collect(),
+            outputs: outputs
+                .into_iter()
+                .map(|o| (o.name.to_string(), o))
+                .collect(),
             staging,
             resources,
             log: Mutex::new(log),
@@ -172,7 +175,8 @@ impl StageContext {
             });
         }
         let dir = self.staging.join(name);
-        fs::create_dir_all(&dir).map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(&dir)
+            .map_err(|e| StageError::io(format!("creating {}", dir.display()), e))?;
         Ok(dir)
     }
 
@@ -203,7 +207,8 @@ impl StageContext {
     /// Writes a whole single-file output.
     pub fn write_file(&mut self, name: &str, bytes: &[u8]) -> StageResult<()> {
         let path = self.output_file(name)?;
-        fs::write(&path, bytes).map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
+        fs::write(&path, bytes)
+            .map_err(|e| StageError::io(format!("writing {}", path.display()), e))?;
         Ok(())
     }
 

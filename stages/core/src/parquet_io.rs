@@ -27,18 +27,25 @@ pub fn write_parquet_file(
 ) -> StageResult<u64> {
     let ctx = || format!("writing {}", path.display());
     let file = File::create(path).map_err(|e| StageError::io(ctx(), e))?;
-    let mut writer = ArrowWriter::try_new(file, schema, Some(writer_properties()))
-        .map_err(|e| StageError::Parquet { context: ctx(), source: e })?;
+    let mut writer =
+        ArrowWriter::try_new(file, schema, Some(writer_properties())).map_err(|e| {
+            StageError::Parquet {
+                context: ctx(),
+                source: e,
+            }
+        })?;
     let mut rows = 0u64;
     for b in batches {
         rows += b.num_rows() as u64;
-        writer
-            .write(b)
-            .map_err(|e| StageError::Parquet { context: ctx(), source: e })?;
+        writer.write(b).map_err(|e| StageError::Parquet {
+            context: ctx(),
+            source: e,
+        })?;
     }
-    let file = writer
-        .into_inner()
-        .map_err(|e| StageError::Parquet { context: ctx(), source: e })?;
+    let file = writer.into_inner().map_err(|e| StageError::Parquet {
+        context: ctx(),
+        source: e,
+    })?;
     file.sync_all().map_err(|e| StageError::io(ctx(), e))?;
     Ok(rows)
 }
@@ -47,15 +54,24 @@ pub fn write_parquet_file(
 pub fn read_parquet_file(path: &Path) -> StageResult<(SchemaRef, Vec<RecordBatch>)> {
     let ctx = || format!("reading {}", path.display());
     let file = File::open(path).map_err(|e| StageError::io(ctx(), e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| StageError::Parquet { context: ctx(), source: e })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StageError::Parquet {
+            context: ctx(),
+            source: e,
+        })?;
     let schema = builder.schema().clone();
     let reader = builder
         .with_batch_size(64 * 1024)
         .build()
-        .map_err(|e| StageError::Parquet { context: ctx(), source: e })?;
+        .map_err(|e| StageError::Parquet {
+            context: ctx(),
+            source: e,
+        })?;
     let batches = reader
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StageError::Arrow { context: ctx(), source: e })?;
+        .map_err(|e| StageError::Arrow {
+            context: ctx(),
+            source: e,
+        })?;
     Ok((schema, batches))
 }

@@ -200,7 +200,10 @@ impl SchemaRegistry {
             for (stem, text) in SCHEMA_FILES {
                 let mut s: Schema = serde_yaml::from_str(text)
                     .unwrap_or_else(|e| panic!("schemas/{stem}.yaml is invalid: {e}"));
-                assert_eq!(&s.name, stem, "schemas/{stem}.yaml must declare name: {stem}");
+                assert_eq!(
+                    &s.name, stem,
+                    "schemas/{stem}.yaml must declare name: {stem}"
+                );
                 s.source = text;
                 schemas.insert(s.name.clone(), s);
             }
