@@ -6,8 +6,6 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::store::Store;
-
 #[derive(Args, Debug)]
 pub struct GcArgs {
     /// Also drop runs that are not the latest of any stage in any pipeline
@@ -23,8 +21,7 @@ pub fn run(
     cli_store: &Option<PathBuf>,
     cli_root: &Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
-    let store = Store::existing(&super::store_dir(cli_store, &root))?;
+    let store = super::existing_store(cli_store, cli_root)?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
     let tmp = if args.dry_run { 0 } else { store.clean_tmp()? };
     let live_keys: BTreeSet<String> = store.refs()?.into_iter().map(|(_, _, k)| k).collect();

@@ -55,6 +55,28 @@ pub fn store_dir(cli_store: &Option<PathBuf>, root: &Path) -> PathBuf {
     cli_store.clone().unwrap_or_else(|| root.join("artifacts"))
 }
 
+/// The existing store of a command that has no pipeline file (show, path, verify, gc).
+pub fn existing_store(
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+) -> anyhow::Result<crate::store::Store> {
+    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
+    Ok(crate::store::Store::existing(&store_dir(cli_store, &root))?)
+}
+
+/// The store and the latest record of `STAGE.OUTPUT` (show, path).
+pub fn latest_output(
+    cli_store: &Option<PathBuf>,
+    cli_root: &Option<PathBuf>,
+    pipeline: &Option<PathBuf>,
+    reference: &str,
+) -> anyhow::Result<(crate::store::Store, crate::store::OutputRecord)> {
+    let store = existing_store(cli_store, cli_root)?;
+    let name = resolve_pipeline_name(&store, pipeline)?;
+    let (_, rec) = resolve_output(&store, &name, reference)?;
+    Ok((store, rec))
+}
+
 /// Pipeline name + store for commands that address `STAGE.OUTPUT`.
 pub fn resolve_pipeline_name(
     store: &crate::store::Store,

@@ -4,8 +4,6 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::store::Store;
-
 #[derive(Args, Debug)]
 pub struct PathArgs {
     /// The artifact, as STAGE.OUTPUT
@@ -20,10 +18,7 @@ pub fn run(
     cli_store: &Option<PathBuf>,
     cli_root: &Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
-    let store = Store::existing(&super::store_dir(cli_store, &root))?;
-    let name = super::resolve_pipeline_name(&store, &args.pipeline)?;
-    let (_, rec) = super::resolve_output(&store, &name, &args.output)?;
+    let (store, rec) = super::latest_output(cli_store, cli_root, &args.pipeline, &args.output)?;
     for f in &rec.files {
         let p = store.object_path(f);
         println!("{}", std::fs::canonicalize(&p).unwrap_or(p).display());

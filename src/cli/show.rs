@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
-use crate::store::{Store, hash_file, short};
+use crate::store::{hash_file, short};
 
 #[derive(Args, Debug)]
 pub struct ShowArgs {
@@ -27,10 +27,7 @@ pub fn run(
     cli_store: &Option<PathBuf>,
     cli_root: &Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
-    let store = Store::existing(&super::store_dir(cli_store, &root))?;
-    let name = super::resolve_pipeline_name(&store, &args.pipeline)?;
-    let (_, rec) = super::resolve_output(&store, &name, &args.output)?;
+    let (store, rec) = super::latest_output(cli_store, cli_root, &args.pipeline, &args.output)?;
     if rec.kind != "parquet" {
         for f in &rec.files {
             println!("{}", store.object_path(f).display());

@@ -5,8 +5,6 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::store::Store;
-
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
     /// Only report; do not drop corrupted objects
@@ -19,8 +17,7 @@ pub fn run(
     cli_store: &Option<PathBuf>,
     cli_root: &Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
-    let store = Store::existing(&super::store_dir(cli_store, &root))?;
+    let store = super::existing_store(cli_store, cli_root)?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
     let manifests = store.manifests()?;
     let (mut files, mut bad_runs) = (0usize, 0usize);
