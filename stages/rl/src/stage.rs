@@ -422,83 +422,81 @@ impl Stage for Ddqn {
                     "Per-episode training curve of every run",
                 ),
             ],
-            params: vec![
-                ParamSpec::required(
-                    "train_start",
-                    ParamKind::Date,
-                    "First day of the train split",
-                ),
-                ParamSpec::required("train_end", ParamKind::Date, "Last day of the train split"),
-                ParamSpec::required("test_start", ParamKind::Date, "First day of the test split"),
-                ParamSpec::required("test_end", ParamKind::Date, "Last day of the test split"),
-                ParamSpec::with_default(
-                    "tickers",
-                    ParamKind::List,
-                    Value::Null,
-                    "Tickers to train on (default: all in the table)",
-                ),
-                ParamSpec::with_default(
-                    "runs",
-                    ParamKind::Int,
-                    json!(1),
-                    "Independent runs per ticker; run r uses seed + r",
-                ),
-                ParamSpec::with_default(
-                    "episodes",
-                    ParamKind::Int,
-                    json!(50),
-                    "Training episodes per run",
-                ),
-                ParamSpec::with_default("seed", ParamKind::Int, json!(0), "Base seed"),
-                ParamSpec::with_default(
-                    "device",
-                    ParamKind::Str,
-                    json!("auto"),
-                    "cpu, cuda, or auto (cuda when available); CPU results are bit-reproducible",
-                ),
-                ParamSpec::with_default(
-                    "strategy",
-                    ParamKind::Str,
-                    Value::Null,
-                    "Strategy name (default tdqn, or llm_guided_ddqn when signals are bound)",
-                ),
-                ParamSpec::with_default(
-                    "threads",
-                    ParamKind::Int,
-                    json!(0),
-                    "Runs trained in parallel (0: one per core); each uses one libtorch thread",
-                ),
-                ParamSpec::with_default(
-                    "window",
-                    ParamKind::Int,
-                    json!(30),
-                    "Observation window in days (TDQN: 30)",
-                ),
-                ParamSpec::with_default(
-                    "initial_capital",
-                    ParamKind::Float,
-                    json!(100000.0),
-                    "Capital at the start of each split",
-                ),
-                ParamSpec::with_default(
-                    "cost",
-                    ParamKind::Float,
-                    json!(0.001),
-                    "Transaction cost rate",
-                ),
-                ParamSpec::with_default(
-                    "epsilon",
-                    ParamKind::Float,
-                    json!(0.1),
-                    "TDQN short-exposure price move",
-                ),
-                ParamSpec::with_default(
-                    "periods_per_year",
-                    ParamKind::Float,
-                    json!(252.0),
-                    "Annualisation of the curve's Sharpe ratios",
-                ),
-            ],
+            params: [
+                vec![
+                ],
+                flag_trading::stages::split_date_params().to_vec(),
+                vec![
+                    ParamSpec::with_default(
+                        "tickers",
+                        ParamKind::List,
+                        Value::Null,
+                        "Tickers to train on (default: all in the table)",
+                    ),
+                    ParamSpec::with_default(
+                        "runs",
+                        ParamKind::Int,
+                        json!(1),
+                        "Independent runs per ticker; run r uses seed + r",
+                    ),
+                    ParamSpec::with_default(
+                        "episodes",
+                        ParamKind::Int,
+                        json!(50),
+                        "Training episodes per run",
+                    ),
+                    ParamSpec::with_default("seed", ParamKind::Int, json!(0), "Base seed"),
+                    ParamSpec::with_default(
+                        "device",
+                        ParamKind::Str,
+                        json!("auto"),
+                        "cpu, cuda, or auto (cuda when available); CPU results are bit-reproducible",
+                    ),
+                    ParamSpec::with_default(
+                        "strategy",
+                        ParamKind::Str,
+                        Value::Null,
+                        "Strategy name (default tdqn, or llm_guided_ddqn when signals are bound)",
+                    ),
+                    ParamSpec::with_default(
+                        "threads",
+                        ParamKind::Int,
+                        json!(0),
+                        "Runs trained in parallel (0: one per core); each uses one libtorch thread",
+                    ),
+                    ParamSpec::with_default(
+                        "window",
+                        ParamKind::Int,
+                        json!(30),
+                        "Observation window in days (TDQN: 30)",
+                    ),
+                    ParamSpec::with_default(
+                        "initial_capital",
+                        ParamKind::Float,
+                        json!(100000.0),
+                        "Capital at the start of each split",
+                    ),
+                    ParamSpec::with_default(
+                        "cost",
+                        ParamKind::Float,
+                        json!(0.001),
+                        "Transaction cost rate",
+                    ),
+                    ParamSpec::with_default(
+                        "epsilon",
+                        ParamKind::Float,
+                        json!(0.1),
+                        "TDQN short-exposure price move",
+                    ),
+                    ParamSpec::with_default(
+                        "periods_per_year",
+                        ParamKind::Float,
+                        json!(252.0),
+                        "Annualisation of the curve's Sharpe ratios",
+                    ),
+                ],
+            ]
+            .concat(),
         }
     }
 

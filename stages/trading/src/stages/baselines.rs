@@ -206,53 +206,51 @@ impl Stage for Baselines {
                     "Grid-searched windows",
                 ),
             ],
-            params: vec![
-                ParamSpec::required("env", ParamKind::Str, "Environment rules: tdqn or finagent"),
-                ParamSpec::with_default(
-                    "strategies",
-                    ParamKind::List,
-                    json!(all),
-                    "Strategies to run",
-                ),
-                ParamSpec::required(
-                    "train_start",
-                    ParamKind::Date,
-                    "First day of the train split",
-                ),
-                ParamSpec::required("train_end", ParamKind::Date, "Last day of the train split"),
-                ParamSpec::required("test_start", ParamKind::Date, "First day of the test split"),
-                ParamSpec::required("test_end", ParamKind::Date, "Last day of the test split"),
-                ParamSpec::with_default(
-                    "initial_capital",
-                    ParamKind::Float,
-                    json!(100000.0),
-                    "Capital at the start of each split",
-                ),
-                ParamSpec::with_default(
-                    "cost",
-                    ParamKind::Float,
-                    json!(0.001),
-                    "Transaction cost rate (0.001 = 0.1 %)",
-                ),
-                ParamSpec::with_default(
-                    "epsilon",
-                    ParamKind::Float,
-                    json!(0.1),
-                    "TDQN short-exposure price move",
-                ),
-                ParamSpec::with_default(
-                    "ma_windows",
-                    ParamKind::List,
-                    json!(DEFAULT_MA_WINDOWS),
-                    "Moving-average windows; every pair short < long is tried on the train split",
-                ),
-                ParamSpec::with_default(
-                    "periods_per_year",
-                    ParamKind::Any,
-                    json!(252),
-                    "Annualisation of the train Sharpe ratio: a number or {default: 252, ETH: 365}",
-                ),
-            ],
+            params: [
+                vec![
+                    ParamSpec::required("env", ParamKind::Str, "Environment rules: tdqn or finagent"),
+                    ParamSpec::with_default(
+                        "strategies",
+                        ParamKind::List,
+                        json!(all),
+                        "Strategies to run",
+                    ),
+                ],
+                super::split_date_params().to_vec(),
+                vec![
+                    ParamSpec::with_default(
+                        "initial_capital",
+                        ParamKind::Float,
+                        json!(100000.0),
+                        "Capital at the start of each split",
+                    ),
+                    ParamSpec::with_default(
+                        "cost",
+                        ParamKind::Float,
+                        json!(0.001),
+                        "Transaction cost rate (0.001 = 0.1 %)",
+                    ),
+                    ParamSpec::with_default(
+                        "epsilon",
+                        ParamKind::Float,
+                        json!(0.1),
+                        "TDQN short-exposure price move",
+                    ),
+                    ParamSpec::with_default(
+                        "ma_windows",
+                        ParamKind::List,
+                        json!(DEFAULT_MA_WINDOWS),
+                        "Moving-average windows; every pair short < long is tried on the train split",
+                    ),
+                    ParamSpec::with_default(
+                        "periods_per_year",
+                        ParamKind::Any,
+                        json!(252),
+                        "Annualisation of the train Sharpe ratio: a number or {default: 252, ETH: 365}",
+                    ),
+                ],
+            ]
+            .concat(),
         }
     }
 

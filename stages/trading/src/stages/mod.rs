@@ -5,11 +5,25 @@ use std::sync::Arc;
 use flag_core::arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, StringArray,
 };
-use flag_core::{Params, StageError, StageResult};
+use flag_core::{ParamKind, ParamSpec, Params, StageError, StageResult};
 use serde_json::Value;
 
 pub mod baselines;
 pub mod metrics;
+
+/// The four split dates every backtesting stage (baselines, ddqn, ...) takes.
+pub fn split_date_params() -> [ParamSpec; 4] {
+    [
+        ParamSpec::required(
+            "train_start",
+            ParamKind::Date,
+            "First day of the train split",
+        ),
+        ParamSpec::required("train_end", ParamKind::Date, "Last day of the train split"),
+        ParamSpec::required("test_start", ParamKind::Date, "First day of the test split"),
+        ParamSpec::required("test_end", ParamKind::Date, "Last day of the test split"),
+    ]
+}
 
 pub(crate) const VERSION: &str = concat!(env!("CARGO_PKG_NAME"), "@", env!("CARGO_PKG_VERSION"));
 
