@@ -16,7 +16,7 @@ use flag_core::{StageError, StageResult};
 pub const WIDTH: u32 = 760;
 /// Height of the plot; the legend strip below adds to it.
 pub const HEIGHT: u32 = 380;
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 
 /// Tableau 10: distinguishable, colour-blind aware, calm on white.
 const PALETTE: [RGBColor; 10] = [
@@ -31,9 +31,9 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(0x9c, 0x75, 0x5f),
     RGBColor(0xba, 0xb0, 0xac),
 ];
-const BUY: RGBColor = RGBColor(0x1a, 0x9a, 0x50);
-const SELL: RGBColor = RGBColor(0xd7, 0x30, 0x27);
-const INK: RGBColor = RGBColor(0x33, 0x33, 0x33);
+pub(crate) const BUY: RGBColor = RGBColor(0x1a, 0x9a, 0x50);
+pub(crate) const SELL: RGBColor = RGBColor(0xd7, 0x30, 0x27);
+pub(crate) const INK: RGBColor = RGBColor(0x33, 0x33, 0x33);
 
 /// Colour of the n-th strategy, stable across all charts of a report.
 pub fn color(n: usize) -> RGBColor {
@@ -47,7 +47,7 @@ pub struct Line<'a> {
     pub points: Vec<(i32, f64)>,
 }
 
-fn err(what: &str) -> impl Fn(DrawingAreaErrorKind<std::io::Error>) -> StageError + '_ {
+pub(crate) fn err(what: &str) -> impl Fn(DrawingAreaErrorKind<std::io::Error>) -> StageError + '_ {
     move |e| StageError::external(format!("drawing {what}"), e)
 }
 
@@ -99,7 +99,7 @@ fn date_label(d: i32, fmt: &str) -> String {
 }
 
 /// Decimals for y labels of a given span, and thousands separators for large values.
-fn y_label(v: f64, span: f64) -> String {
+pub(crate) fn y_label(v: f64, span: f64) -> String {
     // Seven labels over the span: whole numbers once a step is >= ~3.
     let dec = if span >= 20.0 {
         0
@@ -126,7 +126,7 @@ fn y_label(v: f64, span: f64) -> String {
 }
 
 /// Padded min..max of the finite values (a flat series gets a visible band).
-fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+pub(crate) fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
@@ -143,7 +143,7 @@ fn y_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - span * 0.05, hi + span * 0.05)
 }
 
-fn x_range(points: impl Iterator<Item = i32>) -> (i32, i32) {
+pub(crate) fn x_range(points: impl Iterator<Item = i32>) -> (i32, i32) {
     let (lo, hi) = points.fold((i32::MAX, i32::MIN), |(a, b), d| (a.min(d), b.max(d)));
     if lo > hi {
         (0, 1)
@@ -154,10 +154,10 @@ fn x_range(points: impl Iterator<Item = i32>) -> (i32, i32) {
     }
 }
 
-type Area<'b> = DrawingArea<SVGBackend<'b>, Shift>;
-type Chart<'a, 'b> =
+pub(crate) type Area<'b> = DrawingArea<SVGBackend<'b>, Shift>;
+pub(crate) type Chart<'a, 'b> =
     ChartContext<'a, SVGBackend<'b>, Cartesian2d<WithKeyPoints<RangedCoordi32>, RangedCoordf64>>;
-type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+pub(crate) type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
 
 /// How a legend entry is drawn.
 #[derive(Clone, Copy)]
@@ -167,17 +167,17 @@ pub enum Mark {
     Down(RGBColor),
 }
 
-fn up(x: i32, y: i32) -> Vec<(i32, i32)> {
+pub(crate) fn up(x: i32, y: i32) -> Vec<(i32, i32)> {
     vec![(x, y - 6), (x - 6, y + 5), (x + 6, y + 5)]
 }
 
-fn down(x: i32, y: i32) -> Vec<(i32, i32)> {
+pub(crate) fn down(x: i32, y: i32) -> Vec<(i32, i32)> {
     vec![(x, y + 6), (x - 6, y - 5), (x + 6, y - 5)]
 }
 
 /// Legend entries laid out left to right below the plot, wrapping; returns (x, y) per entry
 /// and the strip height. Widths use an average glyph width, as the SVG viewer picks the font.
-fn legend_layout(labels: &[&str]) -> (Vec<(i32, i32)>, u32) {
+pub(crate) fn legend_layout(labels: &[&str]) -> (Vec<(i32, i32)>, u32) {
     let (left, right, row_h) = (90, WIDTH as i32 - 16, 24);
     let (mut x, mut y) = (left, row_h / 2 + 4);
     let mut at = Vec::new();
@@ -195,9 +195,9 @@ fn legend_layout(labels: &[&str]) -> (Vec<(i32, i32)>, u32) {
 
 /// Rendered pixel size of legend text (plotters writes font-size = size / 1.24).
 const LEGEND_PX: f64 = LABEL_SIZE / 1.24;
-const LABEL_SIZE: f64 = 18.0;
+pub(crate) const LABEL_SIZE: f64 = 18.0;
 
-fn draw_legend(area: &Area, items: &[(&str, Mark)]) -> DrawResult {
+pub(crate) fn draw_legend(area: &Area, items: &[(&str, Mark)]) -> DrawResult {
     let labels: Vec<&str> = items.iter().map(|i| i.0).collect();
     let (at, _) = legend_layout(&labels);
     let font = (FONT, LABEL_SIZE)
@@ -219,7 +219,7 @@ fn draw_legend(area: &Area, items: &[(&str, Mark)]) -> DrawResult {
 }
 
 /// A titled date/value chart with a legend strip below it; `body` draws the data.
-fn render(
+pub(crate) fn render(
     title: &str,
     y_desc: &str,
     x: (i32, i32),

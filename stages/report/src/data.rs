@@ -2,7 +2,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use flag_core::arrow::array::{Array, Date32Array, Float64Array, RecordBatch, StringArray};
+use flag_core::arrow::array::{
+    Array, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use flag_core::{StageContext, StageError, StageResult};
 
 /// Index into [`Inputs::sources`].
@@ -137,13 +139,13 @@ pub struct Inputs {
 }
 
 /// Typed column access on one artifact, with errors naming file, row and column.
-struct Cols<'a> {
-    batch: &'a RecordBatch,
-    file: PathBuf,
+pub(crate) struct Cols<'a> {
+    pub(crate) batch: &'a RecordBatch,
+    pub(crate) file: PathBuf,
 }
 
 impl<'a> Cols<'a> {
-    fn array<T: 'static>(&self, name: &str) -> StageResult<&'a T> {
+    pub(crate) fn array<T: 'static>(&self, name: &str) -> StageResult<&'a T> {
         let batch: &'a RecordBatch = self.batch;
         batch
             .column_by_name(name)
@@ -156,11 +158,14 @@ impl<'a> Cols<'a> {
             })
     }
 
-    fn null(&self, row: usize, name: &str) -> StageError {
+    pub(crate) fn null(&self, row: usize, name: &str) -> StageError {
         StageError::data(&self.file, row as u64 + 1, name, "is null")
     }
 
-    fn str(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<&'a str> + '_> {
+    pub(crate) fn str(
+        &self,
+        name: &str,
+    ) -> StageResult<impl Fn(usize) -> StageResult<&'a str> + '_> {
         let a: &'a StringArray = self.array(name)?;
         let name = name.to_string();
         Ok(move |row: usize| {
@@ -172,7 +177,7 @@ impl<'a> Cols<'a> {
         })
     }
 
-    fn f64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<f64> + '_> {
+    pub(crate) fn f64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<f64> + '_> {
         let a: &'a Float64Array = self.array(name)?;
         let name = name.to_string();
         Ok(move |row: usize| {
@@ -184,7 +189,31 @@ impl<'a> Cols<'a> {
         })
     }
 
-    fn date(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<i32> + '_> {
+    pub(crate) fn i64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<i64> + '_> {
+        let a: &'a Int64Array = self.array(name)?;
+        let name = name.to_string();
+        Ok(move |row: usize| {
+            if a.is_null(row) {
+                Err(self.null(row, &name))
+            } else {
+                Ok(a.value(row))
+            }
+        })
+    }
+
+    pub(crate) fn bool(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<bool> + '_> {
+        let a: &'a BooleanArray = self.array(name)?;
+        let name = name.to_string();
+        Ok(move |row: usize| {
+            if a.is_null(row) {
+                Err(self.null(row, &name))
+            } else {
+                Ok(a.value(row))
+            }
+        })
+    }
+
+    pub(crate) fn date(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<i32> + '_> {
         let a: &'a Date32Array = self.array(name)?;
         let name = name.to_string();
         Ok(move |row: usize| {
@@ -196,7 +225,7 @@ impl<'a> Cols<'a> {
         })
     }
 
-    fn key(&self) -> StageResult<impl Fn(usize) -> StageResult<Key> + '_> {
+    pub(crate) fn key(&self) -> StageResult<impl Fn(usize) -> StageResult<Key> + '_> {
         let (s, e, t, p) = (
             self.str("strategy")?,
             self.str("env")?,
@@ -477,7 +506,10 @@ impl Inputs {
 }
 
 /// Each binding of a `many` input, with the file path used in error messages.
-fn read_all(ctx: &StageContext, input: &str) -> StageResult<Vec<(String, RecordBatch, PathBuf)>> {
+pub(crate) fn read_all(
+    ctx: &StageContext,
+    input: &str,
+) -> StageResult<Vec<(String, RecordBatch, PathBuf)>> {
     let files: Vec<PathBuf> = ctx
         .inputs(input)?
         .iter()

@@ -14,8 +14,10 @@ use serde_json::json;
 
 pub mod charts;
 pub mod data;
+pub mod guided;
 pub mod quality;
 pub mod render;
+pub mod stats;
 pub mod tables;
 
 /// Bumped whenever the report's bytes change for the same inputs.
@@ -25,7 +27,7 @@ const INGEST_SCHEMA: &str = "ingest_report";
 
 /// Every stage kind this crate provides.
 pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(ReportStage)]
+    vec![Box::new(ReportStage), Box::new(guided::GuidedReport)]
 }
 
 /// Resolved params of one report run.

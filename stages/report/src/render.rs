@@ -23,7 +23,7 @@ pub struct Report {
     pub tables: usize,
 }
 
-enum Block {
+pub(crate) enum Block {
     Heading(u8, String),
     Para(String),
     Table(Table),
@@ -32,7 +32,7 @@ enum Block {
 }
 
 /// Chart file names keep to [A-Za-z0-9._-]; a clash after cleaning gets a number.
-fn file_name(used: &mut BTreeSet<String>, parts: &[&str]) -> String {
+pub(crate) fn file_name(used: &mut BTreeSet<String>, parts: &[&str]) -> String {
     let clean: Vec<String> = parts
         .iter()
         .map(|p| {
@@ -312,7 +312,7 @@ fn asset_charts(
         .collect())
 }
 
-fn markdown(title: &str, blocks: &[Block], charts: &[ChartFile]) -> String {
+pub(crate) fn markdown(title: &str, blocks: &[Block], charts: &[ChartFile]) -> String {
     let mut s = format!("# {title}\n\n");
     for b in blocks {
         match b {
@@ -364,7 +364,7 @@ fn inline_code(text: &str) -> String {
     out
 }
 
-fn html(title: &str, blocks: &[Block], charts: &[ChartFile]) -> String {
+pub(crate) fn html(title: &str, blocks: &[Block], charts: &[ChartFile]) -> String {
     let t = html_escape(title);
     let mut s = format!(
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\

@@ -51,7 +51,7 @@ pub fn fmt_num(v: f64, decimals: usize) -> String {
 
 /// Marks the best finite value(s) of `values` (by `score`, higher is better) in bold; values
 /// that print the same as the best are tied and bold too.
-fn mark_best(cells: &mut [Cell], values: &[Option<f64>], score: impl Fn(f64) -> f64) {
+pub(crate) fn mark_best(cells: &mut [Cell], values: &[Option<f64>], score: impl Fn(f64) -> f64) {
     let best = values
         .iter()
         .enumerate()

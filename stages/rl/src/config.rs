@@ -133,6 +133,12 @@ impl DdqnConfig {
         if self.target_update == 0 || self.learning_update_period == 0 {
             return Err("target_update and learning_update_period must be >= 1".into());
         }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(format!(
+                "learning_rate must be a positive number, got {}",
+                self.learning_rate
+            ));
+        }
         if self.filter_order == 0 {
             return Err("filter_order must be >= 1 (1 = no filter)".into());
         }

@@ -70,6 +70,7 @@ impl DdqnSettings {
             initial_capital: p.f64("initial_capital")?,
             cost: p.f64("cost")?,
             short_epsilon: p.f64("epsilon")?,
+            learning_rate: p.f64("learning_rate")?,
             ..DdqnConfig::default()
         };
         if let Some(w) = p.get("window") {
@@ -463,6 +464,12 @@ impl Stage for Ddqn {
                         ParamKind::Int,
                         json!(0),
                         "Runs trained in parallel (0: one per core); each uses one libtorch thread",
+                    ),
+                    ParamSpec::with_default(
+                        "learning_rate",
+                        ParamKind::Float,
+                        json!(1e-4),
+                        "Adam learning rate (TDQN: 1e-4)",
                     ),
                     ParamSpec::with_default(
                         "window",

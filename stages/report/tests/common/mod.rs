@@ -310,7 +310,16 @@ pub fn run_stage(
     params: &[(&str, Value)],
     staging: &Path,
 ) -> StageResult<()> {
-    let stage = flag_report::ReportStage;
+    run_stage_of(&flag_report::ReportStage, inputs, params, staging)
+}
+
+/// Runs `stage` (with its declared defaults) into `staging`.
+pub fn run_stage_of(
+    stage: &dyn Stage,
+    inputs: &BTreeMap<String, Vec<InputArtifact>>,
+    params: &[(&str, Value)],
+    staging: &Path,
+) -> StageResult<()> {
     let mut p = BTreeMap::new();
     for ps in stage.spec().params {
         if let Some(d) = ps.default {
@@ -322,7 +331,7 @@ pub fn run_stage(
     }
     std::fs::create_dir_all(staging).unwrap();
     let mut ctx = StageContext::new(
-        "report",
+        stage.kind(),
         Params::new(p),
         inputs.clone(),
         stage.spec().outputs,
