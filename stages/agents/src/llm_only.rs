@@ -150,7 +150,8 @@ impl Stage for LlmOnly {
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "LLM-only strategy: the strategist's daily direction as the TDQN position (LONG/SHORT; \
-                  0 keeps the position), from the first to the last signal date of each ticker.",
+                  0 keeps the position), from the first to the last signal date of each ticker within \
+                  [start, end].",
             inputs: vec![
                 InputSpec::one("signals", "llm_signal", "Strategist signals"),
                 InputSpec {
@@ -203,6 +204,18 @@ impl Stage for LlmOnly {
                     Value::Null,
                     "Tickers (default: all with signals)",
                 ),
+                ParamSpec::with_default(
+                    "start",
+                    ParamKind::Date,
+                    Value::Null,
+                    "First day traded (default: the first signal); signals before it are ignored",
+                ),
+                ParamSpec::with_default(
+                    "end",
+                    ParamKind::Date,
+                    Value::Null,
+                    "Last day traded (default: the last signal)",
+                ),
             ],
         }
     }
@@ -227,7 +240,23 @@ impl Stage for LlmOnly {
             ));
         }
         let tickers = util::ticker_filter(p)?;
-        let dirs = read_directions(&ctx.read_input("signals")?)?;
+        let day = |n: &str| -> StageResult<Option<i32>> {
+            match p.get(n) {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => Ok(Some(flag_trading::series::to_days(p.date(n)?))),
+            }
+        };
+        let (start, end) = (day("start")?, day("end")?);
+        if let (Some(a), Some(b)) = (start, end)
+            && a > b
+        {
+            return Err(StageError::param("start", "must be on or before end"));
+        }
+        let mut dirs = read_directions(&ctx.read_input("signals")?)?;
+        // The window: the strategy trades from `start` with the signal in force then.
+        for d in dirs.values_mut() {
+            d.retain(|date, _| start.is_none_or(|a| *date >= a) && end.is_none_or(|b| *date <= b));
+        }
         let series = read_series(&ctx.read_input("table")?, "table", &[])?;
         let mut paths = Vec::new();
         for (t, d) in &dirs {

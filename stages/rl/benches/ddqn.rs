@@ -5,7 +5,8 @@
 //! Reports environment (= gradient) steps per second, episodes per second (including the
 //! per-episode greedy evaluation on both splits that feeds the training curve), and the time
 //! of one evaluation, as JSON in `$FLAG_BENCH_OUT/ddqn.json` (default `<repo>/artifacts/bench/`).
-//! `FLAG_BENCH_EPISODES` (default 3) sets the episodes; `FLAG_DATA_DIR` the data.
+//! `FLAG_BENCH_EPISODES` (default 3) sets the episodes; `FLAG_DATA_DIR` the data;
+//! `FLAG_BENCH_DEVICE=cuda` runs the networks on the GPU (default cpu).
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -26,6 +27,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     tch::set_num_threads(1);
+    let device = match std::env::var("FLAG_BENCH_DEVICE").as_deref() {
+        Ok("cuda") => {
+            assert!(
+                tch::Cuda::is_available(),
+                "FLAG_BENCH_DEVICE=cuda but no CUDA device"
+            );
+            Device::Cuda(0)
+        }
+        _ => Device::Cpu,
+    };
     let dir = data_dir.join("tdqn");
     let mut bars = read_tdqn_csv(&dir.join("AAPL_2012-1-1_2018-1-1.csv")).expect("AAPL train file");
     let test = read_tdqn_csv(&dir.join("AAPL_2018-1-1_2020-1-1.csv")).expect("AAPL test file");
@@ -41,13 +52,9 @@ fn main() {
         ..DdqnConfig::default()
     };
     let data = TickerData::new("AAPL", bars, 0..n, n..total, &cfg, None).expect("prepare AAPL");
-    let mut agent = flag_rl::agent::Agent::new(
-        cfg,
-        &data.features,
-        Device::Cpu,
-        ChaCha8Rng::seed_from_u64(0),
-    )
-    .expect("agent");
+    let mut agent =
+        flag_rl::agent::Agent::new(cfg, &data.features, device, ChaCha8Rng::seed_from_u64(0))
+            .expect("agent");
 
     let mut steps = 0usize;
     let (mut train_s, mut eval_s) = (0.0, 0.0);
@@ -72,7 +79,7 @@ fn main() {
     }
     let report = serde_json::json!({
         "bench": "ddqn",
-        "device": "cpu",
+        "device": if device == Device::Cpu { "cpu" } else { "cuda" },
         "torch_threads": tch::get_num_threads(),
         "ticker": "AAPL",
         "train_days": n,

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Strategist throughput: generations per minute with one ticker (batch 1) vs the six TDQN
+# tickers decided together (batch 6), on the real model and data, through the real binary
+# (`flag run --only strategist`), each in a fresh store. Writes $FLAG_BENCH_OUT/strategist.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FLAG="${FLAG:-$CARGO_TARGET_DIR/release/flag}"
+OUT="${FLAG_BENCH_OUT:-$PWD/artifacts/bench}"
+mkdir -p "$OUT"
+python3 - "$FLAG" "$OUT/strategist.json" <<'PY'
+import json, subprocess, sys, tempfile, time
+flag, out = sys.argv[1], sys.argv[2]
+window = ["--set", "train_start=2019-01-01", "--set", "train_end=2019-06-30",
+          "--set", "test_start=2019-07-01", "--set", "test_end=2019-12-31"]
+results = []
+for label, tickers in [("batch 1", "[AAPL]"), ("batch 6", "[AAPL, AMZN, GOOGL, FB, MSFT, TSLA]")]:
+    with tempfile.TemporaryDirectory() as store:
+        env = {"FLAG_STORE": store, "PATH": "/usr/bin:/bin"}
+        base = [flag, "run", "pipelines/guided.yaml", "--set", f"tickers={tickers}", *window]
+        subprocess.run(base + ["--only", "indicators"], check=True, capture_output=True, env=env)
+        t = time.perf_counter()
+        r = subprocess.run(base + ["--only", "strategist", "--json"], check=True,
+                           capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t
+        q = subprocess.run([flag, "show", "strategist.signals", "--pipeline", "pipelines/guided.yaml", "--sql",
+                            "select count(*) as decisions, sum(attempts) as generations, "
+                            "sum(case when failed then 1 else 0 end) as failed from "
+                            "(select distinct ticker, decision_date, attempts, failed from t)"],
+                           check=True, capture_output=True, text=True, env=env).stdout
+        nums = [int(x) for x in q.replace("|", " ").split() if x.isdigit()]
+        decisions, generations, failed = nums[-3:]
+        results.append({"setting": label, "tickers": tickers, "decisions": decisions,
+                        "generations": generations, "failed": failed, "wall_s": round(wall, 2),
+                        "generations_per_min": round(generations / wall * 60, 2),
+                        "decisions_per_min": round(decisions / wall * 60, 2)})
+        print(json.dumps(results[-1]))
+json.dump({"bench": "strategist", "device": "cpu", "results": results}, open(out, "w"), indent=2)
+PY
