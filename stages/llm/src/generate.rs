@@ -93,6 +93,10 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
+/// The `n` most likely tokens of one generation step as (token id, ln p), most likely first
+/// (what an OpenAI-style `top_logprobs` reports).
+pub type TopLogprobs = Vec<(u32, f32)>;
+
 /// Normalised top-k entropy of one step from its k largest probabilities (see module docs).
 pub fn top_k_entropy(top_probs: &[f64]) -> f64 {
     let k = top_probs.len();
@@ -124,6 +128,7 @@ struct SeqState {
     ids: Vec<u32>,
     logprobs: Vec<f32>,
     entropies: Vec<f32>,
+    top: Vec<TopLogprobs>,
     finish: Option<FinishReason>,
     stop_text: Option<String>,
     rng: ChaCha8Rng,
@@ -269,6 +274,22 @@ impl Engine {
         prompts: &[Vec<u32>],
         opts: &GenerateOptions,
     ) -> Result<Vec<Generation>> {
+        Ok(self
+            .generate_ids_with_top(prompts, opts, 0)?
+            .into_iter()
+            .map(|(g, _)| g)
+            .collect())
+    }
+
+    /// [`generate_ids`](Self::generate_ids), also returning for every generated token the
+    /// `top_n` most likely tokens of its step with their logprobs (from the untempered
+    /// distribution, like `logprobs`). `top_n = 0` records none; it is capped at the vocabulary.
+    pub fn generate_ids_with_top(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        top_n: usize,
+    ) -> Result<Vec<(Generation, Vec<TopLogprobs>)>> {
         validate(opts)?;
         for (i, p) in prompts.iter().enumerate() {
             self.check_ids(p, &format!("prompt {}", i + 1))?;
@@ -291,6 +312,7 @@ impl Engine {
                     ids: Vec::new(),
                     logprobs: Vec::new(),
                     entropies: Vec::new(),
+                    top: Vec::new(),
                     finish: None,
                     stop_text: None,
                     rng,
@@ -300,7 +322,7 @@ impl Engine {
         // Cache row -> sequence index.
         let mut active: Vec<usize> = (0..n).collect();
         loop {
-            let next = self.step(&logits, &active, &mut states, opts)?;
+            let next = self.step(&logits, &active, &mut states, opts, top_n)?;
             let keep: Vec<usize> = (0..active.len())
                 .filter(|&r| states[active[r]].finish.is_none())
                 .collect();
@@ -330,7 +352,7 @@ impl Engine {
                 };
                 let count = s.logprobs.len().max(1) as f64;
                 let mean_lp = s.logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / count;
-                Ok(Generation {
+                let g = Generation {
                     text,
                     entropy: s.entropies.iter().map(|&e| f64::from(e)).sum::<f64>() / count,
                     perplexity: (-mean_lp).exp(),
@@ -338,7 +360,8 @@ impl Engine {
                     logprobs: s.logprobs,
                     entropies: s.entropies,
                     finish_reason: s.finish.unwrap_or(FinishReason::Length),
-                })
+                };
+                Ok((g, s.top))
             })
             .collect()
     }
@@ -351,6 +374,7 @@ impl Engine {
         active: &[usize],
         states: &mut [SeqState],
         opts: &GenerateOptions,
+        top_n: usize,
     ) -> Result<Vec<i64>> {
         let lp = logits.log_softmax(-1, Kind::Float);
         let vocab = lp.size()[1];
@@ -387,6 +411,17 @@ impl Engine {
                 .map(|c| top_k_entropy(&c.iter().map(|&p| f64::from(p)).collect::<Vec<_>>()) as f32)
                 .collect()
         };
+        let top_n = (top_n as i64).min(vocab);
+        if top_n > 0 {
+            let (vals, idx) = lp.topk(top_n, -1, true, true);
+            let vals = Vec::<f32>::try_from(&vals.reshape([-1]).to_device(Device::Cpu))?;
+            let idx = Vec::<i64>::try_from(&idx.reshape([-1]).to_device(Device::Cpu))?;
+            let n = top_n as usize;
+            for (r, &s) in active.iter().enumerate() {
+                let row = (r * n..(r + 1) * n).map(|j| (idx[j] as u32, vals[j]));
+                states[s].top.push(row.collect());
+            }
+        }
         for (r, &s) in active.iter().enumerate() {
             let st = &mut states[s];
             let id = next[r] as u32;

@@ -229,3 +229,42 @@ fn top_k_entropy_formula() {
     let h = -(0.5f64 * 0.5f64.ln() + 0.3 * 0.3f64.ln() + 0.2 * 0.2f64.ln()) / 3f64.ln();
     assert!((top_k_entropy(&[0.5, 0.3]) - h).abs() < 1e-12);
 }
+
+#[test]
+fn top_logprobs_per_step_agree_with_the_scores() {
+    let e = engine();
+    let prompts: Vec<Vec<u32>> = ["Name a colour.", "What is 2 + 2? Answer briefly."]
+        .iter()
+        .map(|p| e.prompt_ids(p, true).unwrap())
+        .collect();
+    let opts = GenerateOptions {
+        top_k_entropy: 5,
+        chat: true,
+        ..greedy(8)
+    };
+    let plain = e.generate_ids(&prompts, &opts).unwrap();
+    let with = e.generate_ids_with_top(&prompts, &opts, 5).unwrap();
+    assert_eq!(with.len(), 2);
+    for ((g, top), p) in with.iter().zip(&plain) {
+        // Recording the top tokens changes nothing else.
+        assert_eq!(g, p);
+        assert_eq!(top.len(), g.ids.len());
+        for (t, row) in top.iter().enumerate() {
+            assert_eq!(row.len(), 5);
+            // Greedy: the chosen token is the most likely one, with the same logprob.
+            assert_eq!(row[0], (g.ids[t], g.logprobs[t]));
+            assert!(row.windows(2).all(|w| w[0].1 >= w[1].1), "{row:?}");
+            // The top-5 entropy recomputed from them is the recorded one.
+            let probs: Vec<f64> = row.iter().map(|&(_, l)| f64::from(l).exp()).collect();
+            let h = top_k_entropy(&probs) as f32;
+            assert!(
+                (h - g.entropies[t]).abs() < 1e-5,
+                "{h} vs {}",
+                g.entropies[t]
+            );
+        }
+    }
+    // top_n = 0 records nothing.
+    let none = e.generate_ids_with_top(&prompts[..1], &opts, 0).unwrap();
+    assert!(none[0].1.is_empty());
+}
