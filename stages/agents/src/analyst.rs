@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::anon::Anonymiser;
 use crate::backend::{
-    LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_path,
+    LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_files,
 };
 use crate::parse::parse_factors;
 use crate::prompt::{prompt_files, prompt_param, prompt_path, render};
@@ -314,7 +314,7 @@ impl Stage for Analyst {
     }
 
     fn external_files(&self, params: &Params) -> StageResult<Vec<std::path::PathBuf>> {
-        Ok(vec![model_path(params)?])
+        model_files(params)
     }
 
     fn environment(&self, params: &Params) -> Vec<(String, String)> {
@@ -338,7 +338,7 @@ impl Stage for Analyst {
             days.len()
         ));
         let progress = |d: u64, t: u64, m: &str| ctx.progress(d, t, m);
-        let outcomes = analyse(&cfg, &template, &retry, &days, &backend, &progress)?;
+        let outcomes = analyse(&cfg, &template, &retry, &days, backend.as_ref(), &progress)?;
         let failed = outcomes.iter().filter(|o| o.value.is_none()).count();
         ctx.log(format!("{} days, {failed} failed", days.len()));
         let batch = factors_batch(&days, &outcomes, &cfg.prompt)?;

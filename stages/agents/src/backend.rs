@@ -1,13 +1,16 @@
 //! The LLM behind the agents, as a trait: a batch of prompts in, one scored generation per
-//! prompt out. Implemented here for the embedded flag-llm [`Engine`]; an OpenAI-compatible
-//! HTTP backend can implement the same trait (it is object-safe: stages hold a
-//! `Box<dyn LlmBackend>`).
+//! prompt out. Implemented here for the embedded flag-llm [`Engine`], and in
+//! [`crate::openai`] for any OpenAI-compatible HTTP server; the `backend` param of each LLM
+//! stage picks one ([`LlmSettings::load_backend`] returns a `Box<dyn LlmBackend>`).
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use flag_core::{ParamKind, ParamSpec, Params, StageError, StageResult};
 use flag_llm::generate::{Engine, GenerateOptions, Generation};
 use flag_llm::tokenizer::ChatMessage;
 use serde_json::{Value, json};
+
+use crate::openai::{MAX_TOP_LOGPROBS, OpenAiBackend, OpenAiSettings};
 
 /// One request: a user message, and the first characters of the assistant's answer.
 ///
@@ -130,11 +133,22 @@ pub fn strip_control_markers(text: &str) -> String {
     out
 }
 
+/// Which model answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackendChoice {
+    /// The embedded flag-llm decoder on `LlmSettings::model` / `device`.
+    Embedded,
+    /// An OpenAI-compatible server (the key is read from the environment at run time).
+    OpenAi(OpenAiSettings),
+}
+
 /// Generation settings shared by the LLM stages.
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
+    pub backend: BackendChoice,
     pub model: Option<PathBuf>,
     pub device: tch::Device,
+    /// "cpu", "cuda", or "remote" for the HTTP backend.
     pub device_name: &'static str,
     pub opts: GenerateOptions,
     /// Attempts after the first for a malformed answer.
@@ -186,7 +200,107 @@ pub fn llm_param_specs(max_tokens: u64) -> Vec<ParamSpec> {
             json!(2),
             "Extra attempts for a malformed answer (each told its error)",
         ),
+        ParamSpec::with_default(
+            "backend",
+            ParamKind::Str,
+            json!("embedded"),
+            "embedded (flag-llm on `model`/`device`) or openai (an OpenAI-compatible server at `base_url`)",
+        ),
+        ParamSpec::with_default(
+            "base_url",
+            ParamKind::Str,
+            Value::Null,
+            "backend openai: the API root, e.g. http://127.0.0.1:8080/v1 (`flag serve`)",
+        ),
+        ParamSpec::with_default(
+            "api_model",
+            ParamKind::Str,
+            Value::Null,
+            "backend openai: the `model` name sent with each request",
+        ),
+        ParamSpec::with_default(
+            "api_key_env",
+            ParamKind::Str,
+            json!("OPENAI_API_KEY"),
+            "backend openai: NAME of the environment variable holding the API key (read at run \
+             time, never stored; may be unset for servers that need no key)",
+        ),
+        ParamSpec::with_default(
+            "timeout_s",
+            ParamKind::Float,
+            json!(120.0),
+            "backend openai: seconds allowed per request",
+        ),
     ]
+}
+
+/// The `backend` param: "embedded" or "openai".
+pub fn backend_name(p: &Params) -> StageResult<String> {
+    let b = p.opt_str("backend")?.unwrap_or_else(|| "embedded".into());
+    match b.as_str() {
+        "embedded" | "openai" => Ok(b),
+        other => Err(StageError::param(
+            "backend",
+            format!("'{other}' is not one of embedded, openai"),
+        )),
+    }
+}
+
+fn openai_settings(p: &Params) -> StageResult<OpenAiSettings> {
+    let required = |name: &str, example: &str| -> StageResult<String> {
+        match p.opt_str(name)? {
+            Some(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            _ => Err(StageError::param(
+                name,
+                format!("is required with backend openai (e.g. {example})"),
+            )),
+        }
+    };
+    let base_url = required("base_url", "http://127.0.0.1:8080/v1")?;
+    if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+        return Err(StageError::param(
+            "base_url",
+            format!(
+                "'{}' must start with http:// or https://",
+                crate::openai::display_url(&base_url)
+            ),
+        ));
+    }
+    let api_key_env = p
+        .opt_str("api_key_env")?
+        .unwrap_or_else(|| "OPENAI_API_KEY".into());
+    let valid_name = api_key_env
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && api_key_env
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return Err(StageError::param(
+            "api_key_env",
+            format!(
+                "'{api_key_env}' is not an environment variable name: give the NAME of the \
+                 variable holding the key, never the key itself"
+            ),
+        ));
+    }
+    let timeout = match p.get("timeout_s") {
+        Some(_) => p.f64("timeout_s")?,
+        None => 120.0,
+    };
+    if !(timeout > 0.0 && timeout <= 86_400.0) {
+        return Err(StageError::param(
+            "timeout_s",
+            format!("must be in (0, 86400], got {timeout}"),
+        ));
+    }
+    Ok(OpenAiSettings {
+        base_url,
+        model: required("api_model", "SmolLM2-135M-Instruct")?,
+        api_key_env,
+        timeout: Duration::from_secs_f64(timeout),
+    })
 }
 
 fn device_choice(p: &Params) -> StageResult<(&'static str, tch::Device)> {
@@ -205,8 +319,12 @@ fn device_choice(p: &Params) -> StageResult<(&'static str, tch::Device)> {
     }
 }
 
-/// The device as recorded in the cache key ("invalid" lets `run` report the error).
+/// The device as recorded in the cache key ("invalid" lets `run` report the error). The HTTP
+/// backend runs nothing locally: its params (base_url, api_model) identify the model.
 pub fn device_env(p: &Params) -> Vec<(String, String)> {
+    if backend_name(p).is_ok_and(|b| b == "openai") {
+        return Vec::new();
+    }
     let dev = p
         .opt_str("device")
         .ok()
@@ -227,9 +345,53 @@ pub fn model_path(p: &Params) -> StageResult<PathBuf> {
         .map_err(|e| StageError::param("model", e.to_string()))
 }
 
+/// The local files an LLM stage's outputs depend on (its `external_files`): the GGUF for the
+/// embedded backend, none for the HTTP backend (which needs no model file here).
+pub fn model_files(p: &Params) -> StageResult<Vec<PathBuf>> {
+    Ok(match backend_name(p)?.as_str() {
+        "openai" => Vec::new(),
+        _ => vec![model_path(p)?],
+    })
+}
+
 impl LlmSettings {
     pub fn from_params(p: &Params, stop: Vec<String>) -> StageResult<Self> {
-        let (device_name, device) = device_choice(p)?;
+        let backend = match backend_name(p)?.as_str() {
+            "openai" => BackendChoice::OpenAi(openai_settings(p)?),
+            _ => BackendChoice::Embedded,
+        };
+        let top_k_entropy = p.usize("top_k_entropy")?;
+        let (device_name, device) = match &backend {
+            BackendChoice::Embedded => {
+                for name in ["base_url", "api_model"] {
+                    if p.get(name).is_some() {
+                        return Err(StageError::param(
+                            name,
+                            "is only used with backend openai (backend is embedded)",
+                        ));
+                    }
+                }
+                device_choice(p)?
+            }
+            BackendChoice::OpenAi(_) => {
+                if p.get("model").is_some() {
+                    return Err(StageError::param(
+                        "model",
+                        "is the GGUF of the embedded backend; with backend openai set api_model",
+                    ));
+                }
+                if !(1..=MAX_TOP_LOGPROBS).contains(&top_k_entropy) {
+                    return Err(StageError::param(
+                        "top_k_entropy",
+                        format!(
+                            "must be 1..={MAX_TOP_LOGPROBS} with backend openai (the API's \
+                             top_logprobs limit), got {top_k_entropy}"
+                        ),
+                    ));
+                }
+                ("remote", tch::Device::Cpu)
+            }
+        };
         let temperature = p.f64("temperature")?;
         if temperature < 0.0 {
             return Err(StageError::param("temperature", "must be >= 0"));
@@ -247,6 +409,7 @@ impl LlmSettings {
         }
         let seed = p.i64("seed")?;
         Ok(LlmSettings {
+            backend,
             model: p.get("model").map(|_| p.path("model")).transpose()?,
             device,
             device_name,
@@ -256,18 +419,24 @@ impl LlmSettings {
                 top_p: 1.0,
                 seed: seed as u64,
                 stop,
-                top_k_entropy: p.usize("top_k_entropy")?,
+                top_k_entropy,
                 chat: true,
             },
             retries,
         })
     }
 
-    /// Loads the embedded backend for these settings.
-    pub fn load_backend(&self) -> StageResult<EmbeddedBackend> {
-        let path = flag_llm::models::smollm2_gguf(self.model.as_deref())
-            .map_err(|e| StageError::param("model", e.to_string()))?;
-        EmbeddedBackend::load(&path, self.device)
+    /// The backend these settings name: the embedded model (loaded here), or an HTTP client
+    /// whose API key is read from the environment now (and kept only in memory).
+    pub fn load_backend(&self) -> StageResult<Box<dyn LlmBackend>> {
+        Ok(match &self.backend {
+            BackendChoice::Embedded => {
+                let path = flag_llm::models::smollm2_gguf(self.model.as_deref())
+                    .map_err(|e| StageError::param("model", e.to_string()))?;
+                Box::new(EmbeddedBackend::load(&path, self.device)?)
+            }
+            BackendChoice::OpenAi(s) => Box::new(OpenAiBackend::from_env(s.clone())?),
+        })
     }
 }
 
@@ -283,5 +452,76 @@ mod tests {
         );
         assert_eq!(strip_control_markers("<|endoftext|>"), "");
         assert_eq!(strip_control_markers("<| a |> <"), "<| a |> <");
+    }
+
+    fn params(given: Value) -> Params {
+        let mut map: std::collections::BTreeMap<String, Value> = llm_param_specs(32)
+            .into_iter()
+            .filter_map(|p| p.default.map(|d| (p.name.to_string(), d)))
+            .collect();
+        if let Value::Object(o) = given {
+            map.extend(o);
+        }
+        Params::new(map)
+    }
+
+    fn param_err(given: Value) -> String {
+        LlmSettings::from_params(&params(given), Vec::new())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn openai_backend_params() {
+        let p = params(
+            json!({"backend": "openai", "base_url": "http://127.0.0.1:8080/v1",
+            "api_model": "smollm2", "api_key_env": "MY_KEY", "timeout_s": 30}),
+        );
+        let s = LlmSettings::from_params(&p, Vec::new()).unwrap();
+        assert_eq!(
+            s.backend,
+            BackendChoice::OpenAi(OpenAiSettings {
+                base_url: "http://127.0.0.1:8080/v1".into(),
+                model: "smollm2".into(),
+                api_key_env: "MY_KEY".into(),
+                timeout: Duration::from_secs(30),
+            })
+        );
+        assert_eq!(s.device_name, "remote");
+        // No GGUF is hashed and no device enters the key for the HTTP backend.
+        assert!(model_files(&p).unwrap().is_empty());
+        assert!(device_env(&p).is_empty());
+        // The embedded default is unchanged.
+        let e = params(json!({}));
+        let s = LlmSettings::from_params(&e, Vec::new()).unwrap();
+        assert_eq!(s.backend, BackendChoice::Embedded);
+        assert_eq!(device_env(&e), vec![("device".into(), "cpu".into())]);
+
+        let openai = json!({"backend": "openai", "base_url": "http://h/v1", "api_model": "m"});
+        let with = |extra: Value| {
+            let mut v = openai.clone();
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        assert!(param_err(json!({"backend": "remote"})).contains("not one of embedded, openai"));
+        assert!(
+            param_err(json!({"backend": "openai", "api_model": "m"}))
+                .contains("param 'base_url': is required with backend openai")
+        );
+        assert!(
+            param_err(json!({"backend": "openai", "base_url": "http://h/v1"}))
+                .contains("param 'api_model': is required")
+        );
+        assert!(param_err(with(json!({"base_url": "h:8080/v1"}))).contains("http://"));
+        assert!(param_err(with(json!({"api_key_env": "sk-abc123"}))).contains("never the key"));
+        assert!(param_err(with(json!({"top_k_entropy": 21}))).contains("1..=20"));
+        assert!(param_err(with(json!({"top_k_entropy": 0}))).contains("1..=20"));
+        assert!(param_err(with(json!({"timeout_s": 0}))).contains("timeout_s"));
+        assert!(param_err(with(json!({"model": "/x.gguf"}))).contains("api_model"));
+        assert!(
+            param_err(json!({"base_url": "http://h/v1"})).contains("only used with backend openai")
+        );
     }
 }

@@ -6,13 +6,15 @@
 //!   DDQN reads. The signal math and which tokens count: [`signal`].
 //! * [`analyst`]: daily news -> 2-5 anonymised factors (`news_factors`), shown by prompt P4.
 //! * [`llm_only`]: the signal's direction traded in the TDQN environment.
-//! * [`backend`]: the object-safe [`backend::LlmBackend`] trait (embedded flag-llm engine
-//!   here; an HTTP backend can join behind it). [`parse`]: model output is untrusted input.
+//! * [`backend`]: the object-safe [`backend::LlmBackend`] trait, for the embedded flag-llm
+//!   engine and ([`openai`]) any OpenAI-compatible server, picked by the `backend` param.
+//!   [`parse`]: model output is untrusted input.
 
 pub mod analyst;
 pub mod anon;
 pub mod backend;
 pub mod llm_only;
+pub mod openai;
 pub mod parse;
 pub mod prompt;
 pub mod runner;

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use self::blocks::{BlockInput, COLUMNS, Decided, blocks};
 use crate::anon::Anonymiser;
 use crate::backend::{
-    LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_path,
+    LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_files,
 };
 use crate::parse::{Strategy, parse_strategy};
 use crate::prompt::{placeholders, prompt_files, prompt_param, prompt_path, render};
@@ -440,7 +440,7 @@ impl Stage for Strategist {
     }
 
     fn external_files(&self, params: &Params) -> StageResult<Vec<std::path::PathBuf>> {
-        Ok(vec![model_path(params)?])
+        model_files(params)
     }
 
     fn environment(&self, params: &Params) -> Vec<(String, String)> {
@@ -485,7 +485,7 @@ impl Stage for Strategist {
             news: &news,
         };
         let progress = |d: u64, t: u64, m: &str| ctx.progress(d, t, m);
-        let decisions = decide(&inputs, &backend, &progress)?;
+        let decisions = decide(&inputs, backend.as_ref(), &progress)?;
         let failed = decisions
             .iter()
             .filter(|d| d.outcome.value.is_none())

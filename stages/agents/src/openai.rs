@@ -1,0 +1,618 @@
+//! An [`LlmBackend`] over any OpenAI-compatible HTTP server (`POST {base_url}/chat/completions`):
+//! `flag serve`, llama.cpp's server, vLLM, or a hosted API.
+//!
+//! One request per prompt, at most [`CONCURRENCY`] in flight, results in request order.
+//! Each sends one user message and, when the request has a prefill, a trailing assistant
+//! message holding it: servers that continue a final assistant message (`flag serve`,
+//! llama.cpp) answer with the continuation, and the answer parsed is `prefill + text` as with
+//! the embedded backend. A server that instead starts a new message which itself begins with
+//! the prefill gets the repeated prefill (and the tokens spelling it) removed, so the answer
+//! parsed is the same.
+//!
+//! Scores come from `choices[0].logprobs.content[*]`: each token's `logprob`, and its top-k
+//! entropy from the probabilities of its `top_logprobs` (k = `top_k_entropy`, at most the
+//! OpenAI limit of 20) with [`top_k_entropy`], so the signal math is the embedded backend's.
+//! Remote tokens are strings, not ids of a known vocabulary: each generated token gets a
+//! synthetic id (its index in this backend's token table), and [`LlmBackend::decode`]
+//! concatenates the tokens' bytes (the `bytes` field when the server sends it).
+//!
+//! The API key is read from the environment variable named by `api_key_env` when the backend
+//! is built, sent only in the `Authorization` header, and never stored, logged or shown (the
+//! `Debug` output and error messages leave it out).
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use flag_core::{StageError, StageResult};
+use flag_llm::generate::{FinishReason, GenerateOptions, Generation, top_k_entropy};
+use serde_json::{Value, json};
+
+use crate::backend::{LlmBackend, LlmRequest};
+
+/// Requests in flight at once.
+pub const CONCURRENCY: usize = 4;
+/// Extra attempts after a connection error, a 429 or a 5xx answer.
+pub const RETRIES: usize = 2;
+/// The most `top_logprobs` the OpenAI API returns per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+/// Characters of an error body quoted in the error message.
+const EXCERPT: usize = 400;
+
+/// Where and what to ask. Holds no secret: the key stays in the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAiSettings {
+    /// e.g. `http://127.0.0.1:8080/v1` (no trailing slash needed).
+    pub base_url: String,
+    /// The `model` field of each request.
+    pub model: String,
+    /// Name of the environment variable holding the API key (may be unset).
+    pub api_key_env: String,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+}
+
+pub struct OpenAiBackend {
+    settings: OpenAiSettings,
+    url: String,
+    api_key: Option<String>,
+    agent: ureq::Agent,
+    /// Synthetic token id -> the token's bytes.
+    tokens: Mutex<Vec<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for OpenAiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiBackend")
+            .field("url", &self.url)
+            .field("model", &self.settings.model)
+            .field(
+                "api_key",
+                &self.api_key.as_ref().map(|_| "<from the environment>"),
+            )
+            .finish()
+    }
+}
+
+/// One generated token as the server reported it.
+#[derive(Debug, Clone, PartialEq)]
+struct Token {
+    bytes: Vec<u8>,
+    logprob: f32,
+    entropy: f32,
+}
+
+/// `base_url` with any `user:password@` removed, for messages.
+pub fn display_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find('/').unwrap_or(rest.len());
+            match rest[..end].rfind('@') {
+                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(h) = host.strip_prefix('[') {
+        h.split(']').next().unwrap_or(h)
+    } else {
+        host.split(':').next().unwrap_or(host)
+    };
+    host == "localhost" || host.starts_with("127.") || host == "::1"
+}
+
+impl OpenAiBackend {
+    /// Builds the backend, reading the API key from `settings.api_key_env` (absent or empty:
+    /// no `Authorization` header, for servers that need none).
+    pub fn from_env(settings: OpenAiSettings) -> StageResult<Self> {
+        let key = match std::env::var(&settings.api_key_env) {
+            Ok(k) if !k.is_empty() => Some(k),
+            Ok(_) | Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(StageError::param(
+                    "api_key_env",
+                    format!(
+                        "environment variable {} is not valid UTF-8",
+                        settings.api_key_env
+                    ),
+                ));
+            }
+        };
+        Self::with_key(settings, key)
+    }
+
+    /// Builds the backend with an explicit key (tests; callers that hold the key elsewhere).
+    pub fn with_key(settings: OpenAiSettings, api_key: Option<String>) -> StageResult<Self> {
+        let base = settings.base_url.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(StageError::param(
+                "base_url",
+                format!(
+                    "'{}' must start with http:// or https://",
+                    display_url(base)
+                ),
+            ));
+        }
+        let url = format!("{base}/chat/completions");
+        let mut config = ureq::Agent::config_builder()
+            .timeout_global(Some(settings.timeout))
+            .http_status_as_error(false)
+            .user_agent(concat!("flag/", env!("CARGO_PKG_VERSION")));
+        if is_loopback(base) {
+            // A local server is reached directly, whatever HTTP_PROXY says.
+            config = config.proxy(None);
+        }
+        Ok(OpenAiBackend {
+            agent: config.build().into(),
+            url,
+            api_key,
+            settings,
+            tokens: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The JSON body of one request.
+    pub fn request_body(&self, r: &LlmRequest, opts: &GenerateOptions) -> Value {
+        let mut messages = vec![json!({"role": "user", "content": r.user})];
+        if !r.prefill.is_empty() {
+            messages.push(json!({"role": "assistant", "content": r.prefill}));
+        }
+        let mut body = json!({
+            "model": self.settings.model,
+            "messages": messages,
+            "temperature": opts.temperature,
+            "seed": opts.seed,
+            "max_tokens": opts.max_tokens,
+            "logprobs": true,
+            "top_logprobs": opts.top_k_entropy.min(MAX_TOP_LOGPROBS),
+        });
+        if opts.top_p < 1.0 {
+            body["top_p"] = json!(opts.top_p);
+        }
+        if !opts.stop.is_empty() {
+            body["stop"] = json!(opts.stop);
+        }
+        body
+    }
+
+    fn shown_url(&self) -> String {
+        display_url(&self.url)
+    }
+
+    /// `text` with the key (should a server echo it) masked.
+    fn redact(&self, text: &str) -> String {
+        match &self.api_key {
+            Some(k) => text.replace(k.as_str(), "***"),
+            None => text.to_string(),
+        }
+    }
+
+    /// POSTs `body`, retrying connection errors, 429 and 5xx answers with backoff.
+    fn post(&self, body: &str) -> StageResult<Value> {
+        let context = || format!("POST {}", self.shown_url());
+        let mut attempt = 0;
+        loop {
+            let mut req = self
+                .agent
+                .post(&self.url)
+                .header("Content-Type", "application/json");
+            if let Some(k) = &self.api_key {
+                req = req.header("Authorization", format!("Bearer {k}"));
+            }
+            let failure = match req.send(body) {
+                Ok(mut resp) => {
+                    let status = resp.status().as_u16();
+                    let text = resp
+                        .body_mut()
+                        .with_config()
+                        .limit(64 << 20)
+                        .lossy_utf8(true)
+                        .read_to_string()
+                        .map_err(|e| {
+                            StageError::external(context(), self.redact(&e.to_string()))
+                        })?;
+                    if (200..300).contains(&status) {
+                        return serde_json::from_str(&text).map_err(|e| {
+                            StageError::external(
+                                context(),
+                                format!(
+                                    "the answer is not JSON ({e}): {}",
+                                    self.redact(&excerpt(&text))
+                                ),
+                            )
+                        });
+                    }
+                    let msg = format!("HTTP {status}: {}", self.redact(&excerpt(&text)));
+                    if status == 429 || status >= 500 {
+                        msg
+                    } else {
+                        return Err(StageError::external(context(), msg));
+                    }
+                }
+                Err(e) if retryable(&e) => self.redact(&e.to_string()),
+                Err(e) => {
+                    return Err(StageError::external(context(), self.redact(&e.to_string())));
+                }
+            };
+            if attempt == RETRIES {
+                return Err(StageError::external(
+                    context(),
+                    format!("{failure} (after {} attempts)", RETRIES + 1),
+                ));
+            }
+            attempt += 1;
+            std::thread::sleep(Duration::from_millis(500 << (attempt - 1)));
+        }
+    }
+
+    /// One request: its text, tokens and finish reason.
+    fn complete(
+        &self,
+        r: &LlmRequest,
+        opts: &GenerateOptions,
+    ) -> StageResult<(String, Vec<Token>, FinishReason)> {
+        let body = self.request_body(r, opts).to_string();
+        let answer = self.post(&body)?;
+        parse_answer(&answer, r, opts).map_err(|m| {
+            StageError::external(
+                format!("POST {}", self.shown_url()),
+                format!("unexpected answer: {m}"),
+            )
+        })
+    }
+}
+
+fn retryable(e: &ureq::Error) -> bool {
+    matches!(
+        e,
+        ureq::Error::Io(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound
+            | ureq::Error::Protocol(_)
+            | ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve)
+    )
+}
+
+fn excerpt(text: &str) -> String {
+    let t = text.trim();
+    if t.chars().count() <= EXCERPT {
+        t.to_string()
+    } else {
+        format!("{}...", t.chars().take(EXCERPT).collect::<String>())
+    }
+}
+
+fn token_bytes(v: &Value) -> Result<Vec<u8>, String> {
+    match v.get("bytes") {
+        Some(Value::Array(bs)) => bs
+            .iter()
+            .map(|b| {
+                b.as_u64()
+                    .filter(|&x| x < 256)
+                    .map(|x| x as u8)
+                    .ok_or_else(|| format!("token bytes {b} is not a byte"))
+            })
+            .collect(),
+        _ => v
+            .get("token")
+            .and_then(Value::as_str)
+            .map(|s| s.as_bytes().to_vec())
+            .ok_or_else(|| "a logprobs entry has no string 'token'".to_string()),
+    }
+}
+
+/// Text, tokens and finish reason of a chat completion answer (`Err`: what is wrong).
+fn parse_answer(
+    v: &Value,
+    r: &LlmRequest,
+    opts: &GenerateOptions,
+) -> Result<(String, Vec<Token>, FinishReason), String> {
+    let choice = v
+        .get("choices")
+        .and_then(|c| c.get(0))
+        .ok_or("no choices[0]")?;
+    let mut text = match choice.get("message").and_then(|m| m.get("content")) {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => String::new(),
+        Some(other) => return Err(format!("message.content is {other}, not a string")),
+    };
+    let entries = match choice.get("logprobs").and_then(|l| l.get("content")) {
+        Some(Value::Array(a)) => a.as_slice(),
+        None | Some(Value::Null) if text.is_empty() => &[],
+        _ => {
+            return Err(
+                "no logprobs.content: the server must support logprobs and top_logprobs".into(),
+            );
+        }
+    };
+    let k = opts.top_k_entropy.min(MAX_TOP_LOGPROBS);
+    let mut tokens = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter().enumerate() {
+        let logprob = e
+            .get("logprob")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| format!("logprobs.content[{i}] has no numeric logprob"))?;
+        let top = e
+            .get("top_logprobs")
+            .and_then(Value::as_array)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("logprobs.content[{i}] has no top_logprobs"))?;
+        let probs = top
+            .iter()
+            .take(k)
+            .map(|t| {
+                t.get("logprob")
+                    .and_then(Value::as_f64)
+                    .map(f64::exp)
+                    .ok_or_else(|| format!("logprobs.content[{i}].top_logprobs has no logprob"))
+            })
+            .collect::<Result<Vec<f64>, String>>()?;
+        tokens.push(Token {
+            bytes: token_bytes(e).map_err(|m| format!("logprobs.content[{i}]: {m}"))?,
+            logprob: logprob as f32,
+            entropy: top_k_entropy(&probs) as f32,
+        });
+    }
+    if !r.prefill.is_empty() && text.starts_with(&r.prefill) {
+        // A new message that repeats the prefill: drop it and the tokens spelling it.
+        text.drain(..r.prefill.len());
+        let mut skip = r.prefill.len();
+        while skip > 0 && !tokens.is_empty() {
+            let n = tokens[0].bytes.len();
+            if n <= skip {
+                tokens.remove(0);
+                skip -= n;
+            } else {
+                tokens[0].bytes.drain(..skip);
+                skip = 0;
+            }
+        }
+    }
+    let finish = match choice.get("finish_reason").and_then(Value::as_str) {
+        Some("length") => FinishReason::Length,
+        _ => {
+            let all: Vec<u8> = tokens.iter().flat_map(|t| t.bytes.clone()).collect();
+            let all = String::from_utf8_lossy(&all);
+            if opts.stop.iter().any(|s| all.contains(s.as_str())) {
+                FinishReason::Stop
+            } else {
+                FinishReason::Eos
+            }
+        }
+    };
+    Ok((text, tokens, finish))
+}
+
+impl LlmBackend for OpenAiBackend {
+    fn name(&self) -> String {
+        format!(
+            "{} at {}",
+            self.settings.model,
+            display_url(&self.settings.base_url)
+        )
+    }
+
+    fn generate(
+        &self,
+        requests: &[LlmRequest],
+        opts: &GenerateOptions,
+    ) -> StageResult<Vec<Generation>> {
+        let results: Vec<Mutex<Option<StageResult<_>>>> =
+            requests.iter().map(|_| Mutex::new(None)).collect();
+        let next = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..CONCURRENCY.min(requests.len()) {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(r) = requests.get(i) else { break };
+                        let out = self.complete(r, opts);
+                        let failed = out.is_err();
+                        *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(out);
+                        if failed {
+                            // Later requests are not sent once one has failed.
+                            next.store(requests.len(), Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let mut table = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(requests.len());
+        for r in results {
+            let (text, tokens, finish) = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(res) => res?,
+                None => {
+                    return Err(StageError::Invalid(
+                        "a request was not sent after an earlier one failed".into(),
+                    ));
+                }
+            };
+            let first = table.len();
+            let count = tokens.len().max(1) as f64;
+            let mean_lp = tokens.iter().map(|t| f64::from(t.logprob)).sum::<f64>() / count;
+            let entropy = tokens.iter().map(|t| f64::from(t.entropy)).sum::<f64>() / count;
+            let ids = (first..first + tokens.len()).map(|i| i as u32).collect();
+            let logprobs = tokens.iter().map(|t| t.logprob).collect();
+            let entropies = tokens.iter().map(|t| t.entropy).collect();
+            table.extend(tokens.into_iter().map(|t| t.bytes));
+            out.push(Generation {
+                text,
+                ids,
+                logprobs,
+                entropies,
+                entropy,
+                perplexity: (-mean_lp).exp(),
+                finish_reason: finish,
+            });
+        }
+        Ok(out)
+    }
+
+    fn decode(&self, ids: &[u32]) -> StageResult<String> {
+        let table = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let t = table.get(id as usize).ok_or_else(|| {
+                StageError::Invalid(format!("token id {id} was not generated by this backend"))
+            })?;
+            bytes.extend_from_slice(t);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(k: usize) -> GenerateOptions {
+        GenerateOptions {
+            top_k_entropy: k,
+            chat: true,
+            ..GenerateOptions::default()
+        }
+    }
+
+    fn req(prefill: &str) -> LlmRequest {
+        LlmRequest {
+            user: "u".into(),
+            prefill: prefill.into(),
+        }
+    }
+
+    fn entry(token: &str, lp: f64, top: &[f64]) -> Value {
+        json!({
+            "token": token,
+            "logprob": lp,
+            "top_logprobs": top.iter().map(|l| json!({"token": "x", "logprob": l})).collect::<Vec<_>>(),
+        })
+    }
+
+    #[test]
+    fn urls_hide_credentials_and_loopback_is_detected() {
+        assert_eq!(
+            display_url("https://me:pw@api.example.com/v1"),
+            "https://***@api.example.com/v1"
+        );
+        assert_eq!(
+            display_url("http://127.0.0.1:8080/v1"),
+            "http://127.0.0.1:8080/v1"
+        );
+        assert!(is_loopback("http://127.0.0.1:8080/v1"));
+        assert!(is_loopback("http://localhost/v1"));
+        assert!(is_loopback("http://[::1]:9/v1"));
+        assert!(!is_loopback("https://api.openai.com/v1"));
+    }
+
+    #[test]
+    fn request_body_sends_prefill_as_trailing_assistant_message() {
+        let b = OpenAiBackend::with_key(
+            OpenAiSettings {
+                base_url: "http://127.0.0.1:1/v1/".into(),
+                model: "m".into(),
+                api_key_env: "X".into(),
+                timeout: Duration::from_secs(1),
+            },
+            Some("sk-secret".into()),
+        )
+        .unwrap();
+        assert_eq!(b.url, "http://127.0.0.1:1/v1/chat/completions");
+        assert!(!format!("{b:?}").contains("sk-secret"));
+        let mut o = opts(50);
+        o.stop = vec!["\n\n".into()];
+        let body = b.request_body(&req("{\"d\": \""), &o);
+        assert_eq!(body["messages"][1]["role"], "assistant");
+        assert_eq!(body["messages"][1]["content"], "{\"d\": \"");
+        assert_eq!(body["top_logprobs"], 20);
+        assert_eq!(body["logprobs"], true);
+        assert_eq!(body["stop"][0], "\n\n");
+        assert!(body.get("top_p").is_none());
+        let body = b.request_body(&req(""), &opts(3));
+        assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+        assert!(body.get("stop").is_none());
+    }
+
+    #[test]
+    fn answer_scores_match_the_embedded_math() {
+        let top = [-0.1f64, -2.5, -3.0];
+        let answer = json!({"choices": [{
+            "message": {"role": "assistant", "content": "LONG\""},
+            "finish_reason": "stop",
+            "logprobs": {"content": [entry("LONG", -0.1, &top), entry("\"", -0.01, &[-0.01])]},
+        }]});
+        let (text, toks, finish) = parse_answer(&answer, &req("{"), &opts(2)).unwrap();
+        assert_eq!((text.as_str(), finish), ("LONG\"", FinishReason::Eos));
+        assert_eq!(toks.len(), 2);
+        assert_eq!(toks[0].bytes, b"LONG");
+        assert_eq!(toks[0].logprob, -0.1f32);
+        // k = 2: only the two most likely probabilities count.
+        let want = top_k_entropy(&[(-0.1f64).exp(), (-2.5f64).exp()]) as f32;
+        assert_eq!(toks[0].entropy, want);
+        // `bytes` wins over the token string (a token may split a UTF-8 character).
+        let answer = json!({"choices": [{"message": {"content": "é"}, "finish_reason": "length",
+            "logprobs": {"content": [
+                {"token": "\u{fffd}", "bytes": [195], "logprob": -1.0, "top_logprobs": [{"token": "a", "logprob": -1.0}]},
+                {"token": "\u{fffd}", "bytes": [169], "logprob": -1.0, "top_logprobs": [{"token": "a", "logprob": -1.0}]}]}}]});
+        let (_, toks, finish) = parse_answer(&answer, &req(""), &opts(5)).unwrap();
+        assert_eq!(finish, FinishReason::Length);
+        assert_eq!(
+            (toks[0].bytes.clone(), toks[1].bytes.clone()),
+            (vec![195], vec![169])
+        );
+    }
+
+    #[test]
+    fn a_repeated_prefill_is_removed_with_its_tokens() {
+        let answer = json!({"choices": [{"message": {"content": "{\"d\": \"LONG\"}"},
+            "finish_reason": "stop",
+            "logprobs": {"content": [entry("{\"", -0.5, &[-0.5]), entry("d\": \"LO", -0.2, &[-0.2]),
+                entry("NG", -0.1, &[-0.1]), entry("\"}", -0.3, &[-0.3])]}}]});
+        let (text, toks, _) = parse_answer(&answer, &req("{\"d\": \""), &opts(1)).unwrap();
+        assert_eq!(text, "LONG\"}");
+        let bytes: Vec<Vec<u8>> = toks.iter().map(|t| t.bytes.clone()).collect();
+        assert_eq!(bytes, [b"LO".to_vec(), b"NG".to_vec(), b"\"}".to_vec()]);
+        assert_eq!(toks[0].logprob, -0.2f32);
+    }
+
+    #[test]
+    fn answers_without_scores_are_rejected() {
+        let answer =
+            json!({"choices": [{"message": {"content": "LONG"}, "finish_reason": "stop"}]});
+        let e = parse_answer(&answer, &req(""), &opts(5)).unwrap_err();
+        assert!(e.contains("no logprobs.content"), "{e}");
+        let answer = json!({"choices": [{"message": {"content": "L"}, "finish_reason": "stop",
+            "logprobs": {"content": [{"token": "L", "logprob": -1.0, "top_logprobs": []}]}}]});
+        let e = parse_answer(&answer, &req(""), &opts(5)).unwrap_err();
+        assert!(e.contains("no top_logprobs"), "{e}");
+        assert!(parse_answer(&json!({"choices": []}), &req(""), &opts(5)).is_err());
+    }
+
+    #[test]
+    fn connection_errors_name_the_url_and_never_the_key() {
+        // Port 9 on loopback (discard) is closed on CI machines: connection refused.
+        let b = OpenAiBackend::with_key(
+            OpenAiSettings {
+                base_url: "http://127.0.0.1:9/v1".into(),
+                model: "m".into(),
+                api_key_env: "X".into(),
+                timeout: Duration::from_secs(5),
+            },
+            Some("sk-very-secret".into()),
+        )
+        .unwrap();
+        let e = b.generate(&[req("")], &opts(5)).unwrap_err().to_string();
+        assert!(
+            e.contains("POST http://127.0.0.1:9/v1/chat/completions"),
+            "{e}"
+        );
+        assert!(e.contains("after 3 attempts"), "{e}");
+        assert!(!e.contains("sk-very-secret"), "{e}");
+    }
+}
