@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => cli::verify::run(a, &cli.store, &cli.root),
         Command::Gc(a) => cli::gc::run(a, &cli.store, &cli.root),
         Command::Llm(a) => cli::llm::run(a).map(|_| ExitCode::SUCCESS),
+        Command::Serve(a) => cli::serve::run(a).map(|_| ExitCode::SUCCESS),
         Command::BenchStore(a) => cli::bench::run(a),
     };
     match result {

@@ -4,6 +4,7 @@ pub mod gc;
 pub mod llm;
 pub mod path;
 pub mod run;
+pub mod serve;
 pub mod show;
 pub mod status;
 pub mod verify;
@@ -45,6 +46,8 @@ pub enum Command {
     Gc(gc::GcArgs),
     /// The embedded language models (tokenize, logits, generate, embed, bench)
     Llm(llm::LlmArgs),
+    /// Serve the embedded models over an OpenAI-compatible HTTP API (chat, embeddings)
+    Serve(serve::ServeArgs),
     /// Measure the store's hashing/commit throughput (for `just bench`)
     #[command(hide = true)]
     BenchStore(bench::BenchStoreArgs),

@@ -1,0 +1,548 @@
+//! `flag serve` and the OpenAI-compatible backend, with the real SmolLM2 and MiniLM models and
+//! real processes on loopback (127.0.0.1) only: the API's shapes, greedy answers and scores
+//! equal to the embedded backend's, embeddings, errors, and the strategist stage run through
+//! HTTP against the server giving the embedded run's signals without the API key ever
+//! reaching the store. Every wait is bounded; the server is killed on drop (also on panic).
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use flag_agents::backend::{EmbeddedBackend, LlmBackend, LlmRequest};
+use flag_agents::openai::{OpenAiBackend, OpenAiSettings};
+use flag_core::arrow::array::{Array, BooleanArray, Float64Array, Int64Array, StringArray};
+use flag_llm::generate::{FinishReason, GenerateOptions};
+use serde_json::{Value, json};
+
+/// A running `flag serve`, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    stderr: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `flag serve --port 0` and waits (at most 5 minutes) for its address line.
+    fn start(dir: &Path, envs: &[(&str, &str)], extra: &[&str]) -> Server {
+        let stderr = dir.join("serve.stderr");
+        let mut child = Command::new(flag_bin())
+            // One intra-op thread: CI has 2 cores, shared with the test and other binaries,
+            // and OpenMP threads waiting on each other under contention are much slower.
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--threads",
+                "1",
+            ])
+            .args(extra)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn flag serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut server = Server {
+            child,
+            url: String::new(),
+            stderr,
+        };
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(l)) = lines.next() {
+                let _ = tx.send(l);
+            }
+            // Keep draining so the server never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(300))
+            .unwrap_or_else(|_| panic!("flag serve printed no address:\n{}", server.log()));
+        let addr = line
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        assert!(addr.starts_with("http://127.0.0.1:"), "{addr}");
+        server.url = format!("{addr}/v1");
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(300)))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .into()
+}
+
+/// POSTs `body` (raw bytes), returns (status, parsed JSON answer).
+fn post(url: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+    let mut req = agent().post(url).header("Content-Type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.send(body).expect("HTTP request");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, v)
+}
+
+fn smollm2() -> PathBuf {
+    flag_llm::models::smollm2_gguf(None).expect("SmolLM2 GGUF must be installed")
+}
+
+fn http_backend(url: &str, key: Option<String>) -> OpenAiBackend {
+    OpenAiBackend::with_key(
+        OpenAiSettings {
+            base_url: url.to_string(),
+            model: "SmolLM2-135M-Instruct".into(),
+            api_key_env: "UNUSED".into(),
+            timeout: Duration::from_secs(300),
+        },
+        key,
+    )
+    .unwrap()
+}
+
+const PREFILL: &str = "{\"direction\": \"";
+
+fn requests() -> Vec<LlmRequest> {
+    [
+        "Prices rose 5% this week on strong volume. Answer with JSON: {\"direction\": \"LONG\" or \"SHORT\", \"confidence\": 1-3}.",
+        "A stock fell for ten days in a row. Should a trader go LONG or SHORT? Answer with JSON.",
+        "Name a colour.",
+    ]
+    .iter()
+    .map(|u| LlmRequest {
+        user: u.to_string(),
+        prefill: PREFILL.to_string(),
+    })
+    .collect()
+}
+
+#[test]
+fn serve_answers_like_the_embedded_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Requests arriving within 300 ms of each other are decoded as one batch.
+    let server = Server::start(tmp.path(), &[], &["--batch-wait-ms", "300"]);
+    let chat = format!("{}/chat/completions", server.url);
+
+    // (a) The API shape of a greedy chat completion with logprobs.
+    let body = json!({
+        "model": "anything",
+        "messages": [{"role": "user", "content": requests()[0].user},
+                     {"role": "assistant", "content": PREFILL}],
+        "temperature": 0, "seed": 3, "max_tokens": 24,
+        "logprobs": true, "top_logprobs": 5,
+    });
+    let (status, v) = post(&chat, &body.to_string(), &[]);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let choice = &v["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+    let entries = choice["logprobs"]["content"].as_array().unwrap();
+    assert!(!entries.is_empty() && entries.len() <= 24);
+    assert_eq!(v["usage"]["completion_tokens"], entries.len());
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64().unwrap(),
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + entries.len() as u64
+    );
+    let mut text_bytes = Vec::new();
+    for e in entries {
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0, "{e}");
+        assert!(e["token"].is_string());
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 5, "{e}");
+        let tops: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(tops.windows(2).all(|w| w[0] >= w[1]), "{tops:?}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(top[0]["token"], e["token"]);
+        assert_eq!(tops[0], lp);
+        text_bytes.extend(
+            e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8),
+        );
+    }
+    // The tokens spell the content (then the end-of-turn token, when the answer ended).
+    let spelled = String::from_utf8_lossy(&text_bytes).to_string();
+    assert!(spelled.starts_with(content), "{spelled:?} vs {content:?}");
+
+    // ... and equals the embedded backend's greedy answer, scores included, for one request
+    // and for a batch sent concurrently.
+    flag_llm::generate::set_threads(1);
+    let embedded = EmbeddedBackend::load(&smollm2(), tch::Device::Cpu).unwrap();
+    let http = http_backend(&server.url, None);
+    let opts = GenerateOptions {
+        max_tokens: 24,
+        temperature: 0.0,
+        top_k_entropy: 10,
+        chat: true,
+        ..GenerateOptions::default()
+    };
+    let want = embedded.generate(&requests()[..1], &opts).unwrap();
+    assert_eq!(want[0].text, content, "server vs embedded greedy text");
+    let reqs = requests();
+    let want = embedded.generate(&reqs, &opts).unwrap();
+    let got = http.generate(&reqs, &opts).unwrap();
+    assert_eq!(got.len(), reqs.len());
+    let pairs: Vec<_> = want.into_iter().zip(got).collect();
+    for (w, g) in &pairs {
+        assert_eq!(g.text, w.text);
+        assert_eq!(g.finish_reason, w.finish_reason);
+        assert_eq!(g.ids.len(), w.ids.len());
+        for (a, b) in g.logprobs.iter().zip(&w.logprobs) {
+            assert!((a - b).abs() < 1e-4, "logprob {a} vs {b}");
+        }
+        for (a, b) in g.entropies.iter().zip(&w.entropies) {
+            assert!((a - b).abs() < 1e-4, "entropy {a} vs {b}");
+        }
+        assert!((g.entropy - w.entropy).abs() < 1e-4);
+        assert!((g.perplexity / w.perplexity - 1.0).abs() < 1e-3);
+        // Decoding growing prefixes (how the signal finds the decision token) agrees.
+        let n = if w.finish_reason == FinishReason::Eos {
+            w.ids.len() - 1
+        } else {
+            w.ids.len()
+        };
+        for i in 1..=n {
+            assert_eq!(
+                http.decode(&g.ids[..i]).unwrap(),
+                embedded.decode(&w.ids[..i]).unwrap()
+            );
+        }
+    }
+
+    // (b) Embeddings: 384-dim unit vectors, in input order; one string works too.
+    let emb = format!("{}/embeddings", server.url);
+    let (status, v) = post(
+        &emb,
+        &json!({"input": ["The market rallied.", "Stocks fell sharply."], "model": "x"})
+            .to_string(),
+        &[],
+    );
+    assert_eq!(status, 200, "{v}");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    let vecs: Vec<Vec<f64>> = data
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(d["index"], i);
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    for e in &vecs {
+        assert_eq!(e.len(), 384);
+        let norm = e.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    }
+    assert_ne!(vecs[0], vecs[1]);
+    let (status, v) = post(&emb, r#"{"input": "The market rallied."}"#, &[]);
+    assert_eq!(status, 200);
+    let one: Vec<f64> = v["data"][0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let cos: f64 = one.iter().zip(&vecs[0]).map(|(a, b)| a * b).sum();
+    assert!(cos > 0.9999, "same text, cosine {cos}");
+
+    // (c) Malformed requests: 400 with an OpenAI-style error message.
+    for (url, body, needle) in [
+        (&chat, "{\"messages\": [", "not valid JSON"),
+        (&chat, "not json at all", "not valid JSON"),
+        (
+            &chat,
+            r#"{"messages": "hi"}"#,
+            "'messages' must be a non-empty list",
+        ),
+        (
+            &chat,
+            r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50, "logprobs": true}"#,
+            "top_logprobs",
+        ),
+        (&emb, r#"{"input": 42}"#, "'input' must be"),
+    ] {
+        let (status, v) = post(url, body, &[]);
+        assert_eq!(status, 400, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    }
+    let (status, v) = post(&format!("{}/nope", server.url), "{}", &[]);
+    assert_eq!(status, 404, "{v}");
+    let mut resp = agent()
+        .get(&format!("{}/models", server.url))
+        .call()
+        .unwrap();
+    let models: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(models["data"].as_array().unwrap().len(), 2, "{models}");
+
+    // The three concurrent requests were decoded together; one line per request, no bodies.
+    let log = server.log();
+    assert!(log.contains("decoded a batch of 3"), "{log}");
+    assert!(log.contains("POST /v1/chat/completions -> 200"), "{log}");
+    assert!(!log.contains("Prices rose"), "{log}");
+}
+
+fn f64s(b: &flag_core::arrow::array::RecordBatch, n: &str) -> Vec<f64> {
+    let c = b
+        .column_by_name(n)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap();
+    (0..c.len())
+        .map(|i| if c.is_null(i) { f64::NAN } else { c.value(i) })
+        .collect()
+}
+
+fn strings(b: &flag_core::arrow::array::RecordBatch, n: &str) -> Vec<Option<String>> {
+    let c = b
+        .column_by_name(n)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    (0..c.len())
+        .map(|i| (!c.is_null(i)).then(|| c.value(i).to_string()))
+        .collect()
+}
+
+fn signals(root: &Path, store: &Path, stage: &str) -> flag_core::arrow::array::RecordBatch {
+    let out = run_ok(flag(root, store).args([
+        "path",
+        &format!("{stage}.signals"),
+        "--pipeline",
+        "pipelines/serve-test.yaml",
+    ]));
+    let path = stdout(&out).trim().to_string();
+    let (schema, batches) = flag_core::parquet_io::read_parquet_file(Path::new(&path)).unwrap();
+    flag_core::arrow::compute::concat_batches(&schema, &batches).unwrap()
+}
+
+/// Every file under `dir` (symlinks not followed) whose bytes contain `needle`, and the number
+/// of files searched.
+fn files_containing(dir: &Path, needle: &[u8]) -> (Vec<PathBuf>, usize) {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut n_files = 0;
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() {
+                n_files += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p);
+                }
+            }
+        }
+    }
+    (hits, n_files)
+}
+
+#[test]
+fn strategist_over_http_matches_embedded_and_never_stores_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    copy_project(&root);
+    let store = tmp.path().join("store");
+    // A unique secret, so any copy of it anywhere is found.
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let secret = format!(
+        "sk-flagtest-{}",
+        blake3::hash(format!("{nanos}-{}", std::process::id()).as_bytes()).to_hex()
+    );
+    const KEY_ENV: &str = "FLAG_TEST_SERVE_KEY";
+    // The server demands the key, so a run that succeeds proves the stage sent it.
+    let server = Server::start(
+        tmp.path(),
+        &[(KEY_ENV, &secret)],
+        // The two tickers of a decision date arrive together: one batch, as embedded.
+        &["--api-key-env", KEY_ENV, "--batch-wait-ms", "300"],
+    );
+    let (status, v) = post(
+        &format!("{}/chat/completions", server.url),
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}"#,
+        &[],
+    );
+    assert_eq!(status, 401, "{v}");
+
+    // Two decision dates x two tickers; the same params but the backend for both stages.
+    let common = r#"start: "2018-01-02"
+      end: "2018-01-31"
+      history: 5
+      max_tokens: 64
+      retries: 1"#;
+    let yaml = format!(
+        r#"name: serve-test
+params:
+  data_dir: {data}
+stages:
+  ohlcv:
+    uses: ingest_ohlcv
+    params:
+      source: ${{data_dir}}/tdqn
+      format: tdqn
+      tickers: [AAPL, MSFT]
+  indicators:
+    uses: indicators
+    inputs:
+      bars: ohlcv.bars
+  local:
+    uses: strategist
+    inputs:
+      table: indicators.table
+    params:
+      {common}
+  remote:
+    uses: strategist
+    inputs:
+      table: indicators.table
+    params:
+      {common}
+      backend: openai
+      base_url: {url}
+      api_model: SmolLM2-135M-Instruct
+      api_key_env: {KEY_ENV}
+"#,
+        data = data_dir().display(),
+        url = server.url,
+    );
+    std::fs::write(root.join("pipelines/serve-test.yaml"), yaml).unwrap();
+    let run = |key: &str| {
+        run_ok(
+            flag(&root, &store)
+                .args(["run", "pipelines/serve-test.yaml", "--json"])
+                .env("FLAG_LLM_THREADS", "1")
+                .env(KEY_ENV, key),
+        )
+    };
+    let out = run(&secret);
+    let st = statuses(&out);
+    assert_eq!(
+        (st["local"].as_str(), st["remote"].as_str()),
+        ("ran", "ran")
+    );
+
+    // (d) The HTTP run's signals are the embedded run's.
+    let (a, b) = (
+        signals(&root, &store, "local"),
+        signals(&root, &store, "remote"),
+    );
+    // 2018-01-02..01-31: 21 trading days per ticker, decisions on the 1st and 21st.
+    assert_eq!(a.num_rows(), 42);
+    assert_eq!(b.num_rows(), a.num_rows());
+    for col in ["ticker", "explanation", "features", "raw_text", "error"] {
+        assert_eq!(strings(&a, col), strings(&b, col), "column {col}");
+    }
+    for col in ["direction", "interaction", "strength"] {
+        let (x, y) = (f64s(&a, col), f64s(&b, col));
+        for (p, q) in x.iter().zip(&y) {
+            assert!(
+                (p - q).abs() < 1e-4 || (p.is_nan() && q.is_nan()),
+                "{col}: {p} vs {q}"
+            );
+        }
+    }
+    let (ea, eb) = (f64s(&a, "entropy"), f64s(&b, "entropy"));
+    for (p, q) in ea.iter().zip(&eb) {
+        assert!((p - q).abs() < 1e-4, "entropy {p} vs {q}");
+    }
+    let (pa, pb) = (f64s(&a, "perplexity"), f64s(&b, "perplexity"));
+    for (p, q) in pa.iter().zip(&pb) {
+        assert!((p / q - 1.0).abs() < 1e-3, "perplexity {p} vs {q}");
+    }
+    let conf = |b: &flag_core::arrow::array::RecordBatch| {
+        let c = b
+            .column_by_name("confidence")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap()
+            .clone();
+        (0..c.len())
+            .map(|i| (!c.is_null(i)).then(|| c.value(i)))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(conf(&a), conf(&b));
+    let failed = |b: &flag_core::arrow::array::RecordBatch| {
+        let c = b
+            .column_by_name("failed")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .unwrap()
+            .clone();
+        (0..c.len()).map(|i| c.value(i)).collect::<Vec<_>>()
+    };
+    assert_eq!(failed(&a), failed(&b));
+    let decided = f64s(&b, "direction").iter().filter(|d| **d != 0.0).count();
+    eprintln!(
+        "strategist over HTTP: {decided} of 42 signal rows with a direction, all equal to the embedded run"
+    );
+
+    // (e) The key is nowhere in the store (manifests, logs, objects, refs), nor in the run's
+    // output or the server's log; the manifest records the key's variable NAME and the URL.
+    let (hits, searched) = files_containing(&store, secret.as_bytes());
+    assert!(hits.is_empty(), "the API key was written to {hits:?}");
+    assert!(searched >= 10, "the store holds only {searched} files");
+    assert!(!stdout(&out).contains(&secret) && !stderr(&out).contains(&secret));
+    assert!(!server.log().contains(&secret));
+    let (manifests, _) = files_containing(&store.join("manifests"), b"\"api_key_env\"");
+    assert!(!manifests.is_empty());
+    let with_url: Vec<_> = manifests
+        .iter()
+        .filter(|m| {
+            let t = std::fs::read_to_string(m).unwrap();
+            t.contains(&server.url) && t.contains(KEY_ENV) && t.contains("SmolLM2-135M-Instruct")
+        })
+        .collect();
+    assert_eq!(
+        with_url.len(),
+        1,
+        "the remote stage's manifest: {manifests:?}"
+    );
+    // Another key is not another result: the key is not part of the cache key.
+    let st = statuses(&run("sk-another-key"));
+    assert_eq!(st["remote"], "cached");
+}
