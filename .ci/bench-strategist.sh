@@ -8,14 +8,14 @@ FLAG="${FLAG:-$CARGO_TARGET_DIR/release/flag}"
 OUT="${FLAG_BENCH_OUT:-$PWD/artifacts/bench}"
 mkdir -p "$OUT"
 python3 - "$FLAG" "$OUT/strategist.json" <<'PY'
-import json, subprocess, sys, tempfile, time
+import json, os, subprocess, sys, tempfile, time
 flag, out = sys.argv[1], sys.argv[2]
 window = ["--set", "train_start=2019-01-01", "--set", "train_end=2019-06-30",
           "--set", "test_start=2019-07-01", "--set", "test_end=2019-12-31"]
 results = []
 for label, tickers in [("batch 1", "[AAPL]"), ("batch 6", "[AAPL, AMZN, GOOGL, FB, MSFT, TSLA]")]:
     with tempfile.TemporaryDirectory() as store:
-        env = {"FLAG_STORE": store, "PATH": "/usr/bin:/bin"}
+        env = dict(os.environ, FLAG_STORE=store)
         base = [flag, "run", "pipelines/guided.yaml", "--set", f"tickers={tickers}", *window]
         subprocess.run(base + ["--only", "indicators"], check=True, capture_output=True, env=env)
         t = time.perf_counter()

@@ -209,10 +209,25 @@ fn serve_answers_like_the_embedded_backend() {
     let want = embedded.generate(&requests()[..1], &opts).unwrap();
     assert_eq!(want[0].text, content, "server vs embedded greedy text");
     let reqs = requests();
-    let want = embedded.generate(&reqs, &opts).unwrap();
-    let got = http.generate(&reqs, &opts).unwrap();
-    assert_eq!(got.len(), reqs.len());
-    let pairs: Vec<_> = want.into_iter().zip(got).collect();
+    // Also with generation ending where the prefilled JSON object closes (as the stages do).
+    let json_opts = GenerateOptions {
+        json_prefill: Some(PREFILL.to_string()),
+        max_tokens: 48,
+        ..opts.clone()
+    };
+    let mut pairs = Vec::new();
+    for o in [&opts, &json_opts] {
+        let want = embedded.generate(&reqs, o).unwrap();
+        let got = http.generate(&reqs, o).unwrap();
+        assert_eq!(got.len(), reqs.len());
+        pairs.extend(want.into_iter().zip(got));
+    }
+    assert!(
+        pairs[3..]
+            .iter()
+            .any(|(w, _)| w.finish_reason == FinishReason::Stop),
+        "no answer closed its JSON object: {pairs:?}"
+    );
     for (w, g) in &pairs {
         assert_eq!(g.text, w.text);
         assert_eq!(g.finish_reason, w.finish_reason);

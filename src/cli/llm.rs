@@ -252,6 +252,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         stop: a.stop.clone(),
         top_k_entropy: a.entropy_k,
         chat: a.chat,
+        json_prefill: None,
     };
     let g = engine
         .generate(std::slice::from_ref(&prompt), &opts)?

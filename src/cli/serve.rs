@@ -546,6 +546,7 @@ fn parse_chat(shared: &Shared, v: &Value) -> ApiResult<ChatRequest> {
             // Entropies are not reported; k = 1 keeps their cost negligible.
             top_k_entropy: 1,
             chat: true,
+            json_prefill: None,
         },
         logprobs,
         top_logprobs,

@@ -25,7 +25,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/analyst-1"
+    "/analyst-2"
 );
 
 pub struct Analyst;
@@ -62,7 +62,8 @@ impl AnalystConfig {
             max_chars: positive("max_chars")?,
             batch_size: positive("batch_size")?,
             aliases: util::aliases(p)?,
-            llm: LlmSettings::from_params(p, Vec::new())?,
+            // The answer is one JSON object: generation stops where it closes.
+            llm: LlmSettings::from_params(p, Vec::new())?.stopping_at_json(PREFILL),
         })
     }
 }

@@ -421,9 +421,17 @@ impl LlmSettings {
                 stop,
                 top_k_entropy,
                 chat: true,
+                json_prefill: None,
             },
             retries,
         })
+    }
+
+    /// These settings, with generation ending where the JSON object that `prefill` opens
+    /// closes.
+    pub fn stopping_at_json(mut self, prefill: &str) -> Self {
+        self.opts.json_prefill = Some(prefill.to_string());
+        self
     }
 
     /// The backend these settings name: the embedded model (loaded here), or an HTTP client

@@ -16,6 +16,10 @@
 //! synthetic id (its index in this backend's token table), and [`LlmBackend::decode`]
 //! concatenates the tokens' bytes (the `bytes` field when the server sends it).
 //!
+//! `opts.json_prefill` (stop where the JSON object the prefill opens closes) has no OpenAI
+//! equivalent: the answer is cut here, after the first token whose text closes the object,
+//! exactly where the embedded engine stops (the server may have generated a few more tokens).
+//!
 //! The API key is read from the environment variable named by `api_key_env` when the backend
 //! is built, sent only in the `Authorization` header, and never stored, logged or shown (the
 //! `Debug` output and error messages leave it out).
@@ -24,7 +28,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flag_core::{StageError, StageResult};
-use flag_llm::generate::{FinishReason, GenerateOptions, Generation, top_k_entropy};
+use flag_llm::generate::{
+    FinishReason, GenerateOptions, Generation, json_object_end, top_k_entropy,
+};
 use serde_json::{Value, json};
 
 use crate::backend::{LlmBackend, LlmRequest};
@@ -374,6 +380,14 @@ fn parse_answer(
             }
         }
     }
+    if let Some(cut) = cut_at_json_end(&tokens, opts) {
+        // As the embedded engine: stop after the token that closes the JSON object.
+        let (n, text_end) = cut;
+        tokens.truncate(n);
+        let all: Vec<u8> = tokens.iter().flat_map(|t| t.bytes.clone()).collect();
+        text = String::from_utf8_lossy(&all)[..text_end].to_string();
+        return Ok((text, tokens, FinishReason::Stop));
+    }
     let finish = match choice.get("finish_reason").and_then(Value::as_str) {
         Some("length") => FinishReason::Length,
         _ => {
@@ -387,6 +401,27 @@ fn parse_answer(
         }
     };
     Ok((text, tokens, finish))
+}
+
+/// With `opts.json_prefill`: (tokens kept, text length) where the embedded engine would have
+/// stopped, i.e. after the first token whose text closes the JSON object (or holds a stop
+/// string).
+fn cut_at_json_end(tokens: &[Token], opts: &GenerateOptions) -> Option<(usize, usize)> {
+    let prefill = opts.json_prefill.as_deref()?;
+    let mut bytes = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        bytes.extend_from_slice(&t.bytes);
+        let text = String::from_utf8_lossy(&bytes);
+        let at_stop = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        let cut = match (at_stop, json_object_end(prefill, &text)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(c) = cut {
+            return Some((i + 1, c));
+        }
+    }
+    None
 }
 
 impl LlmBackend for OpenAiBackend {
@@ -579,6 +614,25 @@ mod tests {
         let bytes: Vec<Vec<u8>> = toks.iter().map(|t| t.bytes.clone()).collect();
         assert_eq!(bytes, [b"LO".to_vec(), b"NG".to_vec(), b"\"}".to_vec()]);
         assert_eq!(toks[0].logprob, -0.2f32);
+    }
+
+    #[test]
+    fn json_prefill_cuts_where_the_object_closes() {
+        let answer = json!({"choices": [{"message": {"content": "LONG\"}} and more<|im_end|>"},
+            "finish_reason": "stop",
+            "logprobs": {"content": [entry("LONG", -0.1, &[-0.1]), entry("\"}", -0.2, &[-0.2]),
+                entry("} and", -0.3, &[-0.3]), entry(" more", -0.4, &[-0.4])]}}]});
+        let mut o = opts(1);
+        o.json_prefill = Some("{\"d\": \"".into());
+        let (text, toks, finish) = parse_answer(&answer, &req("{\"d\": \""), &o).unwrap();
+        assert_eq!((text.as_str(), finish), ("LONG\"}", FinishReason::Stop));
+        assert_eq!(toks.len(), 2);
+        // Without it the server's answer is taken as is.
+        let (text, toks, _) = parse_answer(&answer, &req("{\"d\": \""), &opts(1)).unwrap();
+        assert_eq!(
+            (text.as_str(), toks.len()),
+            ("LONG\"}} and more<|im_end|>", 4)
+        );
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct GenerateOptions {
     pub top_k_entropy: usize,
     /// Wrap each prompt as one user message in the model's chat template.
     pub chat: bool,
+    /// Stop as soon as `prefill + text` holds one complete JSON object (braces balanced
+    /// outside strings); the text keeps the closing brace. `Some(prefill)` for answers that
+    /// must be one JSON object, so the model is not left to ramble up to `max_tokens`.
+    pub json_prefill: Option<String>,
 }
 
 impl Default for GenerateOptions {
@@ -54,6 +58,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             top_k_entropy: 10,
             chat: false,
+            json_prefill: None,
         }
     }
 }
@@ -96,6 +101,43 @@ pub struct Generation {
 /// The `n` most likely tokens of one generation step as (token id, ln p), most likely first
 /// (what an OpenAI-style `top_logprobs` reports).
 pub type TopLogprobs = Vec<(u32, f32)>;
+
+/// Where the JSON object begun in `prefix` (or in `text`) closes: the byte offset in `text`
+/// just after its final `}`, when braces and brackets balance outside strings. None while it
+/// is still open, or when the prefix already closed one (nothing to wait for).
+pub fn json_object_end(prefix: &str, text: &str) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped, mut opened) = (0usize, false, false, false);
+    let chars = prefix
+        .char_indices()
+        .map(|(i, c)| (None, i, c))
+        .chain(text.char_indices().map(|(i, c)| (Some(()), i, c)));
+    for (in_text, i, c) in chars {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '{' | '[' => {
+                depth += 1;
+                opened = true;
+            }
+            '}' | ']' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 && opened {
+                    return in_text.map(|_| i + c.len_utf8());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
 
 /// Normalised top-k entropy of one step from its k largest probabilities (see module docs).
 pub fn top_k_entropy(top_probs: &[f64]) -> f64 {
@@ -430,9 +472,18 @@ impl Engine {
             st.entropies.push(entropies[r]);
             if self.eog.contains(&id) {
                 st.finish = Some(FinishReason::Eos);
-            } else if !opts.stop.is_empty() {
+            } else if !opts.stop.is_empty() || opts.json_prefill.is_some() {
                 let text = self.tok.decode(&st.ids, true)?;
-                if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                let at_stop = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+                let json_end = opts
+                    .json_prefill
+                    .as_deref()
+                    .and_then(|pre| json_object_end(pre, &text));
+                let cut = match (at_stop, json_end) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                if let Some(cut) = cut {
                     st.stop_text = Some(text[..cut].to_string());
                     st.finish = Some(FinishReason::Stop);
                 }
@@ -540,4 +591,26 @@ pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl Rng) 
         }
     }
     order[kept - 1]
+}
+
+#[cfg(test)]
+mod json_end_tests {
+    use super::json_object_end;
+
+    #[test]
+    fn finds_the_close_of_the_object_the_prefill_opened() {
+        let pre = "{\"direction\": \"";
+        assert_eq!(json_object_end(pre, "LONG\", \"confidence\": 2"), None);
+        let t = "LONG\", \"f\": {\"a\": 0.5}} trailing";
+        assert_eq!(
+            json_object_end(pre, t),
+            Some(t.find("} trailing").unwrap() + 1)
+        );
+        // Braces inside strings, escaped quotes included, do not count.
+        let t = "LO}NG\", \"e\": \"a \\\" } b\"}";
+        assert_eq!(json_object_end(pre, t), Some(t.len()));
+        // Without a prefill the object must open in the text; a closed prefix waits for none.
+        assert_eq!(json_object_end("", "x {\"a\": [1, {}]} y"), Some(16));
+        assert_eq!(json_object_end("{}", "{"), None);
+    }
 }

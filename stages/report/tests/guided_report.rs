@@ -40,7 +40,7 @@ fn p_text(p: f64) -> String {
     }
 }
 
-fn row<'a>(md: &'a str, caption_start: &str, label: &str) -> Vec<String> {
+fn row(md: &str, caption_start: &str, label: &str) -> Vec<String> {
     let at = md
         .find(caption_start)
         .unwrap_or_else(|| panic!("no table '{caption_start}' in\n{md}"));

@@ -32,7 +32,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/strategist-1"
+    "/strategist-2"
 );
 
 pub struct Strategist;
@@ -76,7 +76,8 @@ impl StrategistConfig {
             memory: p.usize("memory")?,
             news_days: positive("news_days")?,
             aliases: util::aliases(p)?,
-            llm: LlmSettings::from_params(p, Vec::new())?,
+            // The answer is one JSON object: generation stops where it closes.
+            llm: LlmSettings::from_params(p, Vec::new())?.stopping_at_json(PREFILL),
         })
     }
 }
@@ -417,10 +418,11 @@ impl Stage for Strategist {
                     many: false,
                     doc: "Indicators table",
                 },
-                InputSpec::one(
+                InputSpec::many(
                     "factors",
                     "news_factors",
-                    "Analyst news factors (needed by prompts using {{news}}, e.g. P4)",
+                    "Analyst news factors, one or more artifacts (e.g. one per news source); \
+                     needed by prompts using {{news}}, e.g. P4",
                 )
                 .optional(),
             ],
@@ -466,7 +468,17 @@ impl Stage for Strategist {
                     ),
                 });
             }
-            read_factors(&ctx.read_input("factors")?, &series)?
+            // Several analyst artifacts (one per news source) merge per ticker and day.
+            let mut merged = vec![Vec::new(); series.len()];
+            for (_, batch) in ctx.read_inputs("factors")? {
+                for (all, more) in merged.iter_mut().zip(read_factors(&batch, &series)?) {
+                    all.extend(more);
+                }
+            }
+            for v in &mut merged {
+                v.sort_by_key(|(row, _): &DayFactors| *row);
+            }
+            merged
         } else {
             vec![Vec::new(); series.len()]
         };
