@@ -22,7 +22,7 @@ pub mod plots;
 pub mod read;
 pub mod tables;
 
-const REVISION: &str = "1";
+const REVISION: &str = "2";
 
 /// Resolved params of one guided report.
 #[derive(Debug, Clone)]
@@ -389,12 +389,12 @@ fn signal_chart(
         .get(*key)
         .map(|t| t.trades.clone())
         .unwrap_or_default();
-    // The signal of the prompt the guided agent used: the only one, or the first listed.
-    let prompt = decisions
+    let candidates: Vec<String> = decisions
         .keys()
         .filter(|(_, t)| *t == ticker)
         .map(|(q, _)| q.clone())
-        .find(|q| p.prompts.is_empty() || p.prompts.contains(q));
+        .collect();
+    let prompt = chart_prompt(p, &candidates);
     let ds: Vec<read::Decision> = prompt
         .as_ref()
         .and_then(|q| decisions.get(&(q.clone(), ticker.clone())))
@@ -422,6 +422,22 @@ fn signal_chart(
         inputs.sources[series.source].clone(),
         format!("prices and trades of {}", key.strategy),
     )])
+}
+
+/// The prompt whose signals the chart shows: that of the LLM-only agent
+/// (`<prompt_prefix><prompt>`), the one the guided agent is compared with; else the first
+/// prompt listed in `prompts` (or found) among `candidates`.
+fn chart_prompt(p: &GuidedParams, candidates: &[String]) -> Option<String> {
+    p.llm_only
+        .strip_prefix(&p.prompt_prefix)
+        .filter(|q| candidates.iter().any(|c| c == q))
+        .map(str::to_string)
+        .or_else(|| {
+            candidates
+                .iter()
+                .find(|q| p.prompts.is_empty() || p.prompts.contains(q))
+                .cloned()
+        })
 }
 
 /// Sharpe ratio over training episodes, RL-only vs guided, mean +- std over runs, one chart
@@ -483,4 +499,32 @@ fn episode_charts(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(llm_only: &str, prompts: &[&str]) -> GuidedParams {
+        let mut p = GuidedParams::from_params(&Params::new(
+            [("decimals".to_string(), json!(2))].into_iter().collect(),
+        ))
+        .unwrap();
+        p.llm_only = llm_only.into();
+        p.prompts = prompts.iter().map(|s| s.to_string()).collect();
+        p
+    }
+
+    /// Regression: the chart showed P0's signals for a guided agent trained on P4.
+    #[test]
+    fn chart_shows_the_compared_prompt() {
+        let all: Vec<String> = ["P0", "P1", "P2", "P3", "P4"].map(String::from).to_vec();
+        let p = params("llm_only_P4", &["P0", "P1", "P2", "P3", "P4"]);
+        assert_eq!(chart_prompt(&p, &all).as_deref(), Some("P4"));
+        let p = params("llm_only", &["P2"]);
+        assert_eq!(chart_prompt(&p, &all).as_deref(), Some("P2"));
+        let p = params("llm_only_P9", &[]);
+        assert_eq!(chart_prompt(&p, &all).as_deref(), Some("P0"));
+        assert_eq!(chart_prompt(&p, &[]), None);
+    }
 }
