@@ -176,3 +176,22 @@ fn show_and_path_open_artifacts_with_standard_tools() {
     let bytes = std::fs::read(&p).unwrap();
     assert_eq!(&bytes[..4], b"PAR1");
 }
+
+/// Regression: with a relative store path (the default `./artifacts` from the project root)
+/// the links under out/ pointed at `./artifacts/objects/...` relative to their own
+/// directory, so they dangled.
+#[test]
+fn published_links_resolve_with_a_relative_store_path() {
+    let root = tempfile::tempdir().unwrap();
+    copy_project(root.path());
+    let data = data_dir();
+    let mut c = flag(root.path(), std::path::Path::new("rel-store"));
+    c.args(["run", "pipelines/test-small.yaml", "--set"])
+        .arg(format!("data_dir={}", data.display()));
+    run_ok(&mut c);
+    let out = root.path().join("rel-store/out/test-small");
+    let md = std::fs::read_to_string(out.join("report/report/report.md")).unwrap();
+    assert!(md.starts_with("# Test pipeline"), "{md}");
+    let bars = std::fs::read(out.join("ohlcv/bars.parquet")).unwrap();
+    assert_eq!(&bars[..4], b"PAR1");
+}

@@ -175,6 +175,19 @@ impl Store {
             .join(format!("{}{ext}", f.hash))
     }
 
+    /// Target of a link at `link` (relative to the store root) to `f`'s object, relative to
+    /// the link's directory: it resolves whatever the store path was given as (a relative
+    /// `./artifacts` made absolute-looking targets dangle) and survives moving the store.
+    fn link_target(&self, f: &FileEntry, link: &Path) -> PathBuf {
+        let depth = link.parent().map_or(0, |p| p.components().count());
+        let mut t = PathBuf::new();
+        for _ in 0..depth {
+            t.push("..");
+        }
+        let object = self.object_path(f);
+        t.join(object.strip_prefix(&self.root).unwrap_or(&object))
+    }
+
     fn manifest_path(&self, key: &str) -> PathBuf {
         self.root
             .join("manifests")
@@ -481,8 +494,9 @@ impl Store {
                     io(fs::create_dir_all(link.parent().unwrap()), || {
                         format!("creating {}", tmp.display())
                     })?;
+                    let at = Path::new("out").join(rel).join(&f.name);
                     io(
-                        std::os::unix::fs::symlink(self.object_path(f), &link),
+                        std::os::unix::fs::symlink(self.link_target(f, &at), &link),
                         || format!("linking {}", link.display()),
                     )?;
                 }
@@ -499,8 +513,9 @@ impl Store {
                     std::process::id()
                 ));
                 let _ = fs::remove_file(&tmp);
+                let at = Path::new("out").join(rel);
                 io(
-                    std::os::unix::fs::symlink(self.object_path(&out.files[0]), &tmp),
+                    std::os::unix::fs::symlink(self.link_target(&out.files[0], &at), &tmp),
                     || format!("linking {}", tmp.display()),
                 )?;
                 io(fs::rename(&tmp, &dest), || {
