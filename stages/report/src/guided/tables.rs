@@ -254,9 +254,14 @@ pub fn published_table(inputs: &Inputs, p: &GuidedParams) -> Option<(Table, Vec<
             "with a single run we cannot tell that gap from seed noise".to_string()
         };
         let verdict = match test {
-            Some(t) if t.p >= 0.05 => format!(
+            Some(t) if t.p >= 0.05 && t.n >= 10 => format!(
                 "the t-test does not reject equality (p = {:.3}): reproduced within noise",
                 t.p
+            ),
+            Some(t) if t.p >= 0.05 => format!(
+                "the t-test does not reject equality (p = {:.3}), but with {} runs it has \
+                 little power: run more before calling it reproduced",
+                t.p, t.n
             ),
             Some(t) => format!(
                 "the t-test rejects equality (p = {}): not reproduced",
