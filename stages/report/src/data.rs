@@ -162,67 +162,44 @@ impl<'a> Cols<'a> {
         StageError::data(&self.file, row as u64 + 1, name, "is null")
     }
 
+    /// A getter of column `name` read with `value`, erroring on nulls with file, row, column.
+    fn getter<'s, A: Array + 'static, T: 's>(
+        &'s self,
+        name: &str,
+        value: fn(&'a A, usize) -> T,
+    ) -> StageResult<impl Fn(usize) -> StageResult<T> + 's> {
+        let a: &'a A = self.array(name)?;
+        let name = name.to_string();
+        Ok(move |row: usize| {
+            if a.is_null(row) {
+                Err(self.null(row, &name))
+            } else {
+                Ok(value(a, row))
+            }
+        })
+    }
+
     pub(crate) fn str(
         &self,
         name: &str,
     ) -> StageResult<impl Fn(usize) -> StageResult<&'a str> + '_> {
-        let a: &'a StringArray = self.array(name)?;
-        let name = name.to_string();
-        Ok(move |row: usize| {
-            if a.is_null(row) {
-                Err(self.null(row, &name))
-            } else {
-                Ok(a.value(row))
-            }
-        })
+        self.getter(name, |a: &'a StringArray, i| a.value(i))
     }
 
     pub(crate) fn f64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<f64> + '_> {
-        let a: &'a Float64Array = self.array(name)?;
-        let name = name.to_string();
-        Ok(move |row: usize| {
-            if a.is_null(row) {
-                Err(self.null(row, &name))
-            } else {
-                Ok(a.value(row))
-            }
-        })
+        self.getter(name, |a: &Float64Array, i| a.value(i))
     }
 
     pub(crate) fn i64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<i64> + '_> {
-        let a: &'a Int64Array = self.array(name)?;
-        let name = name.to_string();
-        Ok(move |row: usize| {
-            if a.is_null(row) {
-                Err(self.null(row, &name))
-            } else {
-                Ok(a.value(row))
-            }
-        })
+        self.getter(name, |a: &Int64Array, i| a.value(i))
     }
 
     pub(crate) fn bool(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<bool> + '_> {
-        let a: &'a BooleanArray = self.array(name)?;
-        let name = name.to_string();
-        Ok(move |row: usize| {
-            if a.is_null(row) {
-                Err(self.null(row, &name))
-            } else {
-                Ok(a.value(row))
-            }
-        })
+        self.getter(name, |a: &BooleanArray, i| a.value(i))
     }
 
     pub(crate) fn date(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<i32> + '_> {
-        let a: &'a Date32Array = self.array(name)?;
-        let name = name.to_string();
-        Ok(move |row: usize| {
-            if a.is_null(row) {
-                Err(self.null(row, &name))
-            } else {
-                Ok(a.value(row))
-            }
-        })
+        self.getter(name, |a: &Date32Array, i| a.value(i))
     }
 
     pub(crate) fn key(&self) -> StageResult<impl Fn(usize) -> StageResult<Key> + '_> {

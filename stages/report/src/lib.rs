@@ -4,7 +4,6 @@
 //! Every number printed comes from an input artifact; the report only formats it (and
 //! derives presentation such as drawdown curves from the equity path). Output bytes depend
 //! only on the inputs and params, so an unchanged upstream gives an identical report.
-use std::fs;
 
 use flag_core::{
     Fingerprint, InputSpec, OutputSpec, ParamKind, ParamSpec, Params, Stage, StageContext,
@@ -141,19 +140,7 @@ impl Stage for ReportStage {
         ctx.progress(1, 3, "drawing charts");
         let report = render::build(&params, &inputs, quality.as_ref())?;
         ctx.progress(2, 3, "writing files");
-        let dir = ctx.output_dir("report")?;
-        let charts_dir = dir.join("charts");
-        fs::create_dir_all(&charts_dir)
-            .map_err(|e| StageError::io(format!("creating {}", charts_dir.display()), e))?;
-        let write = |name: &std::path::Path, bytes: &[u8]| {
-            fs::write(name, bytes)
-                .map_err(|e| StageError::io(format!("writing {}", name.display()), e))
-        };
-        for chart in &report.charts {
-            write(&charts_dir.join(&chart.file), chart.svg.as_bytes())?;
-        }
-        write(&dir.join("report.md"), report.markdown.as_bytes())?;
-        write(&dir.join("report.html"), report.html.as_bytes())?;
+        render::write_files(&ctx.output_dir("report")?, &report)?;
         ctx.log(format!(
             "report: {} tables, {} charts, {} bytes of HTML",
             report.tables,

@@ -16,6 +16,23 @@ pub struct ChartFile {
     pub svg: String,
 }
 
+/// Writes a built report into `dir`: report.md, report.html and charts/*.svg.
+pub fn write_files(dir: &std::path::Path, report: &Report) -> flag_core::StageResult<()> {
+    use flag_core::StageError;
+    let charts_dir = dir.join("charts");
+    std::fs::create_dir_all(&charts_dir)
+        .map_err(|e| StageError::io(format!("creating {}", charts_dir.display()), e))?;
+    let write = |name: &std::path::Path, bytes: &[u8]| {
+        std::fs::write(name, bytes)
+            .map_err(|e| StageError::io(format!("writing {}", name.display()), e))
+    };
+    for chart in &report.charts {
+        write(&charts_dir.join(&chart.file), chart.svg.as_bytes())?;
+    }
+    write(&dir.join("report.md"), report.markdown.as_bytes())?;
+    write(&dir.join("report.html"), report.html.as_bytes())
+}
+
 pub struct Report {
     pub markdown: String,
     pub html: String,

@@ -5,7 +5,6 @@
 //! training episodes with a band over runs. Every number is read from an input artifact or,
 //! for the published figures, from the stage's params.
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 
 use flag_core::{
     Fingerprint, InputSpec, OutputSpec, ParamKind, ParamSpec, Params, Stage, StageContext,
@@ -15,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::charts;
 use crate::data::{Inputs, Key, fmt_date};
-use crate::render::{Block, ChartFile, file_name, html, markdown};
+use crate::render::{Block, ChartFile, Report, file_name, html, markdown, write_files};
 use crate::tables::Table;
 
 pub mod plots;
@@ -226,28 +225,17 @@ impl Stage for GuidedReport {
                 .collect::<Vec<_>>()
                 .join(", "),
         ));
-        let dir = ctx.output_dir("report")?;
-        let charts_dir = dir.join("charts");
-        fs::create_dir_all(&charts_dir)
-            .map_err(|e| StageError::io(format!("creating {}", charts_dir.display()), e))?;
-        let write = |name: &std::path::Path, bytes: &[u8]| {
-            fs::write(name, bytes)
-                .map_err(|e| StageError::io(format!("writing {}", name.display()), e))
+        let report = Report {
+            markdown: markdown(&p.title, &blocks, &charts),
+            html: html(&p.title, &blocks, &charts),
+            charts,
+            tables: ntables,
         };
-        for c in &charts {
-            write(&charts_dir.join(&c.file), c.svg.as_bytes())?;
-        }
-        write(
-            &dir.join("report.md"),
-            markdown(&p.title, &blocks, &charts).as_bytes(),
-        )?;
-        write(
-            &dir.join("report.html"),
-            html(&p.title, &blocks, &charts).as_bytes(),
-        )?;
+        write_files(&ctx.output_dir("report")?, &report)?;
         ctx.log(format!(
-            "guided report: {ntables} tables, {} charts",
-            charts.len()
+            "guided report: {} tables, {} charts",
+            report.tables,
+            report.charts.len()
         ));
         ctx.progress(3, 3, "done");
         Ok(())
