@@ -15,8 +15,8 @@ use crate::anon::Anonymiser;
 use crate::backend::{
     LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_files,
 };
-use crate::parse::parse_factors;
-use crate::prompt::{prompt_files, prompt_param, prompt_path, render};
+use crate::parse::{parse_factors, reject_copied_factors, template_examples};
+use crate::prompt::{prompt_files, prompt_param, prompt_path, read_prompts, render};
 use crate::runner::{Outcome, run_with_retries};
 use crate::util::{self, column};
 
@@ -25,7 +25,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/analyst-2"
+    "/analyst-3"
 );
 
 pub struct Analyst;
@@ -172,6 +172,8 @@ pub fn analyse(
             .entry(d.ticker.as_str())
             .or_insert_with(|| Anonymiser::new(&d.ticker, &cfg.aliases));
     }
+    // A copy of the prompt's example factors is not an analysis of the day's news.
+    let examples = template_examples(template, parse_factors);
     let mut order: Vec<usize> = (0..days.len()).collect();
     order.sort_by_key(|&i| (days[i].date, days[i].ticker.clone()));
     let mut out: Vec<Option<Outcome<Vec<String>>>> = vec![None; days.len()];
@@ -186,13 +188,9 @@ pub fn analyse(
                 })
             })
             .collect::<StageResult<Vec<_>>>()?;
-        let outcomes = run_with_retries(
-            backend,
-            &cfg.llm,
-            (&retry_file, retry),
-            &requests,
-            parse_factors,
-        )?;
+        let outcomes = run_with_retries(backend, &cfg.llm, (&retry_file, retry), &requests, |a| {
+            parse_factors(a).and_then(|f| reject_copied_factors(f, &examples))
+        })?;
         for (&i, mut o) in chunk.iter().zip(outcomes) {
             let anon = &anons[days[i].ticker.as_str()];
             if let Some(fs) = o.value.as_mut() {
@@ -324,12 +322,7 @@ impl Stage for Analyst {
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = AnalystConfig::from_params(&ctx.params)?;
-        let template = ctx
-            .resource_str(&prompt_path("analyst", &cfg.prompt))?
-            .to_string();
-        let retry = ctx
-            .resource_str(&prompt_path("analyst", "retry"))?
-            .to_string();
+        let (template, retry) = read_prompts(ctx, "analyst", &cfg.prompt)?;
         let days = group_news(&ctx.read_input("news")?, &cfg)?;
         let backend = cfg.llm.load_backend()?;
         ctx.log(format!(

@@ -32,6 +32,9 @@ pub enum ParseError {
     Explanation(String),
     Features(String),
     Factors(String),
+    /// The answer repeats the prompt's format example (named part): the model copied the
+    /// form instead of answering for these data.
+    CopiedExample(&'static str),
 }
 
 impl fmt::Display for ParseError {
@@ -46,6 +49,10 @@ impl fmt::Display for ParseError {
             ParseError::Explanation(m) => write!(f, "explanation {m}"),
             ParseError::Features(m) => write!(f, "features: {m}"),
             ParseError::Factors(m) => write!(f, "factors: {m}"),
+            ParseError::CopiedExample(what) => write!(
+                f,
+                "the {what} repeats the format example; write your own for these data"
+            ),
         }
     }
 }
@@ -291,4 +298,60 @@ pub fn parse_factors(answer: &str) -> Result<Vec<String>, ParseError> {
         }
     }
     Ok(factors)
+}
+
+/// The format examples a prompt template shows: every line that alone parses as an answer.
+/// A template whose form uses placeholders has none.
+pub fn template_examples<T>(
+    template: &str,
+    parse: impl Fn(&str) -> Result<T, ParseError>,
+) -> Vec<T> {
+    template
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .filter_map(|l| parse(l).ok())
+        .collect()
+}
+
+fn same_text(a: &str, b: &str) -> bool {
+    let words = |s: &str| {
+        s.split_whitespace()
+            .map(str::to_lowercase)
+            .collect::<Vec<_>>()
+    };
+    words(a) == words(b)
+}
+
+/// Rejects a strategy whose explanation or feature weights are those of a format example
+/// (direction and confidence alone may legitimately match).
+pub fn reject_copied_strategy(s: Strategy, examples: &[Strategy]) -> Result<Strategy, ParseError> {
+    let sorted = |f: &[(String, f64)]| {
+        let mut v: Vec<(String, f64)> = f.iter().map(|(n, w)| (n.to_lowercase(), *w)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    for e in examples {
+        if same_text(&s.explanation, &e.explanation) {
+            return Err(ParseError::CopiedExample("explanation"));
+        }
+        if sorted(&s.features) == sorted(&e.features) {
+            return Err(ParseError::CopiedExample("features"));
+        }
+    }
+    Ok(s)
+}
+
+/// Rejects factors that include a factor of a format example.
+pub fn reject_copied_factors(
+    factors: Vec<String>,
+    examples: &[Vec<String>],
+) -> Result<Vec<String>, ParseError> {
+    let copied = factors
+        .iter()
+        .any(|f| examples.iter().flatten().any(|e| same_text(f, e)));
+    if copied {
+        Err(ParseError::CopiedExample("factors"))
+    } else {
+        Ok(factors)
+    }
 }

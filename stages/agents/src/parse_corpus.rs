@@ -1,6 +1,9 @@
 //! A corpus of malformed and adversarial model answers, each with its exact outcome. The
 //! invariant under test: nothing but LONG/SHORT with confidence 1..3 ever comes out.
-use crate::parse::{Direction, ParseError, parse_factors, parse_strategy};
+use crate::parse::{
+    Direction, ParseError, parse_factors, parse_strategy, reject_copied_factors,
+    reject_copied_strategy, template_examples,
+};
 
 const OK: &str = r#"{"direction": "LONG", "confidence": 2, "explanation": "Uptrend above SMA50.", "features": {"sma": 0.6, "rsi": 0.4}}"#;
 
@@ -254,4 +257,79 @@ fn factor_answers() {
             "{answer}"
         );
     }
+}
+
+/// Every prompt's format example, returned verbatim (the small model's most common failure),
+/// is rejected; a prompt whose form does not parse has nothing to copy.
+#[test]
+fn verbatim_copies_of_the_prompts_examples_are_rejected() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../prompts");
+    let mut checked = 0;
+    for (agent, names) in [
+        ("strategist", &["P0", "P1", "P2", "P3", "P4"][..]),
+        ("analyst", &["A0"][..]),
+    ] {
+        for name in names {
+            let template = std::fs::read_to_string(format!("{dir}/{agent}/{name}.txt")).unwrap();
+            for line in template.lines().filter(|l| l.trim_start().starts_with('{')) {
+                let err = if agent == "strategist" {
+                    let examples = template_examples(&template, parse_strategy);
+                    parse_strategy(line)
+                        .and_then(|s| reject_copied_strategy(s, &examples))
+                        .err()
+                } else {
+                    let examples = template_examples(&template, parse_factors);
+                    parse_factors(line)
+                        .and_then(|f| reject_copied_factors(f, &examples))
+                        .err()
+                };
+                assert!(
+                    err.is_some(),
+                    "{agent}/{name}: a copy of {line:?} was accepted"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 6,
+        "every prompt shows its answer form ({checked})"
+    );
+}
+
+#[test]
+fn copied_strategy_and_factor_examples() {
+    let template = "Answer like this:\n{\"direction\": \"LONG\", \"confidence\": 2, \"explanation\": \"One short sentence.\", \"features\": {\"sma\": 0.6, \"rsi\": 0.4}}\nor\n{\"direction\": \"LONG or SHORT\"}\n";
+    let examples = template_examples(template, parse_strategy);
+    assert_eq!(examples.len(), 1, "only the line that parses is an example");
+    let check = |a: &str| parse_strategy(a).and_then(|s| reject_copied_strategy(s, &examples));
+    assert_eq!(
+        check(r#"{"direction": "SHORT", "confidence": 1, "explanation": "one  short sentence.", "features": {"macd": 1}}"#).err(),
+        Some(ParseError::CopiedExample("explanation"))
+    );
+    assert_eq!(
+        check(r#"{"direction": "SHORT", "confidence": 1, "explanation": "RSI is overbought.", "features": {"RSI": 0.4, "sma": 0.6}}"#).err(),
+        Some(ParseError::CopiedExample("features"))
+    );
+    let own = r#"{"direction": "LONG", "confidence": 2, "explanation": "RSI is overbought.", "features": {"rsi": 0.6, "sma": 0.4}}"#;
+    assert_eq!(check(own).unwrap().explanation, "RSI is overbought.");
+    assert!(
+        ParseError::CopiedExample("explanation")
+            .to_string()
+            .contains("repeats the format example")
+    );
+
+    let template =
+        "{\"factors\": [\"Strong demand for a new product\", \"Rising costs squeeze margins\"]}";
+    let examples = template_examples(template, parse_factors);
+    assert_eq!(examples.len(), 1);
+    let check = |a: &str| parse_factors(a).and_then(|f| reject_copied_factors(f, &examples));
+    assert_eq!(
+        check(r#"{"factors": ["Layoffs announced", "rising costs  squeeze margins"]}"#).err(),
+        Some(ParseError::CopiedExample("factors"))
+    );
+    assert_eq!(
+        check(r#"{"factors": ["Layoffs announced", "Record quarterly revenue"]}"#).unwrap(),
+        vec!["Layoffs announced", "Record quarterly revenue"]
+    );
 }

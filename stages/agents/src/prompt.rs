@@ -2,7 +2,7 @@
 //! the stage fingerprint (so editing one reruns exactly the stages that use it).
 use std::collections::BTreeMap;
 
-use flag_core::{Params, StageError, StageResult};
+use flag_core::{Params, StageContext, StageError, StageResult};
 
 /// Prompt names are file stems: letters, digits, `_` and `-` (no paths).
 pub fn valid_name(name: &str) -> bool {
@@ -39,6 +39,15 @@ pub fn prompt_files(agent: &str, p: &Params, default: &str) -> Vec<String> {
     }
     files.push(prompt_path(agent, "retry"));
     files
+}
+
+/// The stage's prompt template `name` and the shared retry note of `agent`, read through the
+/// context (so their bytes are the ones in the cache key).
+pub fn read_prompts(ctx: &StageContext, agent: &str, name: &str) -> StageResult<(String, String)> {
+    Ok((
+        ctx.resource_str(&prompt_path(agent, name))?.to_string(),
+        ctx.resource_str(&prompt_path(agent, "retry"))?.to_string(),
+    ))
 }
 
 /// Placeholder names of `template`, in order of appearance (repeats kept once).

@@ -20,8 +20,8 @@ use crate::anon::Anonymiser;
 use crate::backend::{
     LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_files,
 };
-use crate::parse::{Strategy, parse_strategy};
-use crate::prompt::{placeholders, prompt_files, prompt_param, prompt_path, render};
+use crate::parse::{Strategy, parse_strategy, reject_copied_strategy, template_examples};
+use crate::prompt::{placeholders, prompt_files, prompt_param, prompt_path, read_prompts, render};
 use crate::runner::{Outcome, run_with_retries};
 use crate::signal::{SignalValues, strategy_signal};
 use crate::util::{self, column};
@@ -32,7 +32,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/strategist-2"
+    "/strategist-3"
 );
 
 pub struct Strategist;
@@ -148,6 +148,8 @@ pub fn decide(
         .iter()
         .map(|s| Anonymiser::new(&s.ticker, &cfg.aliases))
         .collect();
+    // A copy of the prompt's format example is not a strategy for the data shown.
+    let examples = template_examples(inp.template, parse_strategy);
     let mut memory: Vec<Vec<Decided>> = vec![Vec::new(); inp.series.len()];
     let plan = plan(inp.series, cfg.start, cfg.end, cfg.period);
     let mut out = Vec::new();
@@ -177,7 +179,7 @@ pub fn decide(
             &cfg.llm,
             (&retry_file, inp.retry),
             &requests,
-            parse_strategy,
+            |a| parse_strategy(a).and_then(|s| reject_copied_strategy(s, &examples)),
         )?;
         for (&(k, row, valid_to), o) in items.iter().zip(outcomes) {
             let signal = match &o.value {
@@ -451,12 +453,7 @@ impl Stage for Strategist {
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = StrategistConfig::from_params(&ctx.params)?;
-        let template = ctx
-            .resource_str(&prompt_path("strategist", &cfg.prompt))?
-            .to_string();
-        let retry = ctx
-            .resource_str(&prompt_path("strategist", "retry"))?
-            .to_string();
+        let (template, retry) = read_prompts(ctx, "strategist", &cfg.prompt)?;
         let series = load_series(&ctx.read_input("table")?, cfg.tickers.as_deref())?;
         let news = if placeholders(&template).contains(&"news") {
             if !ctx.has_input("factors") {
