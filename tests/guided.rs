@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use flag_core::arrow::array::{Array, Float64Array, StringArray};
+use flag_core::arrow::array::{Array, BooleanArray, Date32Array, Float64Array, StringArray};
 use flag_core::parquet_io::read_parquet_file;
 
 fn files(root: &Path, store: &Path, artifact: &str) -> Vec<PathBuf> {
@@ -39,6 +39,33 @@ fn test_sharpes(file: &Path) -> BTreeMap<String, BTreeMap<String, f64>> {
         }
     }
     out
+}
+
+/// (distinct explanations, valid decisions, LONG decisions) of `ticker`'s strategist
+/// decisions dated in [from, to] (days since 1970), from the signals artifact.
+fn answer_variety(file: &Path, ticker: &str, from: i32, to: i32) -> (usize, usize, usize) {
+    let (_, batches) = read_parquet_file(file).unwrap();
+    let mut decisions: BTreeMap<i32, (String, f64)> = BTreeMap::new();
+    for b in batches {
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let (t, date, failed) = (col("ticker"), col("decision_date"), col("failed"));
+        let (expl, dir) = (col("explanation"), col("direction"));
+        let t = t.as_any().downcast_ref::<StringArray>().unwrap();
+        let date = date.as_any().downcast_ref::<Date32Array>().unwrap();
+        let failed = failed.as_any().downcast_ref::<BooleanArray>().unwrap();
+        let expl = expl.as_any().downcast_ref::<StringArray>().unwrap();
+        let dir = dir.as_any().downcast_ref::<Float64Array>().unwrap();
+        for i in 0..b.num_rows() {
+            let d = date.value(i);
+            if t.value(i) == ticker && !failed.value(i) && (from..=to).contains(&d) {
+                decisions.insert(d, (expl.value(i).to_string(), dir.value(i)));
+            }
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> =
+        decisions.values().map(|(e, _)| e).collect();
+    let long = decisions.values().filter(|(_, d)| *d > 0.0).count();
+    (distinct.len(), decisions.len(), long)
 }
 
 #[test]
@@ -108,6 +135,23 @@ fn guided_pipeline_runs_end_to_end_and_reports_its_artifacts() {
     assert!(md.contains("| AAPL | 1.424 |"), "{md}");
     // Failure counts of the strategist are in the report.
     assert!(md.contains("Strategist failures"), "{md}");
+    // So is the answer variety: distinct explanations / valid decisions of the test split
+    // (2018-01-01 = day 17532 .. 2018-06-29 = day 17711), recounted from the signals.
+    let signals = files(&root, &store, "strategist.signals");
+    let (distinct, valid, long) = answer_variety(&signals[0], "AAPL", 17532, 17711);
+    // SmolLM2-135M often copies the prompt's example, which is rejected: valid may be 0.
+    let share = if valid == 0 {
+        "-".to_string()
+    } else {
+        format!("{:.0}% LONG", 100.0 * long as f64 / valid as f64)
+    };
+    let want = format!("{distinct}/{valid}, {share}");
+    let variety = &md[md.find("Answer variety").expect("an answer-variety table")..];
+    let row = variety
+        .lines()
+        .find(|l| l.starts_with("| AAPL |"))
+        .expect("an AAPL variety row");
+    assert!(row.contains(&want), "{row} should hold {want}");
     for chart in [
         "charts/signals_AAPL.svg",
         "charts/episodes_AAPL_test.svg",

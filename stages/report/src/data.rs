@@ -186,6 +186,15 @@ impl<'a> Cols<'a> {
         self.getter(name, |a: &'a StringArray, i| a.value(i))
     }
 
+    /// A nullable string column (null -> None).
+    pub(crate) fn opt_str(
+        &self,
+        name: &str,
+    ) -> StageResult<impl Fn(usize) -> Option<&'a str> + '_> {
+        let a: &'a StringArray = self.array(name)?;
+        Ok(move |row: usize| (!a.is_null(row)).then(|| a.value(row)))
+    }
+
     pub(crate) fn f64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<f64> + '_> {
         self.getter(name, |a: &Float64Array, i| a.value(i))
     }

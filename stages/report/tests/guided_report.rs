@@ -303,3 +303,94 @@ fn unknown_chart_ticker_is_a_param_error() {
     .to_string();
     assert!(err.contains("published") && err.contains("AAPL"), "{err}");
 }
+
+/// Strategist decisions of AAPL / P3 as `llm_signal` rows (one row per decision):
+/// (decision date as days since 1970, direction, explanation; None = failed).
+fn signals(decisions: &[(i32, f64, Option<&str>)]) -> flag_core::arrow::array::RecordBatch {
+    use flag_core::arrow::array::{BooleanArray, Date32Array};
+    let n = decisions.len();
+    let s = |v: Vec<Option<&str>>| -> ArrayRef { Arc::new(StringArray::from(v)) };
+    let f = |v: Vec<Option<f64>>| -> ArrayRef { Arc::new(Float64Array::from(v)) };
+    let d = |v: Vec<i32>| -> ArrayRef { Arc::new(Date32Array::from(v)) };
+    let dates: Vec<i32> = decisions.iter().map(|x| x.0).collect();
+    let ok = |x: &(i32, f64, Option<&str>)| x.2.is_some();
+    schema::schema("llm_signal")
+        .unwrap()
+        .batch(vec![
+            s(vec![Some("AAPL"); n]),
+            d(dates.clone()),
+            f(decisions.iter().map(|x| Some(x.1)).collect()),
+            f(decisions.iter().map(|x| Some(x.1.abs() * 0.5)).collect()),
+            f(decisions.iter().map(|x| Some(x.1 * 0.5)).collect()),
+            d(dates.clone()),
+            d(dates.clone()),
+            d(dates),
+            Arc::new(Int64Array::from(
+                decisions
+                    .iter()
+                    .map(|x| ok(x).then_some(2))
+                    .collect::<Vec<_>>(),
+            )),
+            f(decisions.iter().map(|x| ok(x).then_some(0.7)).collect()),
+            f(vec![Some(0.3); n]),
+            f(vec![Some(1.2); n]),
+            s(decisions.iter().map(|x| x.2).collect()),
+            s(decisions
+                .iter()
+                .map(|x| ok(x).then_some("{\"sma\":1.0}"))
+                .collect()),
+            s(vec![Some("P3"); n]),
+            Arc::new(Int64Array::from(
+                decisions
+                    .iter()
+                    .map(|x| if ok(x) { 1 } else { 3 })
+                    .collect::<Vec<_>>(),
+            )),
+            Arc::new(BooleanArray::from(
+                decisions.iter().map(|x| !ok(x)).collect::<Vec<_>>(),
+            )),
+            s(decisions
+                .iter()
+                .map(|x| (!ok(x)).then_some("the explanation repeats the format example"))
+                .collect()),
+            s(vec![Some("{...}"); n]),
+        ])
+        .unwrap()
+}
+
+#[test]
+fn prompt_tables_count_failures_and_answer_variety_in_the_split() {
+    let mut x = experiment();
+    // 2018-02-01, 03-01, 04-02, 05-01 (test split) and 2015-06-01 (outside it).
+    let batch = signals(&[
+        (17563, 1.0, Some("Trend up.")),
+        (17591, 1.0, Some("Trend up.")),
+        (17623, -1.0, Some("RSI overbought.")),
+        (17652, 0.0, None),
+        (16587, -1.0, Some("Outside the split.")),
+    ]);
+    x.inputs.insert(
+        "signals".into(),
+        vec![artifact(
+            x.dir.path(),
+            "s.signals",
+            &batch,
+            Some("llm_signal"),
+        )],
+    );
+    let mut p = params();
+    p.push(("prompts", json!(["P3"])));
+    let staging = x.dir.path().join("staging");
+    run_stage_of(&flag_report::guided::GuidedReport, &x.inputs, &p, &staging).unwrap();
+    let md = std::fs::read_to_string(staging.join("report/report.md")).unwrap();
+    // A failed decision's explanation is null: counted as a failure, not as an answer.
+    assert_eq!(row(&md, "Strategist failures", "AAPL")[1], "1/4 (1)");
+    assert_eq!(row(&md, "Answer variety", "AAPL")[1], "2/3, 67% LONG");
+    assert_eq!(
+        row(&md, "Sharpe ratio of the LLM-only strategy", "AAPL")[1],
+        format!(
+            "{:.2}",
+            x.sr[&("AAPL".to_string(), "llm_only_P3".to_string())][0]
+        )
+    );
+}

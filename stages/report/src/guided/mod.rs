@@ -305,7 +305,10 @@ pub(crate) fn build(
         }
     }
     if p.prompts.is_empty() && !decisions.is_empty() {
-        blocks.push(Block::Heading(2, "Strategist failures".into()));
+        blocks.push(Block::Heading(
+            2,
+            "Strategist failures and answer variety".into(),
+        ));
         let mut q = p.clone();
         q.prompts = decisions
             .keys()
@@ -313,7 +316,9 @@ pub(crate) fn build(
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        if let Some(t) = tables::prompt_tables(inputs, &q, decisions).pop() {
+        // Without the prompt comparison, only the failure and answer-variety tables apply.
+        let all = tables::prompt_tables(inputs, &q, decisions);
+        for t in all.into_iter().skip(3) {
             push_table(&mut blocks, t);
         }
     }

@@ -71,6 +71,8 @@ pub struct Decision {
     pub perplexity: f64,
     pub attempts: i64,
     pub failed: bool,
+    /// The model's explanation (empty when failed): identical ones flag a copying model.
+    pub explanation: String,
 }
 
 /// (prompt_version, ticker) -> decisions by date.
@@ -97,6 +99,8 @@ pub fn read_signals(ctx: &StageContext) -> StageResult<(Decisions, Vec<String>)>
             c.f64("perplexity")?,
         );
         let (attempts, failed) = (c.i64("attempts")?, c.bool("failed")?);
+        // Null on failed decisions.
+        let explanation = c.opt_str("explanation")?;
         for row in 0..batch.num_rows() {
             let d = Decision {
                 date: decision_date(row)?,
@@ -106,6 +110,7 @@ pub fn read_signals(ctx: &StageContext) -> StageResult<(Decisions, Vec<String>)>
                 perplexity: perplexity(row)?,
                 attempts: attempts(row)?,
                 failed: failed(row)?,
+                explanation: explanation(row).unwrap_or_default().to_string(),
             };
             let key = (prompt(row)?.to_string(), ticker(row)?.to_string());
             let by_date = out.entry(key.clone()).or_default();

@@ -328,10 +328,12 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
     let mut ppl = Vec::new();
     let mut ent = Vec::new();
     let mut fails = Vec::new();
+    let mut variety = Vec::new();
     for t in &tickers {
         let mut srow = Vec::new();
         let mut svals = Vec::new();
         let (mut prow, mut erow, mut frow) = (Vec::new(), Vec::new(), Vec::new());
+        let mut vrow = Vec::new();
         for q in &p.prompts {
             let key = crate::data::Key {
                 env: p.env.clone(),
@@ -355,11 +357,13 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
                     let mut c = cell(format!("{failed}/{} ({retried})", ds.len()));
                     c.bold = failed > 0;
                     frow.push(c);
+                    vrow.push(variety_cell(&ok));
                 }
                 None => {
                     prow.push(missing());
                     erow.push(missing());
                     frow.push(missing());
+                    vrow.push(missing());
                 }
             }
         }
@@ -368,6 +372,7 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
         ppl.push(((*t).to_string(), prow));
         ent.push(((*t).to_string(), erow));
         fails.push(((*t).to_string(), frow));
+        variety.push(((*t).to_string(), vrow));
     }
     let columns: Vec<String> = p.prompts.clone();
     let table = |caption: String, rows, mark| Table {
@@ -419,5 +424,30 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
             fails,
             "warn",
         ),
+        table(
+            format!(
+                "Answer variety over valid decisions ({} split): distinct explanations / \
+                 decisions, share LONG; one explanation for every decision means the model \
+                 repeated itself rather than read the data",
+                p.split
+            ),
+            variety,
+            "warn",
+        ),
     ]
+}
+
+/// "distinct/valid, LONG share" of valid decisions; bold when every decision has the same
+/// explanation (a model repeating itself) or there are none.
+fn variety_cell(ok: &[&&crate::guided::read::Decision]) -> Cell {
+    let distinct: BTreeSet<&str> = ok.iter().map(|d| d.explanation.as_str()).collect();
+    let long = ok.iter().filter(|d| d.direction > 0.0).count();
+    let share = if ok.is_empty() {
+        "-".to_string()
+    } else {
+        format!("{:.0}% LONG", 100.0 * long as f64 / ok.len() as f64)
+    };
+    let mut c = cell(format!("{}/{}, {share}", distinct.len(), ok.len()));
+    c.bold = distinct.len() <= 1;
+    c
 }
