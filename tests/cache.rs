@@ -175,6 +175,20 @@ fn show_and_path_open_artifacts_with_standard_tools() {
     assert!(p.is_file() && p.extension().unwrap() == "parquet", "{out}");
     let bytes = std::fs::read(&p).unwrap();
     assert_eq!(&bytes[..4], b"PAR1");
+    // Regression: `--pipeline` with the name of a pipeline run in this store (not a file)
+    // failed with "reading test-small: No such file".
+    let mut c = flag(root.path(), &store);
+    c.args(["path", "indicators.table", "--pipeline", "test-small"]);
+    assert_eq!(stdout(&run_ok(&mut c)), out);
+    let mut c = flag(root.path(), &store);
+    c.args(["path", "indicators.table", "--pipeline", "never-ran"]);
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("the name of one that has run"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// Regression: with a relative store path (the default `./artifacts` from the project root)

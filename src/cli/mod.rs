@@ -86,8 +86,20 @@ pub fn resolve_pipeline_name(
     pipeline: &Option<PathBuf>,
 ) -> anyhow::Result<String> {
     if let Some(p) = pipeline {
-        let text = std::fs::read_to_string(p)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        // A name that has run in this store (`--pipeline guided`) needs no file.
+        if !p.exists()
+            && let Some(name) = p.to_str().filter(|n| !n.contains(['/', '.']))
+            && store.refs()?.iter().any(|(pl, _, _)| pl == name)
+        {
+            return Ok(name.to_string());
+        }
+        let text = std::fs::read_to_string(p).map_err(|e| {
+            anyhow::anyhow!(
+                "reading {}: {e} (--pipeline takes a pipeline file, or the name of one that has \
+                 run in this store)",
+                p.display()
+            )
+        })?;
         let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or(serde_yaml::Value::Null);
         if let Some(n) = doc.get("name").and_then(|n| n.as_str()) {
             return Ok(n.to_string());

@@ -8,7 +8,8 @@ use clap::Args;
 pub struct PathArgs {
     /// The artifact, as STAGE.OUTPUT
     pub output: String,
-    /// The pipeline whose latest run to use [default: the last pipeline run in this store]
+    /// The pipeline (file, or name of one run in this store) whose latest run to use
+    /// [default: the last pipeline run in this store]
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
 }

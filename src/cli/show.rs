@@ -17,7 +17,8 @@ pub struct ShowArgs {
     /// SQL over the artifact, registered as table `t` (and as STAGE_OUTPUT)
     #[arg(long)]
     pub sql: Option<String>,
-    /// The pipeline whose latest run to read [default: the last pipeline run in this store]
+    /// The pipeline (file, or name of one run in this store) whose latest run to read
+    /// [default: the last pipeline run in this store]
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
 }
