@@ -13,6 +13,7 @@ use flag_core::{
 use flag_trading::backtest::{EnvKind, EnvSettings, simulate};
 use flag_trading::env::StepOutcome;
 use flag_trading::series::{Series, read_series};
+use flag_trading::stages::{env_params, env_settings};
 use flag_trading::strategy::Signal;
 use serde_json::{Value, json};
 
@@ -181,24 +182,6 @@ impl Stage for LlmOnly {
                     "Split label in the outputs",
                 ),
                 ParamSpec::with_default(
-                    "initial_capital",
-                    ParamKind::Float,
-                    json!(100000.0),
-                    "Capital at the start",
-                ),
-                ParamSpec::with_default(
-                    "cost",
-                    ParamKind::Float,
-                    json!(0.001),
-                    "Transaction cost rate",
-                ),
-                ParamSpec::with_default(
-                    "epsilon",
-                    ParamKind::Float,
-                    json!(0.1),
-                    "TDQN short-exposure price move",
-                ),
-                ParamSpec::with_default(
                     "tickers",
                     ParamKind::List,
                     Value::Null,
@@ -216,7 +199,10 @@ impl Stage for LlmOnly {
                     Value::Null,
                     "Last day traded (default: the last signal)",
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(env_params())
+            .collect(),
         }
     }
 
@@ -227,18 +213,7 @@ impl Stage for LlmOnly {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let p = &ctx.params;
         let (name, split) = (p.str("name")?, p.str("split")?);
-        let env = EnvSettings {
-            kind: EnvKind::Tdqn,
-            initial_capital: p.f64("initial_capital")?,
-            cost: p.f64("cost")?,
-            epsilon: p.f64("epsilon")?,
-        };
-        if env.initial_capital <= 0.0 || !(0.0..1.0).contains(&env.cost) || env.epsilon <= 0.0 {
-            return Err(StageError::param(
-                "initial_capital",
-                "need initial_capital > 0, cost in [0, 1), epsilon > 0",
-            ));
-        }
+        let env = env_settings(p, EnvKind::Tdqn)?;
         let tickers = util::ticker_filter(p)?;
         let day = |n: &str| -> StageResult<Option<i32>> {
             match p.get(n) {

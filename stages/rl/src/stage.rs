@@ -65,11 +65,12 @@ impl DdqnSettings {
                 "the test split must start after the train split ends",
             ));
         }
+        let env = flag_trading::stages::env_settings(p, flag_trading::backtest::EnvKind::Tdqn)?;
         let mut cfg = DdqnConfig {
             episodes: p.usize("episodes")?,
-            initial_capital: p.f64("initial_capital")?,
-            cost: p.f64("cost")?,
-            short_epsilon: p.f64("epsilon")?,
+            initial_capital: env.initial_capital,
+            cost: env.cost,
+            short_epsilon: env.epsilon,
             learning_rate: p.f64("learning_rate")?,
             ..DdqnConfig::default()
         };
@@ -478,30 +479,13 @@ impl Stage for Ddqn {
                         "Observation window in days (TDQN: 30)",
                     ),
                     ParamSpec::with_default(
-                        "initial_capital",
-                        ParamKind::Float,
-                        json!(100000.0),
-                        "Capital at the start of each split",
-                    ),
-                    ParamSpec::with_default(
-                        "cost",
-                        ParamKind::Float,
-                        json!(0.001),
-                        "Transaction cost rate",
-                    ),
-                    ParamSpec::with_default(
-                        "epsilon",
-                        ParamKind::Float,
-                        json!(0.1),
-                        "TDQN short-exposure price move",
-                    ),
-                    ParamSpec::with_default(
                         "periods_per_year",
                         ParamKind::Float,
                         json!(252.0),
                         "Annualisation of the curve's Sharpe ratios",
                     ),
                 ],
+                flag_trading::stages::env_params().to_vec(),
             ]
             .concat(),
         }

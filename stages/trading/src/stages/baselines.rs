@@ -61,21 +61,7 @@ impl BaselineConfig {
                 "the test split must start after the train split ends (no overlap)",
             ));
         }
-        let initial_capital = p.f64("initial_capital")?;
-        if initial_capital <= 0.0 {
-            return Err(StageError::param("initial_capital", "must be > 0"));
-        }
-        let cost = p.f64("cost")?;
-        if !(0.0..1.0).contains(&cost) {
-            return Err(StageError::param(
-                "cost",
-                format!("must be in [0, 1), got {cost}"),
-            ));
-        }
-        let epsilon = p.f64("epsilon")?;
-        if epsilon <= 0.0 {
-            return Err(StageError::param("epsilon", "must be > 0"));
-        }
+        let env = super::env_settings(p, kind)?;
         let ma_windows = p.usize_list("ma_windows")?;
         if strategies.iter().any(|s| s.uses_ma_windows()) && window_pairs(&ma_windows).is_empty() {
             return Err(StageError::param(
@@ -84,12 +70,7 @@ impl BaselineConfig {
             ));
         }
         Ok(BaselineConfig {
-            env: EnvSettings {
-                kind,
-                initial_capital,
-                cost,
-                epsilon,
-            },
+            env,
             strategies,
             splits: [
                 ("train", train_start, train_end),
@@ -217,25 +198,8 @@ impl Stage for Baselines {
                     ),
                 ],
                 super::split_date_params().to_vec(),
+                super::env_params().to_vec(),
                 vec![
-                    ParamSpec::with_default(
-                        "initial_capital",
-                        ParamKind::Float,
-                        json!(100000.0),
-                        "Capital at the start of each split",
-                    ),
-                    ParamSpec::with_default(
-                        "cost",
-                        ParamKind::Float,
-                        json!(0.001),
-                        "Transaction cost rate (0.001 = 0.1 %)",
-                    ),
-                    ParamSpec::with_default(
-                        "epsilon",
-                        ParamKind::Float,
-                        json!(0.1),
-                        "TDQN short-exposure price move",
-                    ),
                     ParamSpec::with_default(
                         "ma_windows",
                         ParamKind::List,

@@ -6,7 +6,9 @@ use flag_core::arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, StringArray,
 };
 use flag_core::{ParamKind, ParamSpec, Params, StageError, StageResult};
-use serde_json::Value;
+use serde_json::{Value, json};
+
+use crate::backtest::{EnvKind, EnvSettings};
 
 pub mod baselines;
 pub mod metrics;
@@ -23,6 +25,55 @@ pub fn split_date_params() -> [ParamSpec; 4] {
         ParamSpec::required("test_start", ParamKind::Date, "First day of the test split"),
         ParamSpec::required("test_end", ParamKind::Date, "Last day of the test split"),
     ]
+}
+
+/// The environment params every trading stage takes: capital, cost and the TDQN ε.
+pub fn env_params() -> [ParamSpec; 3] {
+    [
+        ParamSpec::with_default(
+            "initial_capital",
+            ParamKind::Float,
+            json!(100000.0),
+            "Capital at the start of each split",
+        ),
+        ParamSpec::with_default(
+            "cost",
+            ParamKind::Float,
+            json!(0.001),
+            "Transaction cost rate (0.001 = 0.1 %)",
+        ),
+        ParamSpec::with_default(
+            "epsilon",
+            ParamKind::Float,
+            json!(0.1),
+            "TDQN short-exposure price move",
+        ),
+    ]
+}
+
+/// Reads and validates [`env_params`] for environment `kind`.
+pub fn env_settings(p: &Params, kind: EnvKind) -> StageResult<EnvSettings> {
+    let initial_capital = p.f64("initial_capital")?;
+    if initial_capital <= 0.0 {
+        return Err(StageError::param("initial_capital", "must be > 0"));
+    }
+    let cost = p.f64("cost")?;
+    if !(0.0..1.0).contains(&cost) {
+        return Err(StageError::param(
+            "cost",
+            format!("must be in [0, 1), got {cost}"),
+        ));
+    }
+    let epsilon = p.f64("epsilon")?;
+    if epsilon <= 0.0 {
+        return Err(StageError::param("epsilon", "must be > 0"));
+    }
+    Ok(EnvSettings {
+        kind,
+        initial_capital,
+        cost,
+        epsilon,
+    })
 }
 
 pub(crate) const VERSION: &str = concat!(env!("CARGO_PKG_NAME"), "@", env!("CARGO_PKG_VERSION"));
@@ -114,5 +165,30 @@ mod tests {
             e.to_string(),
             "param 'periods_per_year': ETH: must be a whole number > 0, got 0"
         );
+    }
+
+    #[test]
+    fn env_settings_are_validated_by_name() {
+        let with = |name: &str, v: Value| {
+            let mut m: BTreeMap<String, Value> = env_params()
+                .iter()
+                .map(|s| (s.name.to_string(), s.default.clone().unwrap()))
+                .collect();
+            m.insert(name.to_string(), v);
+            env_settings(&Params::new(m), EnvKind::Tdqn)
+        };
+        let ok = with("cost", json!(0.002)).unwrap();
+        assert_eq!(
+            (ok.initial_capital, ok.cost, ok.epsilon),
+            (100000.0, 0.002, 0.1)
+        );
+        for (name, bad) in [
+            ("initial_capital", json!(0.0)),
+            ("cost", json!(1.0)),
+            ("epsilon", json!(-0.1)),
+        ] {
+            let e = with(name, bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("param '{name}'")), "{e}");
+        }
     }
 }
