@@ -2,8 +2,8 @@
 use std::sync::Arc;
 
 use flag_core::arrow::array::{
-    Array, ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, ListBuilder, RecordBatch,
-    StringArray, StringBuilder,
+    ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, ListBuilder, StringArray,
+    StringBuilder,
 };
 use flag_core::{StageError, StageResult};
 
@@ -42,26 +42,7 @@ pub fn list_utf8(v: &[Vec<String>]) -> ArrayRef {
     Arc::new(b.finish())
 }
 
-/// Column `name` of `batch` as `T`, or an input error naming the input and the column.
-pub fn column<'a, T: 'static>(
-    batch: &'a RecordBatch,
-    input: &str,
-    name: &str,
-    ty: &str,
-) -> StageResult<&'a T> {
-    let col = batch
-        .column_by_name(name)
-        .ok_or_else(|| StageError::Input {
-            input: input.into(),
-            message: format!("has no column '{name}'"),
-        })?;
-    col.as_any()
-        .downcast_ref::<T>()
-        .ok_or_else(|| StageError::Input {
-            input: input.into(),
-            message: format!("column '{name}' is {}, expected {ty}", col.data_type()),
-        })
-}
+pub use flag_trading::series::column;
 
 /// Error for a null where a value is required, naming the 1-based row.
 pub fn null_err(input: &str, row: usize, name: &str) -> StageError {

@@ -222,7 +222,48 @@ impl SchemaRegistry {
     }
 }
 
+/// Column `name` of `batch` as array type `T` (`ty` names it in the message). The error is
+/// the bare message; callers add which input or file it concerns.
+pub fn typed_column<'a, T: 'static>(
+    batch: &'a RecordBatch,
+    name: &str,
+    ty: &str,
+) -> Result<&'a T, String> {
+    let col = batch
+        .column_by_name(name)
+        .ok_or_else(|| format!("has no column '{name}'"))?;
+    col.as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| format!("column '{name}' is {}, expected {ty}", col.data_type()))
+}
+
 /// Shorthand for `SchemaRegistry::global().get(name)`.
 pub fn schema(name: &str) -> StageResult<&'static Schema> {
     SchemaRegistry::global().get(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Float64Array, StringArray};
+
+    use super::*;
+
+    #[test]
+    fn typed_column_names_a_missing_or_mistyped_column() {
+        let batch = RecordBatch::try_from_iter([(
+            "close",
+            Arc::new(StringArray::from(vec!["1.5"])) as ArrayRef,
+        )])
+        .unwrap();
+        assert_eq!(
+            typed_column::<Float64Array>(&batch, "close", "float64").unwrap_err(),
+            "column 'close' is Utf8, expected float64"
+        );
+        assert_eq!(
+            typed_column::<Float64Array>(&batch, "open", "float64").unwrap_err(),
+            "has no column 'open'"
+        );
+        let s = typed_column::<StringArray>(&batch, "close", "utf8").unwrap();
+        assert_eq!(s.value(0), "1.5");
+    }
 }

@@ -3,6 +3,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use flag_core::arrow::array::{Array, Date32Array, Float64Array, RecordBatch, StringArray};
+use flag_core::schema::typed_column;
 use flag_core::{StageError, StageResult};
 use flag_trading::series::from_days;
 
@@ -14,15 +15,7 @@ fn column<'a, T: 'static>(
     name: &str,
     ty: &str,
 ) -> StageResult<&'a T> {
-    let col = batch
-        .column_by_name(name)
-        .ok_or_else(|| StageError::file(file, format!("has no column '{name}'")))?;
-    col.as_any().downcast_ref::<T>().ok_or_else(|| {
-        StageError::file(
-            file,
-            format!("column '{name}' is {}, expected {ty}", col.data_type()),
-        )
-    })
+    typed_column(batch, name, ty).map_err(|m| StageError::file(file, m))
 }
 
 /// Splits an indicators-like table into per-ticker bars sorted by date. `file` names the

@@ -4,6 +4,7 @@ use std::ops::Range;
 
 use chrono::NaiveDate;
 use flag_core::arrow::array::{Array, Date32Array, Float64Array, RecordBatch, StringArray};
+use flag_core::schema::typed_column;
 use flag_core::{StageError, StageResult};
 
 /// Days since 1970-01-01, the Arrow `date32` encoding.
@@ -49,21 +50,14 @@ fn input_err(input: &str, message: String) -> StageError {
     }
 }
 
-fn column<'a, T: 'static>(
+/// Column `name` of `batch` as `T`, or an input error naming the input and the column.
+pub fn column<'a, T: 'static>(
     batch: &'a RecordBatch,
     input: &str,
     name: &str,
     ty: &str,
 ) -> StageResult<&'a T> {
-    let col = batch
-        .column_by_name(name)
-        .ok_or_else(|| input_err(input, format!("has no column '{name}'")))?;
-    col.as_any().downcast_ref::<T>().ok_or_else(|| {
-        input_err(
-            input,
-            format!("column '{name}' is {}, expected {ty}", col.data_type()),
-        )
-    })
+    typed_column(batch, name, ty).map_err(|m| input_err(input, m))
 }
 
 /// Splits `batch` into one [`Series`] per ticker (sorted by ticker), keeping `needed`
