@@ -346,15 +346,20 @@ pub fn trades_chart(title: &str, prices: &[(i32, f64)], trades: &[Trade]) -> Sta
             prices.iter().copied(),
             price_color.stroke_width(2),
         ))?;
-        // Markers sit just off the execution price so the price line stays visible.
-        chart.draw_series(trades.iter().filter(|t| t.buy).map(|t| {
-            EmptyElement::at((t.date, t.price)) + Polygon::new(up(0, 10), BUY.mix(0.9).filled())
-        }))?;
-        chart.draw_series(trades.iter().filter(|t| !t.buy).map(|t| {
-            EmptyElement::at((t.date, t.price)) + Polygon::new(down(0, -10), SELL.mix(0.9).filled())
-        }))?;
-        Ok(())
+        draw_trades(chart, trades, 10)
     })
+}
+
+/// Buy ▲ and sell ▼ markers of `trades`, `size` pixels tall, just off the execution price so
+/// the price line stays visible.
+pub(crate) fn draw_trades(chart: &mut Chart, trades: &[Trade], size: i32) -> DrawResult {
+    chart.draw_series(trades.iter().filter(|t| t.buy).map(|t| {
+        EmptyElement::at((t.date, t.price)) + Polygon::new(up(0, size), BUY.mix(0.9).filled())
+    }))?;
+    chart.draw_series(trades.iter().filter(|t| !t.buy).map(|t| {
+        EmptyElement::at((t.date, t.price)) + Polygon::new(down(0, -size), SELL.mix(0.9).filled())
+    }))?;
+    Ok(())
 }
 
 #[cfg(test)]

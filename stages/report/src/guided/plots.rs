@@ -5,7 +5,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::charts::{
     self, BUY, FONT, HEIGHT, INK, LABEL_SIZE, Mark, SELL, WIDTH, draw_legend, err, legend_layout,
-    render, up, x_range, y_range,
+    render, x_range, y_range,
 };
 use crate::data::Trade;
 use crate::guided::read::Decision;
@@ -52,14 +52,7 @@ pub fn signals_chart(
             let r = 3 + (d.strength.clamp(0.0, 1.0) * 9.0).round() as i32;
             Some(Circle::new((d.date, p), r, color.mix(0.35).filled()))
         }))?;
-        chart.draw_series(trades.iter().filter(|t| t.buy).map(|t| {
-            EmptyElement::at((t.date, t.price)) + Polygon::new(up(0, 9), BUY.mix(0.9).filled())
-        }))?;
-        chart.draw_series(trades.iter().filter(|t| !t.buy).map(|t| {
-            EmptyElement::at((t.date, t.price))
-                + Polygon::new(charts::down(0, -9), SELL.mix(0.9).filled())
-        }))?;
-        Ok(())
+        charts::draw_trades(chart, trades, 9)
     })
 }
 
