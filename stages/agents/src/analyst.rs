@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::anon::Anonymiser;
 use crate::backend::{
-    LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_files,
+    LlmBackend, LlmRequest, LlmSettings, backend_numerics, device_env, llm_param_specs, model_files,
 };
 use crate::parse::{parse_factors, reject_copied_factors, template_examples};
 use crate::prompt::{prompt_files, prompt_param, prompt_path, read_prompts, render};
@@ -318,6 +318,10 @@ impl Stage for Analyst {
 
     fn environment(&self, params: &Params) -> Vec<(String, String)> {
         device_env(params)
+    }
+
+    fn numerics(&self, params: &Params) -> flag_core::Numerics {
+        backend_numerics(params)
     }
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {

@@ -335,7 +335,33 @@ pub fn device_env(p: &Params) -> Vec<(String, String)> {
     } else {
         "invalid".into()
     };
-    vec![("device".into(), dev)]
+    let mut env = Vec::new();
+    if dev == "cpu" {
+        // libtorch's intra-op reductions and MKL's blocking follow the thread count.
+        env.push(("threads".into(), llm_threads().to_string()));
+    }
+    env.push(("device".into(), dev));
+    env
+}
+
+/// The libtorch threads the embedded engine will decode with: `FLAG_LLM_THREADS` when it
+/// parses (the engine rejects other values when it loads), else libtorch's default.
+pub fn llm_threads() -> usize {
+    std::env::var("FLAG_LLM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .map(|n| n.max(1))
+        .unwrap_or_else(|| tch::get_num_threads().max(1) as usize)
+}
+
+/// The embedded backend computes through libtorch (kernel-path dependent); the HTTP backend's
+/// answers come from the service its params name.
+pub fn backend_numerics(p: &Params) -> flag_core::Numerics {
+    if backend_name(p).is_ok_and(|b| b == "openai") {
+        flag_core::Numerics::Remote
+    } else {
+        flag_core::Numerics::KernelPath
+    }
 }
 
 /// The model file: the `model` param, or the packaged SmolLM2.

@@ -7,6 +7,7 @@
 
 pub mod context;
 pub mod error;
+pub mod numerics;
 pub mod params;
 pub mod parquet_io;
 pub mod schema;
@@ -14,6 +15,7 @@ pub mod spec;
 
 pub use context::{InputArtifact, ProgressFn, StageContext};
 pub use error::{StageError, StageResult};
+pub use numerics::Numerics;
 pub use params::Params;
 pub use schema::{ColumnType, Schema, SchemaRegistry};
 pub use spec::{

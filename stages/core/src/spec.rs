@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use crate::context::StageContext;
 use crate::error::StageResult;
+use crate::numerics::Numerics;
 use crate::params::Params;
 
 /// A stage kind, as named by `uses:` in a pipeline file.
@@ -29,6 +30,12 @@ pub trait Stage: Send + Sync {
     /// Environment facts that change results (e.g. "cuda" vs "cpu"). Part of the cache key.
     fn environment(&self, _params: &Params) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// Whether the outputs' bytes depend on the float kernels that computed them (see
+    /// [`Numerics`]). A `KernelPath` stage gets the kernel path in its cache key.
+    fn numerics(&self, _params: &Params) -> Numerics {
+        Numerics::Portable
     }
 
     /// Does the work: reads inputs and writes every declared output through `ctx`.

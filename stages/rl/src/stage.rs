@@ -500,6 +500,12 @@ impl Stage for Ddqn {
         vec![("device".into(), dev.into())]
     }
 
+    /// Each run trains on one libtorch thread whatever `threads` is, so the worker count does
+    /// not change the bytes; the kernel path does.
+    fn numerics(&self, _params: &Params) -> flag_core::Numerics {
+        flag_core::Numerics::KernelPath
+    }
+
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let with_signals = ctx.has_input("signals");
         let settings = DdqnSettings::from_params(&ctx.params, with_signals)?;

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use self::blocks::{BlockInput, COLUMNS, Decided, blocks};
 use crate::anon::Anonymiser;
 use crate::backend::{
-    LlmBackend, LlmRequest, LlmSettings, device_env, llm_param_specs, model_files,
+    LlmBackend, LlmRequest, LlmSettings, backend_numerics, device_env, llm_param_specs, model_files,
 };
 use crate::parse::{Strategy, parse_strategy, reject_copied_strategy, template_examples};
 use crate::prompt::{placeholders, prompt_files, prompt_param, prompt_path, read_prompts, render};
@@ -449,6 +449,10 @@ impl Stage for Strategist {
 
     fn environment(&self, params: &Params) -> Vec<(String, String)> {
         device_env(params)
+    }
+
+    fn numerics(&self, params: &Params) -> flag_core::Numerics {
+        backend_numerics(params)
     }
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
