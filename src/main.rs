@@ -24,6 +24,8 @@ fn main() -> ExitCode {
         Command::Show(a) => cli::show::run(a, &cli.store, &cli.root),
         Command::Path(a) => cli::path::run(a, &cli.store, &cli.root),
         Command::Verify(a) => cli::verify::run(a, &cli.store, &cli.root),
+        Command::Stages(a) => cli::stages::run(a),
+        Command::Env(a) => cli::env::run(a),
         Command::Gc(a) => cli::gc::run(a, &cli.store, &cli.root),
         Command::Llm(a) => cli::llm::run(a).map(|_| ExitCode::SUCCESS),
         Command::Serve(a) => cli::serve::run(a).map(|_| ExitCode::SUCCESS),

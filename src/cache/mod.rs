@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use flag_core::numerics::{self, Numerics};
 use flag_core::{OutputKind, ParamKind, SchemaRegistry};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -149,7 +150,7 @@ pub fn key_parts(
             );
         }
     }
-    let env = stage.imp.environment(&stage.params).into_iter().collect();
+    let env = keyed_environment(stage);
     Ok((
         KeyParts {
             format: STORE_FORMAT,
@@ -164,6 +165,40 @@ pub fn key_parts(
         },
         resource_bytes,
     ))
+}
+
+/// The libtorch this binary is linked against (read from torch/version.py at build time).
+pub const LIBTORCH_VERSION: &str = env!("FLAG_LIBTORCH_VERSION");
+
+/// The environment part of a stage's key: what the stage reports (device, threads...) and,
+/// for a [`Numerics::KernelPath`] stage, this process's kernel path (libtorch version, ATen
+/// CPU dispatch level, MKL path; the GPU model on CUDA).
+pub fn keyed_environment(stage: &PipelineStage) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> =
+        stage.imp.environment(&stage.params).into_iter().collect();
+    if stage.imp.numerics(&stage.params) == Numerics::KernelPath {
+        env.extend(numerics::kernel_path(LIBTORCH_VERSION));
+        if env.get("device").is_some_and(|d| d.starts_with("cuda")) {
+            env.insert(
+                "gpu".into(),
+                numerics::gpu_models().unwrap_or_else(|| "unknown".into()),
+            );
+        }
+    }
+    env
+}
+
+/// What a manifest records about the machine that ran the stage, whatever its numerics.
+pub fn recorded_compute(stage: &PipelineStage) -> BTreeMap<String, String> {
+    let mut m = numerics::machine();
+    m.extend(numerics::kernel_path(LIBTORCH_VERSION));
+    m.extend(stage.imp.environment(&stage.params));
+    m.insert(
+        "numerics".into(),
+        stage.imp.numerics(&stage.params).label().into(),
+    );
+    m.insert("flag".into(), env!("CARGO_PKG_VERSION").into());
+    m
 }
 
 fn annotate(stage: &PipelineStage, e: EngineError) -> EngineError {
@@ -259,7 +294,24 @@ pub fn explain(old: &KeyParts, new: &KeyParts) -> Vec<String> {
         why.push("output schema changed".into());
     }
     if old.env != new.env {
-        why.push(format!("environment {:?} -> {:?}", old.env, new.env));
+        why.push(format!(
+            "compute environment changed: {}",
+            diff_maps(&old.env, &new.env).join(", ")
+        ));
     }
     why
+}
+
+/// `name old -> new` for each entry that differs (`(none)` where one side lacks it).
+pub fn diff_maps(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<String> {
+    let names: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    names
+        .into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| {
+            let side =
+                |m: &BTreeMap<String, String>| m.get(k).cloned().unwrap_or_else(|| "(none)".into());
+            format!("{k} {} -> {}", side(old), side(new))
+        })
+        .collect()
 }

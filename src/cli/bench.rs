@@ -72,6 +72,7 @@ pub fn run(args: BenchStoreArgs) -> anyhow::Result<ExitCode> {
         seconds: 0.0,
         created: String::new(),
         log: String::new(),
+        compute: Default::default(),
     })?;
     let verify_s = t.elapsed().as_secs_f64();
     assert!(bad.is_empty());

@@ -1,11 +1,14 @@
 //! Command-line interface (clap derive). One module per subcommand.
 pub mod bench;
+pub mod env;
 pub mod gc;
 pub mod llm;
 pub mod path;
+pub mod recompute;
 pub mod run;
 pub mod serve;
 pub mod show;
+pub mod stages;
 pub mod status;
 pub mod verify;
 
@@ -40,8 +43,12 @@ pub enum Command {
     Show(show::ShowArgs),
     /// Print the file path(s) of an artifact, for duckdb / pandas
     Path(path::PathArgs),
-    /// Re-hash every stored object; report and drop corrupted ones so they are recomputed
+    /// Re-hash every stored object (or recompute a stage and compare its bytes)
     Verify(verify::VerifyArgs),
+    /// This machine's compute environment and the kernel path that keys libtorch stages
+    Env(env::EnvArgs),
+    /// The stage kinds: inputs, outputs, params, and which are bit-identical on any machine
+    Stages(stages::StagesArgs),
     /// Remove objects no manifest uses, and staging left by killed runs
     Gc(gc::GcArgs),
     /// The embedded language models (tokenize, logits, generate, embed, bench)

@@ -21,12 +21,16 @@ pub struct Outcome {
 }
 
 /// Upstream bindings of a stage: (input -> [(ref, hash)]) for the key, and the artifacts.
-type Bound = (
+pub type Bound = (
     BTreeMap<String, Vec<(String, String)>>,
     BTreeMap<String, Vec<InputArtifact>>,
 );
 
-fn bind_inputs(st: &PipelineStage, store: &Store, upstream: &BTreeMap<String, Manifest>) -> Bound {
+pub fn bind_inputs(
+    st: &PipelineStage,
+    store: &Store,
+    upstream: &BTreeMap<String, Manifest>,
+) -> Bound {
     let spec = st.imp.spec();
     let mut hashes = BTreeMap::new();
     let mut arts = BTreeMap::new();
@@ -292,48 +296,25 @@ pub fn execute(
     let spec = st.imp.spec();
     let bar = progress.stage_bar(&st.name);
     let bar2 = bar.clone();
-    let mut ctx = StageContext::new(
-        st.name.clone(),
-        st.params.clone(),
+    let header = format!(
+        "stage {} ({}) key {key}\nreason: {reason}\ncompute: {}",
+        st.name,
+        st.kind,
+        serde_json::to_string(&cache::recorded_compute(st)).unwrap_or_default()
+    );
+    let (stage_err, ctx) = run_into(
+        st,
         artifacts,
-        spec.outputs.clone(),
-        staging.clone(),
         resources,
+        staging.clone(),
         log_file,
         Some(Arc::new(move |done, total, msg: &str| {
             bar2.update(done, total, msg)
         })),
+        &header,
     );
-    ctx.log(format!(
-        "stage {} ({}) key {key}\nreason: {reason}\nparams: {}",
-        st.name,
-        st.kind,
-        serde_json::to_string(&st.params.0).unwrap_or_default()
-    ));
-    let run = catch_unwind(AssertUnwindSafe(|| st.imp.run(&mut ctx)));
     bar.done();
-    let stage_err = match run {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(EngineError::Stage {
-            stage: st.name.clone(),
-            kind: st.kind.clone(),
-            source: Box::new(e),
-        }),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Some(EngineError::Stage {
-                stage: st.name.clone(),
-                kind: st.kind.clone(),
-                source: Box::new(flag_core::StageError::Invalid(format!(
-                    "the stage panicked: {msg}"
-                ))),
-            })
-        }
-    };
+    let stage_err = stage_err.err();
     if let Some(e) = stage_err {
         ctx.log(format!("FAILED: {e}"));
         drop(ctx);
@@ -369,6 +350,7 @@ pub fn execute(
             seconds,
             created: chrono::Utc::now().to_rfc3339(),
             log: log_rel.clone(),
+            compute: cache::recorded_compute(st),
         };
         store.write_manifest(&m)?;
         store.set_ref(&p.name, &st.name, &key)?;
@@ -395,4 +377,56 @@ pub fn execute(
             Some(store.root.join(&log_rel).to_string_lossy().to_string()),
         ),
     }
+}
+
+/// Runs one stage into `dir` (its staging directory): builds the context, logs the header and
+/// params, catches a panic as a stage error. Returns the context so the caller can log more
+/// and close the log. Shared by `flag run` and `flag verify --recompute`.
+pub fn run_into(
+    st: &PipelineStage,
+    artifacts: BTreeMap<String, Vec<InputArtifact>>,
+    resources: BTreeMap<String, Vec<u8>>,
+    dir: std::path::PathBuf,
+    log_file: Option<fs::File>,
+    progress: Option<flag_core::ProgressFn>,
+    header: &str,
+) -> (Result<()>, StageContext) {
+    let mut ctx = StageContext::new(
+        st.name.clone(),
+        st.params.clone(),
+        artifacts,
+        st.imp.spec().outputs,
+        dir,
+        resources,
+        log_file,
+        progress,
+    );
+    ctx.log(format!(
+        "{header}\nparams: {}",
+        serde_json::to_string(&st.params.0).unwrap_or_default()
+    ));
+    let run = catch_unwind(AssertUnwindSafe(|| st.imp.run(&mut ctx)));
+    let result = match run {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(EngineError::Stage {
+            stage: st.name.clone(),
+            kind: st.kind.clone(),
+            source: Box::new(e),
+        }),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(EngineError::Stage {
+                stage: st.name.clone(),
+                kind: st.kind.clone(),
+                source: Box::new(flag_core::StageError::Invalid(format!(
+                    "the stage panicked: {msg}"
+                ))),
+            })
+        }
+    };
+    (result, ctx)
 }

@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::pipeline::Pipeline;
 use crate::store::{Manifest, Store};
 
-pub use execute::{Outcome, plan_stage};
+pub use execute::{Outcome, bind_inputs, plan_stage, run_into};
 pub use progress::Progress;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

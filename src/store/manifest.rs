@@ -40,4 +40,9 @@ pub struct Manifest {
     pub created: String,
     /// Store-relative path of the run's log.
     pub log: String,
+    /// The machine and kernel path that computed the outputs (CPU, ATen dispatch level, MKL
+    /// path, libtorch, device, threads) and the stage's numerics class. Recorded for every
+    /// run; keyed only for kernel-path stages (see `parts.env`). Empty in older manifests.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compute: BTreeMap<String, String>,
 }

@@ -13,6 +13,7 @@
 //! into `objects/`, and writes the manifest last (temp file, fsync, rename). A manifest is
 //! therefore only ever visible for complete outputs, and nothing is deleted on the way.
 
+pub mod diff;
 mod lock;
 mod manifest;
 
