@@ -169,35 +169,110 @@ fn same_seed_gives_bit_identical_training() {
     }
 }
 
-/// Learning check with the paper's network, replay, target and exploration settings, except
-/// the learning rate: 1e-3 instead of 1e-4, because at 1e-4 the initial Q-values (about 1.4
-/// standard deviation from Xavier init) take tens of thousands of steps to shrink to the
-/// reward scale (about 0.006 here), which the paper's 50 episodes provide and a test does not.
-#[test]
-fn learns_a_trivial_uptrend() {
-    tch::set_num_threads(1);
-    let cfg = DdqnConfig {
-        learning_rate: 1e-3,
-        ..small_config(6)
-    };
+/// (test LONG share, test return, buy-and-hold return) of seed `seed` on the up-trend.
+fn uptrend_outcome(cfg: &DdqnConfig, seed: u64) -> (f64, f64, f64) {
     let (train, test) = (0..500, 500..560);
     let bars = uptrend(test.end);
     let buy_and_hold = bars.close[test.end - 1] / bars.close[test.start] - 1.0;
-    let data = TickerData::new("UP", bars, train, test, &cfg, None).unwrap();
-    for seed in 0..3 {
-        let out = train_run(&cfg, &data, seed, Device::Cpu, 252.0, &|_, _| {}).unwrap();
-        let test = &out.paths[1];
-        let long = test.steps.iter().filter(|s| s.action == "LONG").count() as f64
-            / test.steps.len() as f64;
-        let ret = test.total_return(cfg.initial_capital);
+    let data = TickerData::new("UP", bars, train, test, cfg, None).unwrap();
+    let out = train_run(cfg, &data, seed, Device::Cpu, 252.0, &|_, _| {}).unwrap();
+    let test = &out.paths[1];
+    let long =
+        test.steps.iter().filter(|s| s.action == "LONG").count() as f64 / test.steps.len() as f64;
+    (long, test.total_return(cfg.initial_capital), buy_and_hold)
+}
+
+/// Seeds and episodes of the learning check. Measured on this machine class (AMD EPYC,
+/// AVX-512) at 12 episodes: 13 of 15 (seed, level) runs hold LONG on 100 % of test days, the
+/// other two on 85 %; at 8 episodes one seed held 47 %. So the verdict is a statistic over
+/// seeds with a wide margin, not a per-seed threshold that kernel rounding can tip.
+const LEARNING_SEEDS: u64 = 3;
+const LEARNING_EPISODES: usize = 12;
+
+/// The learning check in one process, under whatever ATEN_CPU_CAPABILITY it was started with.
+/// Paper settings (network, replay, target, exploration), except the learning rate: 1e-3
+/// instead of 1e-4, because at 1e-4 the initial Q-values (about 1.4 standard deviation from
+/// Xavier init) take tens of thousands of steps to shrink to the reward scale (about 0.006
+/// here), which the paper's 50 episodes provide and a test does not. Passes when the median
+/// seed holds LONG on >= 90 % of test days and the seeds' mean test return is at least half of
+/// buy-and-hold's.
+#[test]
+#[ignore = "run once per ATEN_CPU_CAPABILITY level by learns_a_trivial_uptrend_under_every_cpu_capability"]
+fn uptrend_learning_check() {
+    tch::set_num_threads(1);
+    let cfg = DdqnConfig {
+        learning_rate: 1e-3,
+        ..small_config(LEARNING_EPISODES)
+    };
+    let mut longs = Vec::new();
+    let mut returns = Vec::new();
+    let mut buy_and_hold = 0.0;
+    for seed in 0..LEARNING_SEEDS {
+        let (long, ret, bh) = uptrend_outcome(&cfg, seed);
         eprintln!(
-            "seed {seed}: test LONG share {long:.2}, test return {ret:.4} (buy and hold \
-             {buy_and_hold:.4}), last episode {:?}",
-            out.curve.last()
+            "seed {seed}: test LONG share {long:.3}, test return {ret:.4} (buy and hold {bh:.4})"
         );
-        assert!(
-            long >= 0.75 && ret > 0.5 * buy_and_hold,
-            "seed {seed} did not learn to hold the up-trend: LONG share {long:.2}, return {ret:.4}"
-        );
+        longs.push(long);
+        returns.push(ret);
+        buy_and_hold = bh;
     }
+    longs.sort_by(f64::total_cmp);
+    let median = longs[longs.len() / 2];
+    let mean_return = returns.iter().sum::<f64>() / returns.len() as f64;
+    eprintln!(
+        "capability {}: median LONG share {median:.3}, mean test return {mean_return:.4}",
+        flag_core::numerics::cpu_capability()
+    );
+    assert!(
+        median >= 0.9 && mean_return >= 0.5 * buy_and_hold,
+        "did not learn to hold the up-trend: median LONG share {median:.3}, mean return \
+         {mean_return:.4} (buy and hold {buy_and_hold:.4})"
+    );
+}
+
+/// Runs `uptrend_learning_check` in a child process under every dispatch level this CPU
+/// supports (ATen reads ATEN_CPU_CAPABILITY once, at start-up), all at once.
+#[test]
+fn learns_a_trivial_uptrend_under_every_cpu_capability() {
+    let exe = std::env::current_exe().unwrap();
+    let levels = flag_core::numerics::supported_cpu_capabilities();
+    let children: Vec<_> = levels
+        .iter()
+        .map(|level| {
+            let child = std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "uptrend_learning_check",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .env("ATEN_CPU_CAPABILITY", level)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (level, child)
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for (level, child) in children {
+        let out = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("--- ATEN_CPU_CAPABILITY={level}\n{text}");
+        assert!(
+            text.contains(&format!("capability {level}:")),
+            "the child did not run the check under {level}"
+        );
+        if !out.status.success() {
+            failed.push(*level);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "the learning check failed under {failed:?}"
+    );
 }
