@@ -81,6 +81,19 @@ fn at_level(root: &Path, store: &Path, level: &str) -> Command {
     c
 }
 
+/// `flag verify --recompute STAGE --pipeline pipelines/repro.yaml`.
+fn recompute_cmd(root: &Path, store: &Path, stage: &str) -> Command {
+    let mut c = flag(root, store);
+    c.args([
+        "verify",
+        "--recompute",
+        stage,
+        "--pipeline",
+        "pipelines/repro.yaml",
+    ]);
+    c
+}
+
 fn manifest(store: &Path, key: &str) -> Value {
     let p = store
         .join("manifests")
@@ -90,15 +103,9 @@ fn manifest(store: &Path, key: &str) -> Value {
 }
 
 fn recompute(root: &Path, store: &Path, level: &str, stage: &str) -> (Output, Value) {
-    let out = at_level(root, store, level)
-        .args([
-            "verify",
-            "--recompute",
-            stage,
-            "--pipeline",
-            "pipelines/repro.yaml",
-            "--json",
-        ])
+    let out = recompute_cmd(root, store, stage)
+        .env("ATEN_CPU_CAPABILITY", level)
+        .arg("--json")
         .output()
         .unwrap();
     let text = stdout(&out);
@@ -161,15 +168,8 @@ fn kernel_path_stages_are_keyed_by_cpu_dispatch_and_portable_ones_are_not() {
     // FMA/AVX2 variants it picks at load time (exp, log, pow...): recomputed with those CPU
     // features masked from glibc, every output is byte-identical.
     for stage in ["indicators", "baselines", "metrics"] {
-        let out = flag(&root, &store)
+        let out = recompute_cmd(&root, &store, stage)
             .env("GLIBC_TUNABLES", NO_FMA)
-            .args([
-                "verify",
-                "--recompute",
-                stage,
-                "--pipeline",
-                "pipelines/repro.yaml",
-            ])
             .output()
             .unwrap();
         assert!(
@@ -254,14 +254,8 @@ fn kernel_path_stages_are_keyed_by_cpu_dispatch_and_portable_ones_are_not() {
     if !ddqn_bytes_same {
         // The differing table names its columns, with the largest difference of a numeric one.
         let text = stdout(
-            &at_level(&root, &store, first)
-                .args([
-                    "verify",
-                    "--recompute",
-                    "ddqn",
-                    "--pipeline",
-                    "pipelines/repro.yaml",
-                ])
+            &recompute_cmd(&root, &store, "ddqn")
+                .env("ATEN_CPU_CAPABILITY", first)
                 .output()
                 .unwrap(),
         );
@@ -276,32 +270,15 @@ fn kernel_path_stages_are_keyed_by_cpu_dispatch_and_portable_ones_are_not() {
 fn recompute_refuses_a_stage_whose_pipeline_changed_since_its_run() {
     let (_tmp, root, store) = project();
     run_ok(flag(&root, &store).args(["run", "pipelines/repro.yaml", "--only", "baselines"]));
-    let out = flag(&root, &store)
-        .args([
-            "verify",
-            "--recompute",
-            "baselines",
-            "--pipeline",
-            "pipelines/repro.yaml",
-            "--set",
-            "baselines.cost=0.005",
-        ])
+    let out = recompute_cmd(&root, &store, "baselines")
+        .args(["--set", "baselines.cost=0.005"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
     let err = stderr(&out);
     assert!(err.contains("no longer matches its stored run"), "{err}");
     assert!(err.contains("param cost"), "{err}");
-    let out = flag(&root, &store)
-        .args([
-            "verify",
-            "--recompute",
-            "ddqn",
-            "--pipeline",
-            "pipelines/repro.yaml",
-        ])
-        .output()
-        .unwrap();
+    let out = recompute_cmd(&root, &store, "ddqn").output().unwrap();
     assert!(
         stderr(&out).contains("has not run in pipeline 'repro'"),
         "{}",
