@@ -38,8 +38,32 @@ pub struct KeyParts {
 
 impl KeyParts {
     pub fn key(&self) -> String {
-        let bytes = serde_json::to_vec(self).expect("key parts serialise");
+        let mut canonical = self.clone();
+        for v in canonical.params.values_mut() {
+            *v = sorted_keys(v);
+        }
+        let bytes = serde_json::to_vec(&canonical).expect("key parts serialise");
         blake3::hash(&bytes).to_hex().to_string()
+    }
+}
+
+/// `v` with every object's keys in sorted order. serde_json keeps insertion order once any
+/// crate in the build enables its `preserve_order` feature (llguidance does), so a param's
+/// nested map must be sorted here for its key not to depend on how the YAML spelled it.
+pub fn sorted_keys(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => {
+            let mut entries: Vec<(&String, &Value)> = m.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), sorted_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(a) => Value::Array(a.iter().map(sorted_keys).collect()),
+        other => other.clone(),
     }
 }
 
@@ -314,4 +338,37 @@ pub fn diff_maps(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>)
             format!("{k} {} -> {}", side(old), side(new))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(param: &str) -> KeyParts {
+        KeyParts {
+            format: 1,
+            kind: "k".into(),
+            version: "1".into(),
+            resources: BTreeMap::new(),
+            params: [("p".to_string(), serde_json::from_str(param).unwrap())]
+                .into_iter()
+                .collect(),
+            external: Vec::new(),
+            inputs: BTreeMap::new(),
+            schemas: BTreeMap::new(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    /// Regression: with serde_json's preserve_order on (llguidance enables it), a nested map
+    /// param keyed differently by the order its keys were written in.
+    #[test]
+    fn key_ignores_the_order_of_nested_map_keys() {
+        let a = parts(r#"{"b": 1, "a": {"y": [1, {"d": 0, "c": 1}], "x": 2}}"#);
+        let b = parts(r#"{"a": {"x": 2, "y": [1, {"c": 1, "d": 0}]}, "b": 1}"#);
+        assert_eq!(a.key(), b.key());
+        assert_ne!(a.key(), parts(r#"{"a": 1, "b": 1}"#).key());
+        // Array order is content, not spelling.
+        assert_ne!(parts("[1, 2]").key(), parts("[2, 1]").key());
+    }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use flag_llm::constrain::Constraint;
 use flag_llm::embed::MiniLmEmbedder;
 use flag_llm::generate::{Engine, GenerateOptions};
 use flag_llm::models;
@@ -119,6 +120,9 @@ pub struct GenerateArgs {
     /// k of the top-k entropy reported per token
     #[arg(long, default_value_t = 10)]
     pub entropy_k: usize,
+    /// Constrain the answer: a JSON Schema (.json), a Lark grammar (.lark) or a regex (.regex)
+    #[arg(long, value_name = "FILE")]
+    pub schema: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -243,6 +247,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
     let prompt = read_prompt(&a.prompt_file)?;
+    let constraint = a.schema.as_deref().map(Constraint::from_file).transpose()?;
     let engine = load_engine(&a.common)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
@@ -253,6 +258,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         top_k_entropy: a.entropy_k,
         chat: a.chat,
         json_prefill: None,
+        constraint,
     };
     let g = engine
         .generate(std::slice::from_ref(&prompt), &opts)?
@@ -268,6 +274,10 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             "perplexity": g.perplexity,
             "entropies": g.entropies,
             "finish_reason": g.finish_reason.as_str(),
+            // What the grammar allowed: restricted logprobs/entropies, allowed counts and the
+            // alternatives at steps with few of them (null without --schema).
+            "constrained": g.constrained,
+            "error": g.error,
         }));
     } else {
         println!("{}", g.text);
@@ -279,6 +289,9 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             g.entropy,
             g.finish_reason.as_str()
         );
+        if let Some(e) = &g.error {
+            eprintln!("[constraint error: {e}]");
+        }
     }
     Ok(())
 }

@@ -547,6 +547,7 @@ fn parse_chat(shared: &Shared, v: &Value) -> ApiResult<ChatRequest> {
             top_k_entropy: 1,
             chat: true,
             json_prefill: None,
+            constraint: None,
         },
         logprobs,
         top_logprobs,
@@ -641,6 +642,7 @@ fn chat(shared: &Shared, v: &Value) -> ApiResult<Value> {
     let finish = match g.finish_reason {
         FinishReason::Length => "length",
         FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Error => "error",
     };
     let n = shared
         .counter

@@ -25,7 +25,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/analyst-3"
+    "/analyst-4"
 );
 
 pub struct Analyst;
@@ -179,12 +179,13 @@ pub fn analyse(
     let mut out: Vec<Option<Outcome<Vec<String>>>> = vec![None; days.len()];
     for (n, chunk) in order.chunks(cfg.batch_size).enumerate() {
         progress((n * cfg.batch_size) as u64, days.len() as u64, "analyst");
+        let prefill = cfg.llm.answer_prefill(PREFILL);
         let requests = chunk
             .iter()
             .map(|&i| {
                 Ok(LlmRequest {
                     user: build_prompt(template, &file, &anons[days[i].ticker.as_str()], &days[i])?,
-                    prefill: PREFILL.to_string(),
+                    prefill: prefill.to_string(),
                 })
             })
             .collect::<StageResult<Vec<_>>>()?;
@@ -326,7 +327,12 @@ impl Stage for Analyst {
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = AnalystConfig::from_params(&ctx.params)?;
-        let (template, retry) = read_prompts(ctx, "analyst", &cfg.prompt)?;
+        let files = read_prompts(ctx, "analyst", &cfg.prompt)?;
+        let (template, retry) = (files.template, files.retry);
+        let cfg = AnalystConfig {
+            llm: cfg.llm.constrained_by(files.schema),
+            ..cfg
+        };
         let days = group_news(&ctx.read_input("news")?, &cfg)?;
         let backend = cfg.llm.load_backend()?;
         ctx.log(format!(

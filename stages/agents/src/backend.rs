@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flag_core::{ParamKind, ParamSpec, Params, StageError, StageResult};
+use flag_llm::constrain::Constraint;
 use flag_llm::generate::{Engine, GenerateOptions, Generation};
 use flag_llm::tokenizer::ChatMessage;
 use serde_json::{Value, json};
@@ -153,6 +154,8 @@ pub struct LlmSettings {
     pub opts: GenerateOptions,
     /// Attempts after the first for a malformed answer.
     pub retries: usize,
+    /// Whether the embedded decoder enforces the prompt's schema (param `constrain`).
+    pub constrain: bool,
 }
 
 /// The params every LLM stage takes, with the defaults of the reported run.
@@ -199,6 +202,12 @@ pub fn llm_param_specs(max_tokens: u64) -> Vec<ParamSpec> {
             ParamKind::Int,
             json!(2),
             "Extra attempts for a malformed answer (each told its error)",
+        ),
+        ParamSpec::with_default(
+            "constrain",
+            ParamKind::Bool,
+            json!(true),
+            "Enforce the prompt's JSON Schema in the embedded decoder (false: free generation, validated after; the ablation, and what an HTTP backend gets)",
         ),
         ParamSpec::with_default(
             "backend",
@@ -448,8 +457,10 @@ impl LlmSettings {
                 top_k_entropy,
                 chat: true,
                 json_prefill: None,
+                constraint: None,
             },
             retries,
+            constrain: p.bool("constrain")?,
         })
     }
 
@@ -458,6 +469,26 @@ impl LlmSettings {
     pub fn stopping_at_json(mut self, prefill: &str) -> Self {
         self.opts.json_prefill = Some(prefill.to_string());
         self
+    }
+
+    /// These settings with answers constrained to `schema` when the backend is the embedded
+    /// engine: the decoder then enforces the whole form, so no prefill and no JSON stop are
+    /// needed. An HTTP backend keeps the prefill and the answer is validated here only.
+    pub fn constrained_by(mut self, schema: Constraint) -> Self {
+        if self.backend == BackendChoice::Embedded && self.constrain {
+            self.opts.constraint = Some(schema);
+            self.opts.json_prefill = None;
+        }
+        self
+    }
+
+    /// The prefill to send: none when the decoder enforces the form.
+    pub fn answer_prefill<'a>(&self, prefill: &'a str) -> &'a str {
+        if self.opts.constraint.is_some() {
+            ""
+        } else {
+            prefill
+        }
     }
 
     /// The backend these settings name: the embedded model (loaded here), or an HTTP client
@@ -529,7 +560,16 @@ mod tests {
         let e = params(json!({}));
         let s = LlmSettings::from_params(&e, Vec::new()).unwrap();
         assert_eq!(s.backend, BackendChoice::Embedded);
-        assert_eq!(device_env(&e), vec![("device".into(), "cpu".into())]);
+        // On the CPU the thread count enters the key (reductions block by it); on CUDA not.
+        assert_eq!(
+            device_env(&e),
+            vec![
+                ("threads".into(), llm_threads().to_string()),
+                ("device".into(), "cpu".into())
+            ]
+        );
+        let cuda = params(json!({"device": "cuda"}));
+        assert_eq!(device_env(&cuda), vec![("device".into(), "cuda".into())]);
 
         let openai = json!({"backend": "openai", "base_url": "http://h/v1", "api_model": "m"});
         let with = |extra: Value| {

@@ -485,6 +485,8 @@ impl LlmBackend for OpenAiBackend {
                 entropy,
                 perplexity: (-mean_lp).exp(),
                 finish_reason: finish,
+                constrained: None,
+                error: None,
             });
         }
         Ok(out)

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use flag_core::{Params, StageContext, StageError, StageResult};
+use flag_llm::constrain::Constraint;
 
 /// Prompt names are file stems: letters, digits, `_` and `-` (no paths).
 pub fn valid_name(name: &str) -> bool {
@@ -18,6 +19,11 @@ pub fn prompt_path(agent: &str, name: &str) -> String {
     format!("prompts/{agent}/{name}.txt")
 }
 
+/// Root-relative path of the JSON Schema that constrains answers to prompt `name`.
+pub fn schema_path(agent: &str, name: &str) -> String {
+    format!("prompts/{agent}/{name}.schema.json")
+}
+
 /// The prompt name from param `prompt` (validated), or the default.
 pub fn prompt_param(p: &Params, default: &str) -> StageResult<String> {
     let name = p.opt_str("prompt")?.unwrap_or_else(|| default.to_string());
@@ -30,24 +36,46 @@ pub fn prompt_param(p: &Params, default: &str) -> StageResult<String> {
     Ok(name)
 }
 
-/// The prompt files a stage reads for `params`: its prompt and the shared retry note.
-/// An invalid name lists no prompt file; `run` then reports the param error.
+/// The prompt files a stage reads for `params`: its prompt, the schema its answers must
+/// match, and the shared retry note. An invalid name lists neither; `run` then reports the
+/// param error.
 pub fn prompt_files(agent: &str, p: &Params, default: &str) -> Vec<String> {
     let mut files = Vec::new();
     if let Ok(name) = prompt_param(p, default) {
         files.push(prompt_path(agent, &name));
+        files.push(schema_path(agent, &name));
     }
     files.push(prompt_path(agent, "retry"));
     files
 }
 
-/// The stage's prompt template `name` and the shared retry note of `agent`, read through the
-/// context (so their bytes are the ones in the cache key).
-pub fn read_prompts(ctx: &StageContext, agent: &str, name: &str) -> StageResult<(String, String)> {
-    Ok((
-        ctx.resource_str(&prompt_path(agent, name))?.to_string(),
-        ctx.resource_str(&prompt_path(agent, "retry"))?.to_string(),
-    ))
+/// A stage's prompt files, read through the context (so their bytes are the ones in the
+/// cache key).
+#[derive(Debug, Clone)]
+pub struct PromptFiles {
+    pub template: String,
+    pub retry: String,
+    /// The answer's JSON Schema (the decoder enforces it with the embedded backend).
+    pub schema: Constraint,
+}
+
+/// Reads prompt `name` of `agent`, its schema and the shared retry note.
+pub fn read_prompts(ctx: &StageContext, agent: &str, name: &str) -> StageResult<PromptFiles> {
+    let schema_file = schema_path(agent, name);
+    let schema: serde_json::Value =
+        serde_json::from_str(ctx.resource_str(&schema_file)?).map_err(|e| {
+            StageError::data(
+                &schema_file,
+                e.line() as u64,
+                "schema",
+                format!("not JSON: {e}"),
+            )
+        })?;
+    Ok(PromptFiles {
+        template: ctx.resource_str(&prompt_path(agent, name))?.to_string(),
+        retry: ctx.resource_str(&prompt_path(agent, "retry"))?.to_string(),
+        schema: Constraint::JsonSchema(schema),
+    })
 }
 
 /// Placeholder names of `template`, in order of appearance (repeats kept once).
@@ -148,7 +176,11 @@ mod tests {
         assert!(prompt_param(&p, "P0").is_err());
         assert_eq!(
             prompt_files("strategist", &Params::default(), "P0"),
-            vec!["prompts/strategist/P0.txt", "prompts/strategist/retry.txt"]
+            vec![
+                "prompts/strategist/P0.txt",
+                "prompts/strategist/P0.schema.json",
+                "prompts/strategist/retry.txt"
+            ]
         );
     }
 }

@@ -1,11 +1,24 @@
 //! From a validated strategy and its token scores to the signal the RL agent reads.
 //!
-//! Which tokens count: H is the normalised top-k entropy (flag-llm's per-token value) of the
-//! *decision token*, the first generated token of the direction value. With the answer
-//! prefilled up to `{"direction": "`, it is the token where the model chooses LONG or SHORT;
-//! the tokens after it only complete the chosen word and are near-certain, so averaging them
-//! in would hide the model's doubt. If the value cannot be located among the generated tokens
-//! (it lies in the prefill or the text was altered), H is the mean over the whole answer.
+//! Which token counts: the *decision token*, the generated token holding the first character
+//! of the direction value, where the model chooses LONG or SHORT; the tokens after it only
+//! complete the chosen word and are near-certain, so averaging them in would hide the
+//! model's doubt.
+//!
+//! Constrained answers (the embedded engine enforcing the prompt's schema): at the decision
+//! step the grammar allows only tokens that continue towards LONG or SHORT (e.g. `L`, `LONG`,
+//! `SH`, or `"S` when the quote is still open). With p_t the model's probability of allowed
+//! token t renormalised over the allowed set, each token whose text reaches the value decides
+//! a word: P(LONG) = sum of p_t over tokens whose character at the value's position is `L`,
+//! P(SHORT) likewise for `S` (tokens that stop before the value decide nothing and are left
+//! out), then renormalised: q = P(LONG) / (P(LONG) + P(SHORT)). H is the binary entropy of q
+//! in bits, `H = -(q log2 q + (1 - q) log2 (1 - q))`, in [0, 1]: 0 when the model is sure,
+//! 1 at a coin flip.
+//!
+//! Free answers (an HTTP backend, or a prefilled prompt): H is the normalised top-k entropy
+//! (flag-llm's per-token value) of the decision token. If the value cannot be located among
+//! the generated tokens (it lies in the prefill or the text was altered), H is the mean over
+//! the whole answer.
 //!
 //! certainty = eps + (1 - eps)(1 - H), eps = 1e-4; strength = sqrt((confidence / 3) certainty);
 //! interaction = direction (+1 / -1) * strength. A failed answer gives direction 0, strength 0.
@@ -93,14 +106,55 @@ pub fn strategy_signal(
     prefill_len: usize,
     g: &Generation,
 ) -> StageResult<SignalValues> {
-    let token = match s.direction_offset.checked_sub(prefill_len) {
+    let offset = s.direction_offset.checked_sub(prefill_len);
+    let token = match offset {
         Some(off) => token_at(backend, &g.ids, off)?,
         None => None,
     };
+    if let (Some(t), Some(off), Some(c)) = (token, offset, g.constrained.as_ref()) {
+        if let Some(alts) = c.alternatives.get(t).filter(|a| !a.is_empty()) {
+            let step_start = backend.decode(&g.ids[..t])?.len();
+            if let Some(q) = long_probability(backend, alts, off - step_start.min(off))? {
+                return Ok(SignalValues::from_entropy(
+                    s,
+                    binary_entropy(q),
+                    g.perplexity,
+                ));
+            }
+        }
+    }
     let h = token
         .and_then(|t| g.entropies.get(t))
         .map_or(g.entropy, |&e| f64::from(e));
     Ok(SignalValues::from_entropy(s, h, g.perplexity))
+}
+
+/// q = P(LONG) / (P(LONG) + P(SHORT)) from the allowed alternatives of the decision step
+/// (token, renormalised ln p), where the value starts `at` bytes into the step's text. None
+/// when no alternative reaches the value.
+pub fn long_probability(
+    backend: &dyn LlmBackend,
+    alternatives: &[(u32, f32)],
+    at: usize,
+) -> StageResult<Option<f64>> {
+    let (mut long, mut short) = (0.0f64, 0.0f64);
+    for &(id, lp) in alternatives {
+        let text = backend.decode(&[id])?;
+        match text.as_bytes().get(at) {
+            Some(b'L') => long += f64::from(lp).exp(),
+            Some(b'S') => short += f64::from(lp).exp(),
+            _ => {}
+        }
+    }
+    let total = long + short;
+    Ok((total > 0.0).then(|| long / total))
+}
+
+/// Binary entropy of q in bits, in [0, 1] (0 log 0 = 0).
+pub fn binary_entropy(q: f64) -> f64 {
+    let term = |p: f64| if p > 0.0 { -p * p.log2() } else { 0.0 };
+    let q = q.clamp(0.0, 1.0);
+    (term(q) + term(1.0 - q)).clamp(0.0, 1.0)
 }
 
 #[cfg(test)]
@@ -174,6 +228,8 @@ mod tests {
             entropy: 0.142,
             perplexity: 1.1,
             finish_reason: flag_llm::generate::FinishReason::Length,
+            constrained: None,
+            error: None,
         };
         assert_eq!(token_at(&Fake, &g.ids, 0).unwrap(), Some(0));
         assert_eq!(token_at(&Fake, &g.ids, 2).unwrap(), Some(1));
@@ -192,6 +248,70 @@ mod tests {
         assert_eq!(strategy_signal(&Fake, &s, 15, &g).unwrap().entropy, 0.142);
     }
 
+    /// Decision-step alternatives: LONG-ish tokens 0.5 + 0.2, SHORT-ish 0.2, a quote that
+    /// stops before the value 0.1 (left out).
+    struct Alts;
+    const ALT_TOKENS: [&str; 5] = ["\"L", "\"LONG", "\"SH", "\"", "ORT"];
+    impl LlmBackend for Alts {
+        fn name(&self) -> String {
+            "alts".into()
+        }
+        fn generate(
+            &self,
+            _: &[crate::backend::LlmRequest],
+            _: &flag_llm::generate::GenerateOptions,
+        ) -> StageResult<Vec<Generation>> {
+            Ok(Vec::new())
+        }
+        fn decode(&self, ids: &[u32]) -> StageResult<String> {
+            Ok(ids.iter().map(|&i| ALT_TOKENS[i as usize]).collect())
+        }
+    }
+
+    #[test]
+    fn constrained_decision_uses_long_vs_short_renormalised() {
+        let ln = |p: f64| p.ln() as f32;
+        let alts = vec![(0, ln(0.5)), (1, ln(0.2)), (2, ln(0.2)), (3, ln(0.1))];
+        // The value starts one byte into the step's text (after the quote).
+        let q = long_probability(&Alts, &alts, 1).unwrap().unwrap();
+        assert!((q - 0.7 / 0.9).abs() < 1e-6, "{q}");
+        // H(7/9) = 0.76420450650862... bits (hand-computed).
+        assert!((binary_entropy(q) - 0.764_204_506_5).abs() < 1e-6);
+        assert_eq!(binary_entropy(1.0), 0.0);
+        assert_eq!(binary_entropy(0.5), 1.0);
+        assert_eq!(long_probability(&Alts, &[(3, 0.0)], 1).unwrap(), None);
+
+        // Through strategy_signal: answer `"SH` + `ORT` ..., decision token 0 is "SH.
+        let g = Generation {
+            text: "\"SHORT".into(),
+            ids: vec![2, 4],
+            logprobs: vec![-1.6, -0.01],
+            entropies: vec![0.9, 0.0],
+            entropy: 0.45,
+            perplexity: 2.2,
+            finish_reason: flag_llm::generate::FinishReason::Stop,
+            constrained: Some(flag_llm::generate::ConstrainedScores {
+                logprobs: vec![ln(0.2), 0.0],
+                entropies: vec![0.8, 0.0],
+                allowed: vec![4, 1],
+                alternatives: vec![alts.clone(), vec![(4, 0.0)]],
+            }),
+            error: None,
+        };
+        let mut s = strat(Direction::Short, 3);
+        s.direction_offset = 1;
+        let v = strategy_signal(&Alts, &s, 0, &g).unwrap();
+        assert!((v.entropy - binary_entropy(0.7 / 0.9)).abs() < 1e-12);
+        assert!((v.interaction + (certainty(v.entropy)).sqrt()).abs() < 1e-12);
+        // Without alternatives at that step the decision token's top-k entropy is used.
+        let mut bare = g.clone();
+        bare.constrained.as_mut().unwrap().alternatives[0].clear();
+        assert_eq!(
+            strategy_signal(&Alts, &s, 0, &bare).unwrap().entropy,
+            f64::from(0.9f32)
+        );
+    }
+
     #[test]
     fn neutral_signal_is_zero() {
         let g = Generation {
@@ -202,6 +322,8 @@ mod tests {
             entropy: 0.3,
             perplexity: 2.5,
             finish_reason: flag_llm::generate::FinishReason::Length,
+            constrained: None,
+            error: None,
         };
         let v = SignalValues::neutral(&g);
         assert_eq!(

@@ -50,6 +50,8 @@ impl<F: Fn(&str) -> String + Send + Sync> LlmBackend for Scripted<F> {
                     entropy: 0.25 / n as f64,
                     perplexity: 0.5f64.exp(),
                     finish_reason: FinishReason::Eos,
+                    constrained: None,
+                    error: None,
                     text,
                 }
             })

@@ -11,16 +11,27 @@
 //!   `Generation::entropy` is the mean of the per-token values.
 //! - `perplexity` = exp(-mean_t logprobs[t]) over the generated tokens (EOS included).
 //! - `score_continuations` = sum of ln p over each candidate's tokens after the prompt.
+//!
+//! With a [`Constraint`] every step samples from the model's logits restricted to the tokens
+//! the grammar allows (greedy and seeded sampling alike). The scores above stay those of the
+//! unrestricted distribution (what the model wanted); [`ConstrainedScores`] holds the same
+//! numbers for the restricted, renormalised distribution (what it was allowed), and the
+//! allowed alternatives themselves at steps where there are few of them (the decision tokens).
 
 use std::path::Path;
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
+use crate::constrain::{
+    CompiledConstraint, Constraint, ConstraintCompiler, SequenceMatcher, mask_to_bools,
+};
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::llama::LlamaModel;
+pub use crate::sampling::{choose_tokens, json_object_end, restrict, sample, top_k_entropy};
+use crate::sampling::{gather_cpu, step_entropies};
 use crate::tokenizer::{ChatMessage, LlmTokenizer};
 
 /// Sets libtorch's intra-op thread count (CPU matmuls).
@@ -46,6 +57,8 @@ pub struct GenerateOptions {
     /// outside strings); the text keeps the closing brace. `Some(prefill)` for answers that
     /// must be one JSON object, so the model is not left to ramble up to `max_tokens`.
     pub json_prefill: Option<String>,
+    /// The form every answer must take; None = free text.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for GenerateOptions {
@@ -59,9 +72,14 @@ impl Default for GenerateOptions {
             top_k_entropy: 10,
             chat: false,
             json_prefill: None,
+            constraint: None,
         }
     }
 }
+
+/// Steps with at most this many allowed tokens record them all in
+/// [`ConstrainedScores::alternatives`].
+pub const MAX_ALTERNATIVES: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,6 +90,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached.
     Length,
+    /// The constraint rejected the sequence (see [`Generation::error`]).
+    Error,
 }
 
 impl FinishReason {
@@ -80,6 +100,7 @@ impl FinishReason {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Error => "error",
         }
     }
 }
@@ -96,66 +117,35 @@ pub struct Generation {
     pub entropy: f64,
     pub perplexity: f64,
     pub finish_reason: FinishReason,
+    /// Scores under the constraint (None for free generation).
+    pub constrained: Option<ConstrainedScores>,
+    /// Why the constraint ended this sequence early (finish reason `error`).
+    pub error: Option<String>,
+}
+
+/// Per generated token, the scores of the distribution restricted to the allowed tokens and
+/// renormalised: ln p of the chosen token (0 when it was forced) and the top-k entropy.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ConstrainedScores {
+    pub logprobs: Vec<f32>,
+    pub entropies: Vec<f32>,
+    /// How many tokens the grammar allowed at each step.
+    pub allowed: Vec<u32>,
+    /// Every allowed token with its restricted ln p, most likely first, at steps with at most
+    /// [`MAX_ALTERNATIVES`] allowed tokens; empty at other steps.
+    pub alternatives: Vec<Vec<(u32, f32)>>,
 }
 
 /// The `n` most likely tokens of one generation step as (token id, ln p), most likely first
 /// (what an OpenAI-style `top_logprobs` reports).
 pub type TopLogprobs = Vec<(u32, f32)>;
 
-/// Where the JSON object begun in `prefix` (or in `text`) closes: the byte offset in `text`
-/// just after its final `}`, when braces and brackets balance outside strings. None while it
-/// is still open, or when the prefix already closed one (nothing to wait for).
-pub fn json_object_end(prefix: &str, text: &str) -> Option<usize> {
-    let (mut depth, mut in_string, mut escaped, mut opened) = (0usize, false, false, false);
-    let chars = prefix
-        .char_indices()
-        .map(|(i, c)| (None, i, c))
-        .chain(text.char_indices().map(|(i, c)| (Some(()), i, c)));
-    for (in_text, i, c) in chars {
-        if in_string {
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match c {
-            '"' => in_string = true,
-            '{' | '[' => {
-                depth += 1;
-                opened = true;
-            }
-            '}' | ']' if depth > 0 => {
-                depth -= 1;
-                if depth == 0 && opened {
-                    return in_text.map(|_| i + c.len_utf8());
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// Normalised top-k entropy of one step from its k largest probabilities (see module docs).
-pub fn top_k_entropy(top_probs: &[f64]) -> f64 {
-    let k = top_probs.len();
-    if k == 0 {
-        return 0.0;
-    }
-    let plogp = |p: f64| if p > 0.0 { p * p.ln() } else { 0.0 };
-    let mass: f64 = top_probs.iter().sum();
-    let r = (1.0 - mass).max(0.0);
-    let h = -(top_probs.iter().map(|&p| plogp(p)).sum::<f64>() + plogp(r));
-    (h / ((k + 1) as f64).ln()).clamp(0.0, 1.0)
-}
-
 pub struct Engine {
     model: LlamaModel,
     tok: LlmTokenizer,
     eog: Vec<u32>,
+    /// Built on first constrained use (the vocabulary trie costs ~0.1 s).
+    constraints: std::cell::OnceCell<ConstraintCompiler>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -174,6 +164,33 @@ struct SeqState {
     finish: Option<FinishReason>,
     stop_text: Option<String>,
     rng: ChaCha8Rng,
+    matcher: Option<SequenceMatcher>,
+    /// Allowed tokens of the next step (constrained rows only).
+    allowed: Vec<bool>,
+    constrained: ConstrainedScores,
+    error: Option<String>,
+}
+
+impl SeqState {
+    /// Asks the matcher for the next mask; ends the row when only the end is left or the
+    /// grammar failed.
+    fn refresh_mask(&mut self) {
+        let Some(m) = self.matcher.as_mut() else {
+            return;
+        };
+        match m.mask() {
+            Ok(mask) if SequenceMatcher::only_end_allowed(&mask, m.eos()) => {
+                self.finish = Some(FinishReason::Stop);
+            }
+            Ok(mask) => mask_to_bools(&mask, &mut self.allowed),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn fail(&mut self, e: String) {
+        self.error = Some(e);
+        self.finish = Some(FinishReason::Error);
+    }
 }
 
 impl Engine {
@@ -214,7 +231,12 @@ impl Engine {
                 eog.push(id);
             }
         }
-        Ok(Engine { model, tok, eog })
+        Ok(Engine {
+            model,
+            tok,
+            eog,
+            constraints: std::cell::OnceCell::new(),
+        })
     }
 
     pub fn tokenizer(&self) -> &LlmTokenizer {
@@ -227,6 +249,24 @@ impl Engine {
 
     pub fn into_model(self) -> LlamaModel {
         self.model
+    }
+
+    /// The constraint compiler over this model's vocabulary (built once).
+    pub fn constraint_compiler(&self) -> Result<&ConstraintCompiler> {
+        if let Some(c) = self.constraints.get() {
+            return Ok(c);
+        }
+        let eos = *self
+            .eog
+            .first()
+            .ok_or_else(|| LlmError::Invalid("the model has no end-of-generation token".into()))?;
+        let c = ConstraintCompiler::new(&self.tok, self.model.cfg.vocab, eos)?;
+        Ok(self.constraints.get_or_init(|| c))
+    }
+
+    /// Compiles a constraint against this model's vocabulary.
+    pub fn compile(&self, c: &Constraint) -> Result<CompiledConstraint> {
+        self.constraint_compiler()?.compile(c)
     }
 
     /// End-of-generation token ids.
@@ -339,8 +379,14 @@ impl Engine {
         if prompts.is_empty() {
             return Ok(Vec::new());
         }
+        let compiled = opts
+            .constraint
+            .as_ref()
+            .map(|c| self.compile(c))
+            .transpose()?;
         let _g = tch::no_grad_guard();
         let n = prompts.len();
+        let vocab = self.model.cfg.vocab;
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let mut cache = self.model.new_cache(n, longest + opts.max_tokens)?;
         let (ids, valid) = self.left_pad(prompts);
@@ -358,13 +404,30 @@ impl Engine {
                     finish: None,
                     stop_text: None,
                     rng,
+                    matcher: compiled.as_ref().map(CompiledConstraint::matcher),
+                    allowed: if compiled.is_some() {
+                        vec![false; vocab]
+                    } else {
+                        Vec::new()
+                    },
+                    constrained: ConstrainedScores::default(),
+                    error: None,
                 }
             })
             .collect();
+        for st in &mut states {
+            st.refresh_mask();
+        }
         // Cache row -> sequence index.
         let mut active: Vec<usize> = (0..n).collect();
         loop {
-            let next = self.step(&logits, &active, &mut states, opts, top_n)?;
+            let next = if active.iter().all(|&s| states[s].finish.is_some()) {
+                // Every row ended before its first token (an empty complete answer or a
+                // grammar that failed to start).
+                vec![0; active.len()]
+            } else {
+                self.step(&logits, &active, &mut states, opts, top_n)?
+            };
             let keep: Vec<usize> = (0..active.len())
                 .filter(|&r| states[active[r]].finish.is_none())
                 .collect();
@@ -402,6 +465,8 @@ impl Engine {
                     logprobs: s.logprobs,
                     entropies: s.entropies,
                     finish_reason: s.finish.unwrap_or(FinishReason::Length),
+                    constrained: s.matcher.is_some().then_some(s.constrained),
+                    error: s.error,
                 };
                 Ok((g, s.top))
             })
@@ -409,7 +474,8 @@ impl Engine {
     }
 
     /// Picks the next token of every active row from `logits` [A, V], records its scores and
-    /// whether the row finished. Returns the chosen ids (by cache row).
+    /// whether the row finished. Returns the chosen ids (by cache row). Rows that are already
+    /// finished (possible only before the first step) are left untouched.
     fn step(
         &self,
         logits: &Tensor,
@@ -420,39 +486,25 @@ impl Engine {
     ) -> Result<Vec<i64>> {
         let lp = logits.log_softmax(-1, Kind::Float);
         let vocab = lp.size()[1];
-        let next: Vec<i64> = if opts.temperature == 0.0 {
-            Vec::<i64>::try_from(&lp.argmax(-1, false).to_device(Device::Cpu))?
-        } else {
-            let cpu = logits.to_device(Device::Cpu);
-            let mut out = Vec::with_capacity(active.len());
-            for (r, &s) in active.iter().enumerate() {
-                let row = Vec::<f32>::try_from(&cpu.get(r as i64))?;
-                out.push(sample(&row, opts.temperature, opts.top_p, &mut states[s].rng) as i64);
-            }
-            out
+        let allowed = self.allowed_tensor(active, states, vocab, logits.device());
+        let pick_from = match &allowed {
+            Some(a) => restrict(logits, a),
+            None => logits.shallow_clone(),
+        };
+        let next = {
+            let mut by_state: Vec<Option<&mut ChaCha8Rng>> =
+                states.iter_mut().map(|s| Some(&mut s.rng)).collect();
+            let mut rngs: Vec<&mut ChaCha8Rng> = active
+                .iter()
+                .map(|&s| by_state[s].take().expect("active rows are distinct"))
+                .collect();
+            choose_tokens(&pick_from, opts.temperature, opts.top_p, &mut rngs)?
         };
         let idx = Tensor::from_slice(&next)
             .to_device(lp.device())
             .unsqueeze(1);
-        let chosen = Vec::<f32>::try_from(
-            &lp.gather(1, &idx, false)
-                .reshape([-1])
-                .to_device(Device::Cpu),
-        )?;
-        let entropies: Vec<f32> = if opts.top_k_entropy == 0 {
-            let h = (lp.exp() * &lp)
-                .sum_dim_intlist(-1, false, Kind::Float)
-                .neg()
-                / (vocab as f64).ln();
-            Vec::<f32>::try_from(&h.to_device(Device::Cpu))?
-        } else {
-            let k = (opts.top_k_entropy as i64).min(vocab);
-            let (top, _) = lp.topk(k, -1, true, false);
-            let top = Vec::<f32>::try_from(&top.exp().reshape([-1]).to_device(Device::Cpu))?;
-            top.chunks(k as usize)
-                .map(|c| top_k_entropy(&c.iter().map(|&p| f64::from(p)).collect::<Vec<_>>()) as f32)
-                .collect()
-        };
+        let chosen = gather_cpu(&lp, &idx)?;
+        let entropies = step_entropies(&lp, None, opts.top_k_entropy)?;
         let top_n = (top_n as i64).min(vocab);
         if top_n > 0 {
             let (vals, idx) = lp.topk(top_n, -1, true, true);
@@ -464,15 +516,60 @@ impl Engine {
                 states[s].top.push(row.collect());
             }
         }
+        if let Some(allowed) = &allowed {
+            let clp = pick_from.log_softmax(-1, Kind::Float);
+            let c_chosen = gather_cpu(&clp, &idx)?;
+            let c_entropies = step_entropies(&clp, Some(allowed), opts.top_k_entropy)?;
+            for (r, &s) in active.iter().enumerate() {
+                let st = &mut states[s];
+                if st.finish.is_some() {
+                    continue;
+                }
+                let ids: Vec<u32> = (0..st.allowed.len() as u32)
+                    .filter(|&i| st.allowed[i as usize])
+                    .collect();
+                let alternatives = if ids.len() <= MAX_ALTERNATIVES {
+                    let sel: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+                    let sel = Tensor::from_slice(&sel).to_device(clp.device());
+                    let vals = Vec::<f32>::try_from(
+                        &clp.get(r as i64)
+                            .index_select(0, &sel)
+                            .to_device(Device::Cpu),
+                    )?;
+                    let mut alt: Vec<(u32, f32)> = ids.iter().copied().zip(vals).collect();
+                    alt.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                    alt
+                } else {
+                    Vec::new()
+                };
+                let c = &mut st.constrained;
+                c.logprobs.push(c_chosen[r]);
+                c.entropies.push(c_entropies[r]);
+                c.allowed.push(ids.len() as u32);
+                c.alternatives.push(alternatives);
+            }
+        }
         for (r, &s) in active.iter().enumerate() {
             let st = &mut states[s];
+            if st.finish.is_some() {
+                continue;
+            }
             let id = next[r] as u32;
             st.ids.push(id);
             st.logprobs.push(chosen[r]);
             st.entropies.push(entropies[r]);
             if self.eog.contains(&id) {
                 st.finish = Some(FinishReason::Eos);
-            } else if !opts.stop.is_empty() || opts.json_prefill.is_some() {
+            } else if let Some(m) = st.matcher.as_mut() {
+                match m.advance(id) {
+                    Ok(crate::constrain::MatchState::Complete) => {
+                        st.finish = Some(FinishReason::Stop)
+                    }
+                    Ok(crate::constrain::MatchState::Open) => st.refresh_mask(),
+                    Err(e) => st.fail(e),
+                }
+            }
+            if st.finish.is_none() && (!opts.stop.is_empty() || opts.json_prefill.is_some()) {
                 let text = self.tok.decode(&st.ids, true)?;
                 let at_stop = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min();
                 let json_end = opts
@@ -493,6 +590,35 @@ impl Engine {
             }
         }
         Ok(next)
+    }
+
+    /// The allowed-token mask of the active rows as a [A, V] bool tensor (None when
+    /// unconstrained). Finished rows allow everything so their softmax stays finite.
+    fn allowed_tensor(
+        &self,
+        active: &[usize],
+        states: &[SeqState],
+        vocab: i64,
+        device: Device,
+    ) -> Option<Tensor> {
+        if active.iter().all(|&s| states[s].matcher.is_none()) {
+            return None;
+        }
+        let v = vocab as usize;
+        let mut bools = Vec::with_capacity(active.len() * v);
+        for &s in active {
+            let st = &states[s];
+            if st.finish.is_some() || st.allowed.len() != v {
+                bools.extend(std::iter::repeat_n(true, v));
+            } else {
+                bools.extend_from_slice(&st.allowed);
+            }
+        }
+        Some(
+            Tensor::from_slice(&bools)
+                .view([active.len() as i64, vocab])
+                .to_device(device),
+        )
     }
 
     /// Sum log-likelihood of each candidate continuation after `prompt` (prompt and candidate
@@ -558,59 +684,4 @@ fn validate(opts: &GenerateOptions) -> Result<()> {
         return Err(LlmError::Invalid("stop strings must not be empty".into()));
     }
     Ok(())
-}
-
-/// Samples from softmax(logits / temperature), restricted to the smallest set of most likely
-/// tokens whose mass reaches `top_p` (the token that crosses it included, as transformers).
-pub fn sample(logits: &[f32], temperature: f64, top_p: f64, rng: &mut impl Rng) -> usize {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let probs: Vec<f64> = logits
-        .iter()
-        .map(|&l| ((f64::from(l) - f64::from(max)) / temperature).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    let mut order: Vec<usize> = (0..probs.len()).collect();
-    let mut kept = probs.len();
-    if top_p < 1.0 {
-        order.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-        let mut cum = 0.0;
-        for (n, &i) in order.iter().enumerate() {
-            cum += probs[i] / total;
-            if cum >= top_p {
-                kept = n + 1;
-                break;
-            }
-        }
-    }
-    let kept_mass: f64 = order[..kept].iter().map(|&i| probs[i]).sum();
-    let mut u = rng.random::<f64>() * kept_mass;
-    for &i in &order[..kept] {
-        u -= probs[i];
-        if u <= 0.0 {
-            return i;
-        }
-    }
-    order[kept - 1]
-}
-
-#[cfg(test)]
-mod json_end_tests {
-    use super::json_object_end;
-
-    #[test]
-    fn finds_the_close_of_the_object_the_prefill_opened() {
-        let pre = "{\"direction\": \"";
-        assert_eq!(json_object_end(pre, "LONG\", \"confidence\": 2"), None);
-        let t = "LONG\", \"f\": {\"a\": 0.5}} trailing";
-        assert_eq!(
-            json_object_end(pre, t),
-            Some(t.find("} trailing").unwrap() + 1)
-        );
-        // Braces inside strings, escaped quotes included, do not count.
-        let t = "LO}NG\", \"e\": \"a \\\" } b\"}";
-        assert_eq!(json_object_end(pre, t), Some(t.len()));
-        // Without a prefill the object must open in the text; a closed prefix waits for none.
-        assert_eq!(json_object_end("", "x {\"a\": [1, {}]} y"), Some(16));
-        assert_eq!(json_object_end("{}", "{"), None);
-    }
 }

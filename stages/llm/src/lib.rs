@@ -1,13 +1,16 @@
 //! Embedded LLM runtime on tch: GGUF reader, byte-level BPE tokenizer, llama decoder with a
 //! KV cache and batched generation, scores (logprobs, top-k entropy, perplexity, candidate
-//! log-likelihoods), a trainable policy/value mode, and the MiniLM sentence embedder.
+//! log-likelihoods), grammar-constrained decoding (llguidance), a trainable policy/value mode,
+//! and the MiniLM sentence embedder.
 
+pub mod constrain;
 pub mod embed;
 pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod models;
+pub mod sampling;
 pub mod tokenizer;
 pub mod trainable;
 

@@ -67,6 +67,8 @@ pub struct LlmTokenizer {
     plain: Tokenizer,
     tokens: Vec<String>,
     special_ids: Vec<u32>,
+    /// Control and user-defined tokens: their vocabulary entry is raw text, not byte-level.
+    added: Vec<bool>,
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     pad_id: Option<u32>,
@@ -185,8 +187,10 @@ impl LlmTokenizer {
         tok.with_decoder(Some(ByteLevelDecoder::default()));
         let mut special_ids = Vec::new();
         let mut added = Vec::new();
+        let mut is_added = vec![false; tokens.len()];
         for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
             if *ty == TOKEN_TYPE_CONTROL || *ty == TOKEN_TYPE_USER_DEFINED {
+                is_added[i] = true;
                 added.push(AddedToken::from(t.clone(), *ty == TOKEN_TYPE_CONTROL));
                 if *ty == TOKEN_TYPE_CONTROL {
                     special_ids.push(i as u32);
@@ -214,6 +218,7 @@ impl LlmTokenizer {
                 .map(str::to_owned),
             tokens,
             special_ids,
+            added: is_added,
         })
     }
 
@@ -312,6 +317,22 @@ impl LlmTokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
+    /// The bytes token `id` stands for: a byte-level BPE entry mapped back through GPT-2's
+    /// byte alphabet, an added (control or user-defined) token as its UTF-8 text. None for an
+    /// id outside the vocabulary or a byte-level entry with a character outside the alphabet.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        let piece = self.tokens.get(id as usize)?;
+        if self.added[id as usize] {
+            return Some(piece.as_bytes().to_vec());
+        }
+        piece.chars().map(byte_of_char).collect()
+    }
+
+    /// Whether `id` is a control or user-defined token (raw text in the vocabulary).
+    pub fn is_added(&self, id: u32) -> bool {
+        self.added.get(id as usize).copied().unwrap_or(false)
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.special.token_to_id(token)
     }
@@ -340,4 +361,46 @@ impl LlmTokenizer {
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }
+}
+
+/// GPT-2's `bytes_to_unicode` alphabet: printable Latin-1 bytes stand for themselves, the other
+/// 68 bytes are shifted to U+0100.. in byte order. `[byte] -> char`.
+fn byte_alphabet() -> &'static [char; 256] {
+    static TABLE: std::sync::OnceLock<[char; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u32| {
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+        };
+        let mut table = ['\0'; 256];
+        let mut shifted = 0;
+        for b in 0u32..256 {
+            let code = if printable(b) {
+                b
+            } else {
+                shifted += 1;
+                255 + shifted
+            };
+            table[b as usize] = char::from_u32(code).expect("below U+0200");
+        }
+        table
+    })
+}
+
+/// The byte a byte-level vocabulary character stands for (None outside the alphabet).
+pub fn byte_of_char(c: char) -> Option<u8> {
+    static INVERSE: std::sync::OnceLock<[Option<u8>; 0x200]> = std::sync::OnceLock::new();
+    let inverse = INVERSE.get_or_init(|| {
+        let mut t = [None; 0x200];
+        for (b, &c) in byte_alphabet().iter().enumerate() {
+            t[c as usize] = Some(b as u8);
+        }
+        t
+    });
+    inverse.get(c as usize).copied().flatten()
+}
+
+/// The character byte `b` is written as in a byte-level vocabulary (inverse of
+/// [`byte_of_char`]).
+pub fn char_of_byte(b: u8) -> char {
+    byte_alphabet()[b as usize]
 }

@@ -32,7 +32,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/strategist-3"
+    "/strategist-4"
 );
 
 pub struct Strategist;
@@ -155,6 +155,7 @@ pub fn decide(
     let mut out = Vec::new();
     for (n, (_, items)) in plan.iter().enumerate() {
         progress(n as u64, plan.len() as u64, "strategist");
+        let prefill = cfg.llm.answer_prefill(PREFILL);
         let requests = items
             .iter()
             .map(|&(k, row, _)| {
@@ -170,7 +171,7 @@ pub fn decide(
                 };
                 Ok(LlmRequest {
                     user: build_prompt(inp.template, &file, &anons[k], &input)?,
-                    prefill: PREFILL.to_string(),
+                    prefill: prefill.to_string(),
                 })
             })
             .collect::<StageResult<Vec<_>>>()?;
@@ -191,7 +192,7 @@ pub fn decide(
                         features: s.features.clone(),
                         explanation: s.explanation.clone(),
                     });
-                    strategy_signal(backend, s, PREFILL.len(), &o.generation)?
+                    strategy_signal(backend, s, prefill.len(), &o.generation)?
                 }
                 None => SignalValues::neutral(&o.generation),
             };
@@ -457,7 +458,12 @@ impl Stage for Strategist {
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = StrategistConfig::from_params(&ctx.params)?;
-        let (template, retry) = read_prompts(ctx, "strategist", &cfg.prompt)?;
+        let files = read_prompts(ctx, "strategist", &cfg.prompt)?;
+        let (template, retry) = (files.template, files.retry);
+        let cfg = StrategistConfig {
+            llm: cfg.llm.constrained_by(files.schema),
+            ..cfg
+        };
         let series = load_series(&ctx.read_input("table")?, cfg.tickers.as_deref())?;
         let news = if placeholders(&template).contains(&"news") {
             if !ctx.has_input("factors") {
@@ -485,10 +491,15 @@ impl Stage for Strategist {
         };
         let backend = cfg.llm.load_backend()?;
         ctx.log(format!(
-            "model {}, device {}, prompt {}",
+            "model {}, device {}, prompt {}, answers {}",
             backend.name(),
             cfg.llm.device_name,
-            cfg.prompt
+            cfg.prompt,
+            if cfg.llm.opts.constraint.is_some() {
+                "constrained by the prompt's schema"
+            } else {
+                "validated after generation"
+            }
         ));
         let inputs = Inputs {
             cfg: &cfg,
