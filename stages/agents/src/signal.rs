@@ -199,12 +199,11 @@ mod tests {
         assert!(close(certainty(f64::NAN), EPS));
     }
 
-    /// Token i decodes to TOKENS[i]; the generated text is their concatenation.
-    struct Fake;
-    const TOKENS: [&str; 5] = ["SH", "ORT", "\",", " \"confidence\": ", "2"];
-    impl LlmBackend for Fake {
+    /// Token i decodes to `self.0[i]`; a generated text is the concatenation.
+    struct Table(&'static [&'static str]);
+    impl LlmBackend for Table {
         fn name(&self) -> String {
-            "fake".into()
+            "table".into()
         }
         fn generate(
             &self,
@@ -214,9 +213,12 @@ mod tests {
             Ok(Vec::new())
         }
         fn decode(&self, ids: &[u32]) -> StageResult<String> {
-            Ok(ids.iter().map(|&i| TOKENS[i as usize]).collect())
+            Ok(ids.iter().map(|&i| self.0[i as usize]).collect())
         }
     }
+
+    const TOKENS: [&str; 5] = ["SH", "ORT", "\",", " \"confidence\": ", "2"];
+    const FAKE: Table = Table(&TOKENS);
 
     #[test]
     fn decision_token_entropy_is_used() {
@@ -231,13 +233,13 @@ mod tests {
             constrained: None,
             error: None,
         };
-        assert_eq!(token_at(&Fake, &g.ids, 0).unwrap(), Some(0));
-        assert_eq!(token_at(&Fake, &g.ids, 2).unwrap(), Some(1));
-        assert_eq!(token_at(&Fake, &g.ids, 99).unwrap(), None);
+        assert_eq!(token_at(&FAKE, &g.ids, 0).unwrap(), Some(0));
+        assert_eq!(token_at(&FAKE, &g.ids, 2).unwrap(), Some(1));
+        assert_eq!(token_at(&FAKE, &g.ids, 99).unwrap(), None);
         // Prefill `{"direction": "` is 15 bytes; the value starts right after it.
         let mut s = strat(Direction::Short, 3);
         s.direction_offset = 15;
-        let v = strategy_signal(&Fake, &s, 15, &g).unwrap();
+        let v = strategy_signal(&FAKE, &s, 15, &g).unwrap();
         assert_eq!(v.entropy, f64::from(0.4f32));
         assert!(close(
             v.interaction,
@@ -245,41 +247,26 @@ mod tests {
         ));
         // A value inside the prefill cannot be located: the answer mean is used.
         s.direction_offset = 3;
-        assert_eq!(strategy_signal(&Fake, &s, 15, &g).unwrap().entropy, 0.142);
+        assert_eq!(strategy_signal(&FAKE, &s, 15, &g).unwrap().entropy, 0.142);
     }
 
     /// Decision-step alternatives: LONG-ish tokens 0.5 + 0.2, SHORT-ish 0.2, a quote that
     /// stops before the value 0.1 (left out).
-    struct Alts;
     const ALT_TOKENS: [&str; 5] = ["\"L", "\"LONG", "\"SH", "\"", "ORT"];
-    impl LlmBackend for Alts {
-        fn name(&self) -> String {
-            "alts".into()
-        }
-        fn generate(
-            &self,
-            _: &[crate::backend::LlmRequest],
-            _: &flag_llm::generate::GenerateOptions,
-        ) -> StageResult<Vec<Generation>> {
-            Ok(Vec::new())
-        }
-        fn decode(&self, ids: &[u32]) -> StageResult<String> {
-            Ok(ids.iter().map(|&i| ALT_TOKENS[i as usize]).collect())
-        }
-    }
+    const ALTS: Table = Table(&ALT_TOKENS);
 
     #[test]
     fn constrained_decision_uses_long_vs_short_renormalised() {
         let ln = |p: f64| p.ln() as f32;
         let alts = vec![(0, ln(0.5)), (1, ln(0.2)), (2, ln(0.2)), (3, ln(0.1))];
         // The value starts one byte into the step's text (after the quote).
-        let q = long_probability(&Alts, &alts, 1).unwrap().unwrap();
+        let q = long_probability(&ALTS, &alts, 1).unwrap().unwrap();
         assert!((q - 0.7 / 0.9).abs() < 1e-6, "{q}");
         // H(7/9) = 0.76420450650862... bits (hand-computed).
         assert!((binary_entropy(q) - 0.764_204_506_5).abs() < 1e-6);
         assert_eq!(binary_entropy(1.0), 0.0);
         assert_eq!(binary_entropy(0.5), 1.0);
-        assert_eq!(long_probability(&Alts, &[(3, 0.0)], 1).unwrap(), None);
+        assert_eq!(long_probability(&ALTS, &[(3, 0.0)], 1).unwrap(), None);
 
         // Through strategy_signal: answer `"SH` + `ORT` ..., decision token 0 is "SH.
         let g = Generation {
@@ -300,14 +287,15 @@ mod tests {
         };
         let mut s = strat(Direction::Short, 3);
         s.direction_offset = 1;
-        let v = strategy_signal(&Alts, &s, 0, &g).unwrap();
-        assert!((v.entropy - binary_entropy(0.7 / 0.9)).abs() < 1e-12);
+        let v = strategy_signal(&ALTS, &s, 0, &g).unwrap();
+        // The alternatives are f32 logprobs: agreement to f32 precision.
+        assert!((v.entropy - binary_entropy(0.7 / 0.9)).abs() < 1e-6);
         assert!((v.interaction + (certainty(v.entropy)).sqrt()).abs() < 1e-12);
         // Without alternatives at that step the decision token's top-k entropy is used.
         let mut bare = g.clone();
         bare.constrained.as_mut().unwrap().alternatives[0].clear();
         assert_eq!(
-            strategy_signal(&Alts, &s, 0, &bare).unwrap().entropy,
+            strategy_signal(&ALTS, &s, 0, &bare).unwrap().entropy,
             f64::from(0.9f32)
         );
     }
