@@ -111,16 +111,18 @@ pub fn strategy_signal(
         Some(off) => token_at(backend, &g.ids, off)?,
         None => None,
     };
-    if let (Some(t), Some(off), Some(c)) = (token, offset, g.constrained.as_ref()) {
-        if let Some(alts) = c.alternatives.get(t).filter(|a| !a.is_empty()) {
-            let step_start = backend.decode(&g.ids[..t])?.len();
-            if let Some(q) = long_probability(backend, alts, off - step_start.min(off))? {
-                return Ok(SignalValues::from_entropy(
-                    s,
-                    binary_entropy(q),
-                    g.perplexity,
-                ));
-            }
+    let alternatives = match (token, g.constrained.as_ref()) {
+        (Some(t), Some(c)) => c.alternatives.get(t).filter(|a| !a.is_empty()),
+        _ => None,
+    };
+    if let (Some(t), Some(off), Some(alts)) = (token, offset, alternatives) {
+        let step_start = backend.decode(&g.ids[..t])?.len();
+        if let Some(q) = long_probability(backend, alts, off - step_start.min(off))? {
+            return Ok(SignalValues::from_entropy(
+                s,
+                binary_entropy(q),
+                g.perplexity,
+            ));
         }
     }
     let h = token
