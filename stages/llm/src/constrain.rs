@@ -244,11 +244,6 @@ impl SequenceMatcher {
     pub fn eos(&self) -> u32 {
         self.eos
     }
-
-    /// Whether the text so far is a complete answer.
-    pub fn is_accepting(&mut self) -> bool {
-        self.inner.is_accepting().unwrap_or(false)
-    }
 }
 
 /// Writes the allowed tokens of `mask` as booleans (`out.len()` = the logit width).
