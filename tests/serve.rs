@@ -12,9 +12,9 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use flag_agents::backend::{EmbeddedBackend, LlmBackend, LlmRequest};
-use flag_agents::openai::{OpenAiBackend, OpenAiSettings};
 use flag_core::arrow::array::{Array, BooleanArray, Float64Array, Int64Array, StringArray};
+use flag_llm::backend::openai::{OpenAiBackend, OpenAiSettings};
+use flag_llm::backend::{EmbeddedBackend, LlmBackend, LlmRequest};
 use flag_llm::generate::{FinishReason, GenerateOptions};
 use serde_json::{Value, json};
 
@@ -254,6 +254,56 @@ fn serve_answers_like_the_embedded_backend() {
         }
     }
 
+    // With a JSON Schema (the strategist's P3): the HTTP backend sends it as response_format,
+    // the server's constrained decoder gives the embedded backend's greedy answers, and each
+    // answer checks out against the schema on the client side too.
+    let schema = flag_llm::constrain::Constraint::from_file(
+        &repo_root().join("prompts/strategist/P3.schema.json"),
+    )
+    .unwrap();
+    let constrained = GenerateOptions {
+        constraint: Some(schema),
+        max_tokens: 160,
+        ..opts.clone()
+    };
+    let plain: Vec<LlmRequest> = reqs
+        .iter()
+        .map(|r| LlmRequest {
+            user: r.user.clone(),
+            prefill: String::new(),
+        })
+        .collect();
+    let want = embedded.generate(&plain, &constrained).unwrap();
+    let got = http.generate(&plain, &constrained).unwrap();
+    assert!(embedded.enforces_schema() && !http.enforces_schema());
+    for (w, g) in want.iter().zip(&got) {
+        assert_eq!(g.text, w.text, "constrained answers differ");
+        assert_eq!((&w.error, &g.error), (&None, &None), "{}", g.text);
+        let v: Value = serde_json::from_str(&g.text).unwrap_or_else(|e| panic!("{e}: {}", g.text));
+        assert!(
+            ["LONG", "SHORT"].contains(&v["direction"].as_str().unwrap()),
+            "{v}"
+        );
+        let c = g
+            .constrained
+            .as_ref()
+            .expect("constrained scores over HTTP");
+        assert_eq!(c.logprobs.len(), g.ids.len());
+        assert!(c.logprobs.iter().all(|&lp| lp <= 0.0), "{c:?}");
+    }
+    // The embeddings of the backend boundary: over HTTP equal to the in-process MiniLM.
+    let texts = vec![
+        "The market rallied.".to_string(),
+        "Stocks fell.".to_string(),
+    ];
+    let (local, remote) = (embedded.embed(&texts).unwrap(), http.embed(&texts).unwrap());
+    assert_eq!(local.len(), 2);
+    for (a, b) in local.iter().zip(&remote) {
+        assert_eq!(a.len(), 384);
+        let cos: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(cos > 0.9999, "cosine {cos}");
+    }
+
     // (b) Embeddings: 384-dim unit vectors, in input order; one string works too.
     let emb = format!("{}/embeddings", server.url);
     let (status, v) = post(
@@ -310,6 +360,11 @@ fn serve_answers_like_the_embedded_backend() {
             "top_logprobs",
         ),
         (&emb, r#"{"input": 42}"#, "'input' must be"),
+        (
+            &chat,
+            r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}"#,
+            "response_format",
+        ),
     ] {
         let (status, v) = post(url, body, &[]);
         assert_eq!(status, 400, "{body}: {v}");
@@ -426,10 +481,9 @@ fn strategist_over_http_matches_embedded_and_never_stores_the_key() {
     let common = r#"start: "2018-01-02"
       end: "2018-01-31"
       history: 5
-      max_tokens: 64
-      retries: 1
-      # flag serve does not take response_format yet: compare free generation on both sides.
-      constrain: false"#;
+      retries: 1"#;
+    // Both stages constrain answers to P3's schema (the default): the embedded decoder masks,
+    // the HTTP backend sends response_format and `flag serve` masks with the same engine.
     let yaml = format!(
         r#"name: serve-test
 params:

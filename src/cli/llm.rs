@@ -147,25 +147,7 @@ pub fn run(args: LlmArgs) -> anyhow::Result<()> {
 }
 
 pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => cuda(0),
-        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(i)) => cuda(i),
-            _ => bail!("--device {s:?}: expected cpu, cuda or cuda:N"),
-        },
-    }
-}
-
-fn cuda(i: usize) -> anyhow::Result<tch::Device> {
-    if !tch::Cuda::is_available() {
-        bail!("--device cuda: no CUDA device is available to libtorch on this machine");
-    }
-    let n = tch::Cuda::device_count() as usize;
-    if i >= n {
-        bail!("--device cuda:{i}: only {n} CUDA device(s)");
-    }
-    Ok(tch::Device::Cuda(i))
+    flag_llm::backend::parse_device(s).map_err(|m| anyhow::anyhow!("--device {m}"))
 }
 
 fn read_prompt(path: &Path) -> anyhow::Result<String> {

@@ -23,9 +23,11 @@ impl StageBar {
                 if b.length() != Some(total) {
                     b.set_length(total);
                     b.set_style(
-                        ProgressStyle::with_template("  {prefix:>18} [{bar:30}] {pos}/{len} {msg}")
-                            .unwrap()
-                            .progress_chars("=> "),
+                        ProgressStyle::with_template(
+                            "  {prefix:>18} [{bar:30}] {pos}/{len} {msg} {elapsed} ETA {eta}",
+                        )
+                        .unwrap()
+                        .progress_chars("=> "),
                     );
                 }
                 b.set_position(done);

@@ -12,13 +12,13 @@ use flag_core::{
 use serde_json::{Value, json};
 
 use crate::anon::Anonymiser;
-use crate::backend::{
-    LlmBackend, LlmRequest, LlmSettings, backend_numerics, device_env, llm_param_specs, model_files,
-};
 use crate::parse::{parse_factors, reject_copied_factors, template_examples};
 use crate::prompt::{prompt_files, prompt_param, prompt_path, read_prompts, render};
 use crate::runner::{Outcome, run_with_retries};
 use crate::util::{self, column};
+use flag_llm::backend::{
+    LlmBackend, LlmRequest, LlmSettings, backend_numerics, device_env, llm_param_specs, model_files,
+};
 
 pub const PREFILL: &str = "{\"factors\": [\"";
 const VERSION: &str = concat!(
@@ -178,7 +178,7 @@ pub fn analyse(
     order.sort_by_key(|&i| (days[i].date, days[i].ticker.clone()));
     let mut out: Vec<Option<Outcome<Vec<String>>>> = vec![None; days.len()];
     for (n, chunk) in order.chunks(cfg.batch_size).enumerate() {
-        progress((n * cfg.batch_size) as u64, days.len() as u64, "analyst");
+        progress((n * cfg.batch_size) as u64, days.len() as u64, "news days");
         let prefill = cfg.llm.answer_prefill(PREFILL);
         let requests = chunk
             .iter()
@@ -200,7 +200,7 @@ pub fn analyse(
             out[i] = Some(o);
         }
     }
-    progress(days.len() as u64, days.len() as u64, "analyst");
+    progress(days.len() as u64, days.len() as u64, "news days");
     out.into_iter()
         .map(|o| {
             o.ok_or_else(|| StageError::Invalid("a news day was left without an outcome".into()))

@@ -6,15 +6,13 @@
 //!   DDQN reads. The signal math and which tokens count: [`signal`].
 //! * [`analyst`]: daily news -> 2-5 anonymised factors (`news_factors`), shown by prompt P4.
 //! * [`llm_only`]: the signal's direction traded in the TDQN environment.
-//! * [`backend`]: the object-safe [`backend::LlmBackend`] trait, for the embedded flag-llm
-//!   engine and ([`openai`]) any OpenAI-compatible server, picked by the `backend` param.
-//!   [`parse`]: model output is untrusted input.
+//! * The model behind them is a `flag_llm::backend::LlmBackend` (embedded engine or an
+//!   OpenAI-compatible server, picked by the `backend` param); this crate keeps prompts,
+//!   parsing ([`parse`]: model output is untrusted input), signals and stages.
 
 pub mod analyst;
 pub mod anon;
-pub mod backend;
 pub mod llm_only;
-pub mod openai;
 pub mod parse;
 pub mod prompt;
 pub mod runner;

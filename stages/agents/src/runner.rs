@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use flag_core::{StageError, StageResult};
 use flag_llm::generate::Generation;
 
-use crate::backend::{LlmBackend, LlmRequest, LlmSettings};
 use crate::parse::ParseError;
 use crate::prompt::render;
+use flag_llm::backend::{LlmBackend, LlmRequest, LlmSettings};
 
 /// The result of one request after its attempts.
 #[derive(Debug, Clone)]
@@ -70,7 +70,13 @@ pub fn run_with_retries<T>(
         for ((&i, g), r) in pending.iter().zip(gens).zip(&batch) {
             let answer = format!("{}{}", r.prefill, g.text);
             history[i].push(answer.clone());
-            match parse(&answer) {
+            // A generation the backend flagged (the answer left its schema) is rejected with
+            // that reason, even if the parser would accept its text.
+            let verdict = match &g.error {
+                Some(e) => Err(format!("the answer does not match its schema: {e}")),
+                None => parse(&answer).map_err(|e| e.to_string()),
+            };
+            match verdict {
                 Ok(v) => {
                     out[i] = Some(Outcome {
                         value: Some(v),
@@ -81,7 +87,7 @@ pub fn run_with_retries<T>(
                     })
                 }
                 Err(e) => {
-                    errors[i] = Some(e.to_string());
+                    errors[i] = Some(e);
                     if attempt == settings.retries {
                         let raw = history[i]
                             .iter()

@@ -25,8 +25,8 @@
 use flag_core::StageResult;
 use flag_llm::generate::Generation;
 
-use crate::backend::LlmBackend;
 use crate::parse::Strategy;
+use flag_llm::backend::LlmBackend;
 
 pub const EPS: f64 = 1e-4;
 
@@ -209,7 +209,7 @@ mod tests {
         }
         fn generate(
             &self,
-            _: &[crate::backend::LlmRequest],
+            _: &[flag_llm::backend::LlmRequest],
             _: &flag_llm::generate::GenerateOptions,
         ) -> StageResult<Vec<Generation>> {
             Ok(Vec::new())

@@ -9,13 +9,13 @@ use std::time::Instant;
 
 use chrono::NaiveDate;
 use flag_agents::analyst::{self, Analyst, AnalystConfig};
-use flag_agents::backend::{LlmBackend, LlmRequest};
 use flag_agents::llm_only::LlmOnly;
 use flag_agents::strategist::{self, Inputs, Strategist, StrategistConfig};
 use flag_core::arrow::array::{
     Array, BooleanArray, Date32Array, Float64Array, Int64Array, ListArray, StringArray,
 };
 use flag_core::{Stage, StageResult};
+use flag_llm::backend::{LlmBackend, LlmRequest};
 use flag_llm::generate::{FinishReason, GenerateOptions, Generation};
 use flag_trading::series::from_days;
 use serde_json::json;

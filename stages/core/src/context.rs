@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::compute::concat_batches;
@@ -38,7 +39,54 @@ pub struct StageContext {
     resources: BTreeMap<String, Vec<u8>>,
     log: Mutex<Option<File>>,
     progress: Option<ProgressFn>,
+    progress_log: Mutex<ProgressLog>,
     written: BTreeMap<String, u64>,
+}
+
+/// How often a long stage writes a progress line into its log: the log is what a user
+/// reads when the run is not on a terminal (CI, a batch job, `nohup`).
+pub const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Throttles the progress lines of the stage log.
+struct ProgressLog {
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl ProgressLog {
+    /// The line to log for this update, if one is due: the first update, one every
+    /// [`PROGRESS_LOG_EVERY`], and the last (done == total).
+    fn line(&mut self, done: u64, total: u64, unit: &str, now: Instant) -> Option<String> {
+        let due = match self.last {
+            None => true,
+            Some(t) => now.duration_since(t) >= PROGRESS_LOG_EVERY || (total > 0 && done >= total),
+        };
+        if !due {
+            return None;
+        }
+        self.last = Some(now);
+        let elapsed = now.duration_since(self.started);
+        let mut line = format!("progress: {done}/{total} {unit}");
+        if total > 0 {
+            line.push_str(&format!(" ({:.1}%)", done as f64 * 100.0 / total as f64));
+        }
+        line.push_str(&format!(", {} elapsed", human_duration(elapsed)));
+        if done > 0 && done < total {
+            let eta = elapsed.mul_f64((total - done) as f64 / done as f64);
+            line.push_str(&format!(", ETA {}", human_duration(eta)));
+        }
+        Some(line)
+    }
+}
+
+/// 75 s -> "1m15s"; 3700 s -> "1h01m40s".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, sec) => format!("{h}h{m:02}m{sec:02}s"),
+    }
 }
 
 impl StageContext {
@@ -66,6 +114,10 @@ impl StageContext {
             resources,
             log: Mutex::new(log),
             progress,
+            progress_log: Mutex::new(ProgressLog {
+                started: Instant::now(),
+                last: None,
+            }),
             written: BTreeMap::new(),
         }
     }
@@ -83,9 +135,19 @@ impl StageContext {
         }
     }
 
+    /// Reports `done` of `total` units (`msg` names the unit, e.g. "decisions"): to the
+    /// terminal's progress bar, and as a periodic line with the ETA in the stage log.
     pub fn progress(&self, done: u64, total: u64, msg: &str) {
         if let Some(p) = &self.progress {
             p(done, total, msg);
+        }
+        let line = self
+            .progress_log
+            .lock()
+            .ok()
+            .and_then(|mut l| l.line(done, total, msg, Instant::now()));
+        if let Some(line) = line {
+            self.log(line);
         }
     }
 
@@ -243,4 +305,46 @@ fn read_artifact(input: &str, art: &InputArtifact) -> StageResult<RecordBatch> {
         context: format!("input '{input}'"),
         source: e,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines_are_throttled_and_carry_an_eta() {
+        let t0 = Instant::now();
+        let mut log = ProgressLog {
+            started: t0,
+            last: None,
+        };
+        let first = log
+            .line(0, 100, "decisions", t0)
+            .expect("first update logs");
+        assert_eq!(first, "progress: 0/100 decisions (0.0%), 0s elapsed");
+        assert_eq!(
+            log.line(10, 100, "decisions", t0 + Duration::from_secs(5)),
+            None
+        );
+        let at = t0 + PROGRESS_LOG_EVERY + Duration::from_secs(10);
+        // 25 of 100 in 40 s: 75 more at the same rate take 120 s.
+        let mid = log
+            .line(25, 100, "decisions", at)
+            .expect("due after the interval");
+        assert_eq!(
+            mid,
+            "progress: 25/100 decisions (25.0%), 40s elapsed, ETA 2m00s"
+        );
+        let last = log
+            .line(100, 100, "decisions", at + Duration::from_secs(1))
+            .expect("the last update always logs");
+        assert_eq!(last, "progress: 100/100 decisions (100.0%), 41s elapsed");
+    }
+
+    #[test]
+    fn durations_read_as_hours_minutes_seconds() {
+        assert_eq!(human_duration(Duration::from_secs(59)), "59s");
+        assert_eq!(human_duration(Duration::from_secs(75)), "1m15s");
+        assert_eq!(human_duration(Duration::from_secs(3700)), "1h01m40s");
+    }
 }

@@ -8,7 +8,7 @@
 //! `": "` after keys (llguidance's `x-guidance` options, set here unless the schema sets its
 //! own), so the model cannot spend its token budget on blank space.
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
@@ -244,6 +244,134 @@ impl SequenceMatcher {
     pub fn eos(&self) -> u32 {
         self.eos
     }
+}
+
+/// The byte-level parser factory of [`TextChecker`]: one token per byte value, and an end
+/// token (id 256) so the grammar can say where the answer may stop.
+fn byte_factory() -> std::result::Result<&'static ParserFactory, String> {
+    static FACTORY: OnceLock<std::result::Result<ParserFactory, String>> = OnceLock::new();
+    FACTORY
+        .get_or_init(|| {
+            let mut words: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+            words.push(b"\xFF<|end|>".to_vec());
+            let info = TokRxInfo::new(words.len() as u32, BYTE_END);
+            let env: TokEnv = Arc::new(ByteEnv {
+                trie: TokTrie::from(&info, &words),
+            });
+            let mut f = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+            f.quiet();
+            Ok(f)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// The end token of the byte-level vocabulary.
+const BYTE_END: u32 = 256;
+
+struct ByteEnv {
+    trie: TokTrie,
+}
+
+impl TokenizerEnv for ByteEnv {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        s.iter().map(|&b| TokenId::from(b)).collect()
+    }
+
+    fn tokenize_is_canonical(&self) -> bool {
+        true
+    }
+}
+
+/// Checks text against a constraint byte by byte, with no model vocabulary: how an answer
+/// from a backend that does not enforce the constraint itself (an HTTP server) is validated,
+/// and how the tokens it could have chosen at each step are told apart from those it could
+/// not.
+pub struct TextChecker {
+    inner: Matcher,
+    consumed: usize,
+}
+
+impl TextChecker {
+    pub fn new(c: &Constraint) -> Result<Self> {
+        let factory = byte_factory()
+            .map_err(|e| LlmError::Invalid(format!("building the byte-level checker: {e}")))?;
+        let parser = factory
+            .create_parser(c.grammar())
+            .map_err(|e| LlmError::Invalid(format!("compiling the constraint: {e}")))?;
+        Ok(TextChecker {
+            inner: Matcher::new(Ok(parser)),
+            consumed: 0,
+        })
+    }
+
+    fn ids(bytes: &[u8]) -> Vec<TokenId> {
+        bytes.iter().map(|&b| TokenId::from(b)).collect()
+    }
+
+    /// Whether `bytes` may follow what was fed so far (nothing is consumed).
+    pub fn allows(&mut self, bytes: &[u8]) -> bool {
+        let ids = Self::ids(bytes);
+        !self.inner.is_error()
+            && self
+                .inner
+                .validate_tokens(&ids)
+                .is_ok_and(|n| n == ids.len())
+    }
+
+    /// Feeds `bytes`; an error names the byte offset (from the start of the text) where the
+    /// text left the grammar.
+    pub fn feed(&mut self, bytes: &[u8]) -> std::result::Result<(), String> {
+        let ids = Self::ids(bytes);
+        let n = self
+            .inner
+            .try_consume_tokens(&ids)
+            .map_err(|e| format!("at byte {}: {e}", self.consumed))?;
+        self.consumed += n;
+        if n < ids.len() {
+            return Err(format!(
+                "at byte {}: {:?} is not allowed there",
+                self.consumed,
+                String::from_utf8_lossy(&bytes[n..n + 1])
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes accepted so far.
+    pub fn consumed(&self) -> usize {
+        self.consumed
+    }
+
+    /// Whether the text fed so far is a complete answer.
+    pub fn is_complete(&mut self) -> bool {
+        self.inner.is_stopped() || self.inner.is_accepting().unwrap_or(false) || self.allows_end()
+    }
+
+    fn allows_end(&mut self) -> bool {
+        !self.inner.is_error()
+            && self
+                .inner
+                .validate_tokens(&[BYTE_END])
+                .is_ok_and(|n| n == 1)
+    }
+}
+
+/// Whether `text` is a complete answer under `c` (Err: where and why it is not).
+pub fn check_text(c: &Constraint, text: &str) -> std::result::Result<(), String> {
+    let mut checker = TextChecker::new(c).map_err(|e| e.to_string())?;
+    checker.feed(text.as_bytes())?;
+    if !checker.is_complete() {
+        return Err(format!(
+            "the answer ends at byte {} before the form is complete",
+            text.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Writes the allowed tokens of `mask` as booleans (`out.len()` = the logit width).

@@ -225,7 +225,7 @@ pub fn run_all(
                     let seed = settings.seed + run as u64;
                     let report = |_: usize, _: usize| {
                         let n = episodes_done.fetch_add(1, Ordering::SeqCst) + 1;
-                        progress(n, total, &format!("{} run {run}", td.ticker));
+                        progress(n, total, &format!("episodes ({} run {run})", td.ticker));
                     };
                     let out = train_run(
                         &settings.cfg,

@@ -17,14 +17,14 @@ use serde_json::{Value, json};
 
 use self::blocks::{BlockInput, COLUMNS, Decided, blocks};
 use crate::anon::Anonymiser;
-use crate::backend::{
-    LlmBackend, LlmRequest, LlmSettings, backend_numerics, device_env, llm_param_specs, model_files,
-};
 use crate::parse::{Strategy, parse_strategy, reject_copied_strategy, template_examples};
 use crate::prompt::{placeholders, prompt_files, prompt_param, prompt_path, read_prompts, render};
 use crate::runner::{Outcome, run_with_retries};
 use crate::signal::{SignalValues, strategy_signal};
 use crate::util::{self, column};
+use flag_llm::backend::{
+    LlmBackend, LlmRequest, LlmSettings, backend_numerics, device_env, llm_param_specs, model_files,
+};
 
 /// The answer starts here; the model continues with the direction value.
 pub const PREFILL: &str = "{\"direction\": \"";
@@ -153,8 +153,9 @@ pub fn decide(
     let mut memory: Vec<Vec<Decided>> = vec![Vec::new(); inp.series.len()];
     let plan = plan(inp.series, cfg.start, cfg.end, cfg.period);
     let mut out = Vec::new();
-    for (n, (_, items)) in plan.iter().enumerate() {
-        progress(n as u64, plan.len() as u64, "strategist");
+    let total: u64 = plan.iter().map(|(_, items)| items.len() as u64).sum();
+    for (_, items) in plan.iter() {
+        progress(out.len() as u64, total, "decisions");
         let prefill = cfg.llm.answer_prefill(PREFILL);
         let requests = items
             .iter()
@@ -205,7 +206,7 @@ pub fn decide(
             });
         }
     }
-    progress(plan.len() as u64, plan.len() as u64, "strategist");
+    progress(total, total, "decisions");
     out.sort_by_key(|d| (d.ticker, d.row));
     Ok(out)
 }

@@ -1,138 +1,15 @@
-//! The LLM behind the agents, as a trait: a batch of prompts in, one scored generation per
-//! prompt out. Implemented here for the embedded flag-llm [`Engine`], and in
-//! [`crate::openai`] for any OpenAI-compatible HTTP server; the `backend` param of each LLM
-//! stage picks one ([`LlmSettings::load_backend`] returns a `Box<dyn LlmBackend>`).
-use std::path::{Path, PathBuf};
+//! The settings every LLM stage shares (params, device, backend choice) and how they turn
+//! into a backend.
+use std::path::PathBuf;
 use std::time::Duration;
 
 use flag_core::{ParamKind, ParamSpec, Params, StageError, StageResult};
-use flag_llm::constrain::Constraint;
-use flag_llm::generate::{Engine, GenerateOptions, Generation};
-use flag_llm::tokenizer::ChatMessage;
 use serde_json::{Value, json};
 
-use crate::openai::{MAX_TOP_LOGPROBS, OpenAiBackend, OpenAiSettings};
-
-/// One request: a user message, and the first characters of the assistant's answer.
-///
-/// The prefill (e.g. `{"direction": "`) puts the model on the JSON rails from the first
-/// token; the generated text continues it. The answer to parse is `prefill + text`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LlmRequest {
-    pub user: String,
-    pub prefill: String,
-}
-
-/// A batch text generator with token scores (logprobs, top-k entropies, perplexity). Only
-/// `Send`: tch tensors are not `Sync`, and a stage drives its backend from one thread.
-pub trait LlmBackend: Send {
-    /// Identity of the model for logs (e.g. the model file name).
-    fn name(&self) -> String;
-
-    /// One generation per request, in order. `opts.chat` is ignored: requests are always
-    /// chat turns (the backend applies its own template).
-    fn generate(
-        &self,
-        requests: &[LlmRequest],
-        opts: &GenerateOptions,
-    ) -> StageResult<Vec<Generation>>;
-
-    /// Decodes generated token ids to text (used to locate a value's tokens in an answer).
-    fn decode(&self, ids: &[u32]) -> StageResult<String>;
-}
-
-/// The embedded decoder of flag-llm.
-pub struct EmbeddedBackend {
-    engine: Engine,
-    name: String,
-}
-
-impl EmbeddedBackend {
-    pub fn new(engine: Engine, name: impl Into<String>) -> Self {
-        EmbeddedBackend {
-            engine,
-            name: name.into(),
-        }
-    }
-
-    /// Loads a GGUF on `device`.
-    pub fn load(path: &Path, device: tch::Device) -> StageResult<Self> {
-        let engine = Engine::load(path, device)
-            .map_err(|e| StageError::external(format!("loading model {}", path.display()), e))?;
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        Ok(EmbeddedBackend::new(engine, name))
-    }
-
-    fn prompt_ids(&self, r: &LlmRequest) -> StageResult<Vec<u32>> {
-        let tok = self.engine.tokenizer();
-        let err = |e: flag_llm::LlmError| StageError::external("building the chat prompt", e);
-        // The rendered template is encoded with special tokens parsed, so a user text spelling
-        // "<|im_end|>" would close the turn: such markers are stripped from it first.
-        let user = ChatMessage::user(strip_control_markers(&r.user));
-        let text = tok.apply_chat_template(&[user], true).map_err(err)?;
-        let mut ids = tok.encode(&text, true).map_err(err)?;
-        if !r.prefill.is_empty() {
-            ids.extend(tok.encode(&r.prefill, false).map_err(err)?);
-        }
-        Ok(ids)
-    }
-}
-
-impl LlmBackend for EmbeddedBackend {
-    fn name(&self) -> String {
-        self.name.clone()
-    }
-
-    fn generate(
-        &self,
-        requests: &[LlmRequest],
-        opts: &GenerateOptions,
-    ) -> StageResult<Vec<Generation>> {
-        let ids = requests
-            .iter()
-            .map(|r| self.prompt_ids(r))
-            .collect::<StageResult<Vec<_>>>()?;
-        self.engine
-            .generate_ids(&ids, opts)
-            .map_err(|e| StageError::external(format!("generating with {}", self.name), e))
-    }
-
-    fn decode(&self, ids: &[u32]) -> StageResult<String> {
-        self.engine
-            .tokenizer()
-            .decode(ids, true)
-            .map_err(|e| StageError::external("decoding tokens", e))
-    }
-}
-
-/// Removes chat-control markers (`<|im_start|>`, `<|endoftext|>`, `<s>`...) from untrusted
-/// text before it is rendered into a prompt, so data can never open or close a chat turn.
-pub fn strip_control_markers(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(start) = rest.find('<') {
-        out.push_str(&rest[..start]);
-        let tail = &rest[start..];
-        let marker_len = tail.find('>').filter(|&end| {
-            let inner = &tail[1..end];
-            let special = (inner.starts_with('|') && inner.ends_with('|') && inner.len() >= 2)
-                || matches!(inner, "s" | "/s" | "unk" | "pad");
-            special && !inner.contains(char::is_whitespace)
-        });
-        match marker_len {
-            Some(end) => rest = &tail[end + 1..],
-            None => {
-                out.push('<');
-                rest = &tail[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
+use super::openai::{MAX_TOP_LOGPROBS, OpenAiBackend, OpenAiSettings};
+use super::{EmbeddedBackend, LlmBackend};
+use crate::constrain::Constraint;
+use crate::generate::GenerateOptions;
 
 /// Which model answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,7 +84,7 @@ pub fn llm_param_specs(max_tokens: u64) -> Vec<ParamSpec> {
             "constrain",
             ParamKind::Bool,
             json!(true),
-            "Enforce the prompt's JSON Schema in the embedded decoder (false: free generation, validated after; the ablation, and what an HTTP backend gets)",
+            "Constrain answers to the prompt's JSON Schema: enforced by the embedded decoder, sent as response_format to an HTTP backend and checked locally (false: free generation after a JSON prefill, parsed after; the ablation)",
         ),
         ParamSpec::with_default(
             "backend",
@@ -271,7 +148,7 @@ fn openai_settings(p: &Params) -> StageResult<OpenAiSettings> {
             "base_url",
             format!(
                 "'{}' must start with http:// or https://",
-                crate::openai::display_url(&base_url)
+                super::openai::display_url(&base_url)
             ),
         ));
     }
@@ -312,15 +189,38 @@ fn openai_settings(p: &Params) -> StageResult<OpenAiSettings> {
     })
 }
 
+/// A device name as users write it: `cpu`, `cuda` or `cuda:N` (checked against the CUDA
+/// devices libtorch sees).
+pub fn parse_device(s: &str) -> Result<tch::Device, String> {
+    let cuda = |i: usize| {
+        if !tch::Cuda::is_available() {
+            return Err(format!(
+                "{s}: no CUDA device is available to libtorch on this machine"
+            ));
+        }
+        let n = tch::Cuda::device_count() as usize;
+        if i >= n {
+            return Err(format!("{s}: only {n} CUDA device(s)"));
+        }
+        Ok(tch::Device::Cuda(i))
+    };
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => Err(format!("'{s}' is not one of cpu, cuda, cuda:N")),
+        },
+    }
+}
+
+/// The `device` param of an LLM stage: cpu or cuda (the stage's key records which).
 fn device_choice(p: &Params) -> StageResult<(&'static str, tch::Device)> {
     let dev = p.opt_str("device")?.unwrap_or_else(|| "cpu".into());
     match dev.as_str() {
-        "cpu" => Ok(("cpu", tch::Device::Cpu)),
-        "cuda" if tch::Cuda::is_available() => Ok(("cuda", tch::Device::Cuda(0))),
-        "cuda" => Err(StageError::param(
-            "device",
-            "cuda was asked for but no CUDA device is available",
-        )),
+        "cpu" | "cuda" => parse_device(&dev)
+            .map(|d| (if d.is_cuda() { "cuda" } else { "cpu" }, d))
+            .map_err(|m| StageError::param("device", m)),
         other => Err(StageError::param(
             "device",
             format!("'{other}' is not one of cpu, cuda"),
@@ -376,7 +276,7 @@ pub fn backend_numerics(p: &Params) -> flag_core::Numerics {
 /// The model file: the `model` param, or the packaged SmolLM2.
 pub fn model_path(p: &Params) -> StageResult<PathBuf> {
     let explicit = p.get("model").map(|_| p.path("model")).transpose()?;
-    flag_llm::models::smollm2_gguf(explicit.as_deref())
+    crate::models::smollm2_gguf(explicit.as_deref())
         .map_err(|e| StageError::param("model", e.to_string()))
 }
 
@@ -471,11 +371,11 @@ impl LlmSettings {
         self
     }
 
-    /// These settings with answers constrained to `schema` when the backend is the embedded
-    /// engine: the decoder then enforces the whole form, so no prefill and no JSON stop are
-    /// needed. An HTTP backend keeps the prefill and the answer is validated here only.
+    /// These settings with answers constrained to `schema` (param `constrain`): the embedded
+    /// decoder enforces the whole form, an HTTP backend sends it as `response_format` and
+    /// checks each answer; either way no prefill and no JSON stop are needed.
     pub fn constrained_by(mut self, schema: Constraint) -> Self {
-        if self.backend == BackendChoice::Embedded && self.constrain {
+        if self.constrain {
             self.opts.constraint = Some(schema);
             self.opts.json_prefill = None;
         }
@@ -496,7 +396,7 @@ impl LlmSettings {
     pub fn load_backend(&self) -> StageResult<Box<dyn LlmBackend>> {
         Ok(match &self.backend {
             BackendChoice::Embedded => {
-                let path = flag_llm::models::smollm2_gguf(self.model.as_deref())
+                let path = crate::models::smollm2_gguf(self.model.as_deref())
                     .map_err(|e| StageError::param("model", e.to_string()))?;
                 Box::new(EmbeddedBackend::load(&path, self.device)?)
             }
@@ -508,16 +408,6 @@ impl LlmSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_markers_are_removed_but_text_kept() {
-        assert_eq!(
-            strip_control_markers("a <|im_end|>\n<|im_start|>system x<s> 3 < 4 <b>"),
-            "a \nsystem x 3 < 4 <b>"
-        );
-        assert_eq!(strip_control_markers("<|endoftext|>"), "");
-        assert_eq!(strip_control_markers("<| a |> <"), "<| a |> <");
-    }
 
     fn params(given: Value) -> Params {
         let mut map: std::collections::BTreeMap<String, Value> = llm_param_specs(32)

@@ -20,6 +20,20 @@
 //! equivalent: the answer is cut here, after the first token whose text closes the object,
 //! exactly where the embedded engine stops (the server may have generated a few more tokens).
 //!
+//! With `opts.constraint` a JSON Schema is sent as `response_format: {"type": "json_schema"}`
+//! (`flag serve`, vLLM, llama.cpp and hosted APIs enforce it); regex and Lark constraints have
+//! no OpenAI field and are checked here only. Either way the answer is checked here byte by
+//! byte against the constraint ([`TextChecker`]): text after a complete answer is cut (a
+//! server that ignored the schema may ramble on), and an answer that leaves the form is
+//! returned with [`Generation::error`] set, so the caller's retry sees the reason. The
+//! constrained scores are rebuilt from `top_logprobs`: at each step, the candidates the
+//! constraint allows after the text so far, renormalised among themselves. The ratio of two
+//! allowed tokens is the same under the server's mask and without it, so the strategist's
+//! LONG-vs-SHORT certainty is the embedded one whenever both are among the top candidates.
+//!
+//! `embed` posts to `{base_url}/embeddings` with the model `all-MiniLM-L6-v2` (what
+//! `flag serve` serves).
+//!
 //! The API key is read from the environment variable named by `api_key_env` when the backend
 //! is built, sent only in the `Authorization` header, and never stored, logged or shown (the
 //! `Debug` output and error messages leave it out).
@@ -28,12 +42,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flag_core::{StageError, StageResult};
-use flag_llm::generate::{
-    FinishReason, GenerateOptions, Generation, json_object_end, top_k_entropy,
-};
 use serde_json::{Value, json};
 
-use crate::backend::{LlmBackend, LlmRequest};
+use super::{LlmBackend, LlmRequest};
+use crate::constrain::{Constraint, TextChecker};
+use crate::generate::{
+    ConstrainedScores, FinishReason, GenerateOptions, Generation, json_object_end,
+};
+use crate::models;
+use crate::sampling::top_k_entropy;
 
 /// Requests in flight at once.
 pub const CONCURRENCY: usize = 4;
@@ -59,7 +76,10 @@ pub struct OpenAiSettings {
 
 pub struct OpenAiBackend {
     settings: OpenAiSettings,
+    /// `{base_url}/chat/completions`.
     url: String,
+    /// `{base_url}/embeddings`.
+    embed_url: String,
     api_key: Option<String>,
     agent: ureq::Agent,
     /// Synthetic token id -> the token's bytes.
@@ -85,6 +105,8 @@ struct Token {
     bytes: Vec<u8>,
     logprob: f32,
     entropy: f32,
+    /// The step's `top_logprobs` candidates: (bytes, ln p).
+    top: Vec<(Vec<u8>, f32)>,
 }
 
 /// `base_url` with any `user:password@` removed, for messages.
@@ -157,6 +179,7 @@ impl OpenAiBackend {
         Ok(OpenAiBackend {
             agent: config.build().into(),
             url,
+            embed_url: format!("{base}/embeddings"),
             api_key,
             settings,
             tokens: Mutex::new(Vec::new()),
@@ -184,11 +207,13 @@ impl OpenAiBackend {
         if !opts.stop.is_empty() {
             body["stop"] = json!(opts.stop);
         }
+        if let Some(Constraint::JsonSchema(schema)) = &opts.constraint {
+            body["response_format"] = json!({
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": schema, "strict": true},
+            });
+        }
         body
-    }
-
-    fn shown_url(&self) -> String {
-        display_url(&self.url)
     }
 
     /// `text` with the key (should a server echo it) masked.
@@ -200,13 +225,13 @@ impl OpenAiBackend {
     }
 
     /// POSTs `body`, retrying connection errors, 429 and 5xx answers with backoff.
-    fn post(&self, body: &str) -> StageResult<Value> {
-        let context = || format!("POST {}", self.shown_url());
+    fn post(&self, url: &str, body: &str) -> StageResult<Value> {
+        let context = || format!("POST {}", display_url(url));
         let mut attempt = 0;
         loop {
             let mut req = self
                 .agent
-                .post(&self.url)
+                .post(url)
                 .header("Content-Type", "application/json");
             if let Some(k) = &self.api_key {
                 req = req.header("Authorization", format!("Bearer {k}"));
@@ -257,20 +282,27 @@ impl OpenAiBackend {
         }
     }
 
-    /// One request: its text, tokens and finish reason.
-    fn complete(
-        &self,
-        r: &LlmRequest,
-        opts: &GenerateOptions,
-    ) -> StageResult<(String, Vec<Token>, FinishReason)> {
+    /// One request: its text, tokens and finish reason, checked against the constraint.
+    fn complete(&self, r: &LlmRequest, opts: &GenerateOptions) -> StageResult<Answer> {
         let body = self.request_body(r, opts).to_string();
-        let answer = self.post(&body)?;
-        parse_answer(&answer, r, opts).map_err(|m| {
+        let answer = self.post(&self.url, &body)?;
+        let (text, tokens, finish) = parse_answer(&answer, r, opts).map_err(|m| {
             StageError::external(
-                format!("POST {}", self.shown_url()),
+                format!("POST {}", display_url(&self.url)),
                 format!("unexpected answer: {m}"),
             )
-        })
+        })?;
+        match &opts.constraint {
+            None => Ok(Answer {
+                text,
+                tokens,
+                finish,
+                steps: None,
+                error: None,
+            }),
+            Some(c) => check_answer(c, tokens, finish, opts.top_k_entropy)
+                .map_err(|e| StageError::external("checking an answer", e)),
+        }
     }
 }
 
@@ -313,6 +345,114 @@ fn token_bytes(v: &Value) -> Result<Vec<u8>, String> {
     }
 }
 
+/// An answer as the client returns it.
+#[derive(Debug)]
+struct Answer {
+    text: String,
+    tokens: Vec<Token>,
+    finish: FinishReason,
+    /// Per token, the scores among the candidates the constraint allowed (with a constraint).
+    steps: Option<Vec<AllowedStep>>,
+    /// Where the answer left the constraint.
+    error: Option<String>,
+}
+
+/// One step's scores restricted to the allowed `top_logprobs` candidates, renormalised.
+#[derive(Debug, Clone, PartialEq)]
+struct AllowedStep {
+    logprob: f32,
+    entropy: f32,
+    /// (bytes, renormalised ln p), most likely first.
+    alternatives: Vec<(Vec<u8>, f32)>,
+}
+
+/// Checks the answer's tokens against `c` byte by byte: cuts what follows a complete answer,
+/// flags an answer that leaves the form or stops short of it, and scores each step among the
+/// candidates the constraint allowed there. `Err` only when the constraint cannot be
+/// compiled.
+fn check_answer(
+    c: &Constraint,
+    mut tokens: Vec<Token>,
+    finish: FinishReason,
+    k: usize,
+) -> Result<Answer, crate::LlmError> {
+    let mut checker = TextChecker::new(c)?;
+    let mut steps = Vec::with_capacity(tokens.len());
+    let mut error = None;
+    let mut cut = None;
+    for (i, t) in tokens.iter().enumerate() {
+        let complete_before = checker.is_complete();
+        let mut allowed: Vec<(Vec<u8>, f32)> = t
+            .top
+            .iter()
+            .filter(|(b, _)| !b.is_empty() && checker.allows(b))
+            .cloned()
+            .collect();
+        if !allowed.iter().any(|(b, _)| *b == t.bytes) && checker.allows(&t.bytes) {
+            allowed.push((t.bytes.clone(), t.logprob));
+        }
+        if let Err(e) = checker.feed(&t.bytes) {
+            if complete_before || checker.is_complete() {
+                // Text after a complete answer (a server that ignored the schema).
+                cut = Some(i + usize::from(!complete_before));
+            } else {
+                error = Some(e);
+                cut = Some(i + 1);
+            }
+            break;
+        }
+        steps.push(allowed_step(allowed, t.logprob, k));
+    }
+    let mut finish = finish;
+    if let Some(n) = cut {
+        tokens.truncate(n);
+        steps.truncate(n);
+        finish = FinishReason::Stop;
+    }
+    // Cut by max_tokens, an answer is unfinished as the embedded engine's would be (the
+    // caller's parser says so); stopping short of the form any other way is the server's.
+    if error.is_none() && finish != FinishReason::Length && !checker.is_complete() {
+        error = Some("the answer stops before its form is complete".to_string());
+    }
+    if error.is_some() {
+        finish = FinishReason::Error;
+    }
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.bytes.clone()).collect();
+    // A cut inside a token (`}` and a newline in one) keeps the bytes the checker accepted.
+    let kept = if cut.is_some() && error.is_none() {
+        &bytes[..checker.consumed().min(bytes.len())]
+    } else {
+        &bytes[..]
+    };
+    let text = String::from_utf8_lossy(kept).into_owned();
+    Ok(Answer {
+        text,
+        tokens,
+        finish,
+        steps: Some(steps),
+        error,
+    })
+}
+
+/// Renormalises the allowed candidates' ln p among themselves.
+fn allowed_step(mut allowed: Vec<(Vec<u8>, f32)>, chosen: f32, k: usize) -> AllowedStep {
+    allowed.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let max = allowed.iter().map(|a| a.1).fold(chosen, f32::max);
+    let sum: f64 = allowed.iter().map(|a| f64::from(a.1 - max).exp()).sum();
+    let lse = f64::from(max) + sum.max(f64::MIN_POSITIVE).ln();
+    let renorm = |lp: f32| (f64::from(lp) - lse) as f32;
+    let probs: Vec<f64> = allowed
+        .iter()
+        .take(k)
+        .map(|a| f64::from(renorm(a.1)).exp())
+        .collect();
+    AllowedStep {
+        logprob: renorm(chosen).min(0.0),
+        entropy: top_k_entropy(&probs) as f32,
+        alternatives: allowed.into_iter().map(|(b, lp)| (b, renorm(lp))).collect(),
+    }
+}
+
 /// Text, tokens and finish reason of a chat completion answer (`Err`: what is wrong).
 fn parse_answer(
     v: &Value,
@@ -349,20 +489,23 @@ fn parse_answer(
             .and_then(Value::as_array)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| format!("logprobs.content[{i}] has no top_logprobs"))?;
-        let probs = top
-            .iter()
-            .take(k)
-            .map(|t| {
-                t.get("logprob")
-                    .and_then(Value::as_f64)
-                    .map(f64::exp)
-                    .ok_or_else(|| format!("logprobs.content[{i}].top_logprobs has no logprob"))
-            })
-            .collect::<Result<Vec<f64>, String>>()?;
+        let top =
+            top.iter()
+                .map(|t| {
+                    let lp = t.get("logprob").and_then(Value::as_f64).ok_or_else(|| {
+                        format!("logprobs.content[{i}].top_logprobs has no logprob")
+                    })?;
+                    let bytes = token_bytes(t)
+                        .map_err(|m| format!("logprobs.content[{i}].top_logprobs: {m}"))?;
+                    Ok((bytes, lp as f32))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+        let probs: Vec<f64> = top.iter().take(k).map(|t| f64::from(t.1).exp()).collect();
         tokens.push(Token {
             bytes: token_bytes(e).map_err(|m| format!("logprobs.content[{i}]: {m}"))?,
             logprob: logprob as f32,
             entropy: top_k_entropy(&probs) as f32,
+            top,
         });
     }
     if !r.prefill.is_empty() && text.starts_with(&r.prefill) {
@@ -461,7 +604,7 @@ impl LlmBackend for OpenAiBackend {
         let mut table = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(requests.len());
         for r in results {
-            let (text, tokens, finish) = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            let a = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
                 Some(res) => res?,
                 None => {
                     return Err(StageError::Invalid(
@@ -469,6 +612,7 @@ impl LlmBackend for OpenAiBackend {
                     ));
                 }
             };
+            let tokens = a.tokens;
             let first = table.len();
             let count = tokens.len().max(1) as f64;
             let mean_lp = tokens.iter().map(|t| f64::from(t.logprob)).sum::<f64>() / count;
@@ -477,16 +621,35 @@ impl LlmBackend for OpenAiBackend {
             let logprobs = tokens.iter().map(|t| t.logprob).collect();
             let entropies = tokens.iter().map(|t| t.entropy).collect();
             table.extend(tokens.into_iter().map(|t| t.bytes));
+            // Alternatives get synthetic ids too, so `decode` spells them.
+            let constrained = a.steps.map(|steps| {
+                let mut c = ConstrainedScores::default();
+                for st in steps {
+                    c.logprobs.push(st.logprob);
+                    c.entropies.push(st.entropy);
+                    c.allowed.push(st.alternatives.len() as u32);
+                    let alts = st
+                        .alternatives
+                        .into_iter()
+                        .map(|(bytes, lp)| {
+                            table.push(bytes);
+                            ((table.len() - 1) as u32, lp)
+                        })
+                        .collect();
+                    c.alternatives.push(alts);
+                }
+                c
+            });
             out.push(Generation {
-                text,
+                text: a.text,
                 ids,
                 logprobs,
                 entropies,
                 entropy,
                 perplexity: (-mean_lp).exp(),
-                finish_reason: finish,
-                constrained: None,
-                error: None,
+                finish_reason: a.finish,
+                constrained,
+                error: a.error,
             });
         }
         Ok(out)
@@ -503,6 +666,67 @@ impl LlmBackend for OpenAiBackend {
         }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
+
+    fn embed(&self, texts: &[String]) -> StageResult<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(EMBED_CHUNK) {
+            let body = json!({"model": models::MINILM.name, "input": chunk}).to_string();
+            let answer = self.post(&self.embed_url, &body)?;
+            let vecs = parse_embeddings(&answer, chunk.len()).map_err(|m| {
+                StageError::external(
+                    format!("POST {}", display_url(&self.embed_url)),
+                    format!("unexpected answer: {m}"),
+                )
+            })?;
+            out.extend(vecs);
+        }
+        Ok(out)
+    }
+
+    fn enforces_schema(&self) -> bool {
+        // Whatever the server claims, every answer is checked here (`check_answer`).
+        false
+    }
+}
+
+/// Inputs per embeddings request.
+const EMBED_CHUNK: usize = 256;
+
+/// `data[*].embedding` in `index` order; exactly `n` vectors of one width.
+fn parse_embeddings(v: &Value, n: usize) -> Result<Vec<Vec<f32>>, String> {
+    let data = v
+        .get("data")
+        .and_then(Value::as_array)
+        .ok_or("no 'data' list")?;
+    if data.len() != n {
+        return Err(format!("{} embeddings for {n} inputs", data.len()));
+    }
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; n];
+    for (i, d) in data.iter().enumerate() {
+        let index = d
+            .get("index")
+            .and_then(Value::as_u64)
+            .map_or(i, |x| x as usize);
+        let e = d
+            .get("embedding")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("data[{i}] has no 'embedding' list"))?
+            .iter()
+            .map(|x| x.as_f64().map(|f| f as f32))
+            .collect::<Option<Vec<f32>>>()
+            .ok_or_else(|| format!("data[{i}].embedding holds a non-number"))?;
+        let slot = out
+            .get_mut(index)
+            .ok_or_else(|| format!("data[{i}].index {index} is out of range"))?;
+        if slot.replace(e).is_some() {
+            return Err(format!("index {index} appears twice"));
+        }
+    }
+    let out: Vec<Vec<f32>> = out.into_iter().map(Option::unwrap_or_default).collect();
+    if out.iter().any(|e| e.is_empty() || e.len() != out[0].len()) {
+        return Err("embeddings are empty or of different widths".into());
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -670,5 +894,149 @@ mod tests {
         );
         assert!(e.contains("after 3 attempts"), "{e}");
         assert!(!e.contains("sk-very-secret"), "{e}");
+    }
+
+    fn tok(text: &str, lp: f32, top: &[(&str, f32)]) -> Token {
+        Token {
+            bytes: text.as_bytes().to_vec(),
+            logprob: lp,
+            entropy: 0.0,
+            top: top
+                .iter()
+                .map(|(t, l)| (t.as_bytes().to_vec(), *l))
+                .collect(),
+        }
+    }
+
+    fn direction_schema() -> Constraint {
+        Constraint::JsonSchema(json!({
+            "type": "object",
+            "properties": {"d": {"enum": ["LONG", "SHORT"]}},
+            "required": ["d"],
+            "additionalProperties": false,
+        }))
+    }
+
+    #[test]
+    fn answers_are_checked_against_the_constraint() {
+        let c = direction_schema();
+        // Valid, then text after the closing brace (a server that ignored the schema): cut.
+        let tokens = vec![
+            tok("{\"d\": \"", -0.1, &[]),
+            tok(
+                "SH",
+                -1.0,
+                &[("Long", -0.5), ("SH", -1.0), ("L", -2.0), ("No", -3.0)],
+            ),
+            tok("ORT\"}", -0.1, &[]),
+            tok(" Because", -0.2, &[]),
+        ];
+        let a = check_answer(&c, tokens, FinishReason::Length, 10).unwrap();
+        assert_eq!(a.text, "{\"d\": \"SHORT\"}");
+        assert_eq!(
+            (a.error, a.finish, a.tokens.len()),
+            (None, FinishReason::Stop, 3)
+        );
+        // At the decision step only "SH" and "L" were allowed ("Long", "No" are not):
+        // renormalised among the two, most likely first.
+        let step = &a.steps.as_ref().unwrap()[1];
+        let alts: Vec<&[u8]> = step.alternatives.iter().map(|a| a.0.as_slice()).collect();
+        assert_eq!(alts, [b"SH".as_slice(), b"L".as_slice()]);
+        let p_sh = 1.0 / (1.0 + (-1.0f64).exp());
+        assert!((f64::from(step.alternatives[0].1) - p_sh.ln()).abs() < 1e-6);
+        assert!((f64::from(step.logprob) - p_sh.ln()).abs() < 1e-6);
+
+        // `}` and junk in one token: the text keeps the bytes up to the end of the object.
+        let a = check_answer(
+            &c,
+            vec![tok("{\"d\": \"LONG\"}\n\nOK", -0.1, &[])],
+            FinishReason::Eos,
+            10,
+        )
+        .unwrap();
+        assert_eq!((a.text.as_str(), a.error), ("{\"d\": \"LONG\"}", None));
+
+        // Leaves the form: flagged with where, finish `error`.
+        let a = check_answer(
+            &c,
+            vec![tok("{\"d\": \"", -0.1, &[]), tok("BUY\"}", -0.1, &[])],
+            FinishReason::Eos,
+            10,
+        )
+        .unwrap();
+        assert_eq!(a.finish, FinishReason::Error);
+        assert!(
+            a.error.as_deref().unwrap().contains("at byte 7"),
+            "{:?}",
+            a.error
+        );
+
+        // Stops short of the form: flagged, unless max_tokens cut it (left to the parser, as
+        // with the embedded engine).
+        let short = || vec![tok("{\"d\": \"LO", -0.1, &[])];
+        let a = check_answer(&c, short(), FinishReason::Eos, 10).unwrap();
+        assert!(
+            a.error
+                .as_deref()
+                .unwrap()
+                .contains("before its form is complete")
+        );
+        let a = check_answer(&c, short(), FinishReason::Length, 10).unwrap();
+        assert_eq!((a.error, a.finish), (None, FinishReason::Length));
+    }
+
+    #[test]
+    fn a_json_schema_is_sent_as_response_format() {
+        let b = OpenAiBackend::with_key(
+            OpenAiSettings {
+                base_url: "http://127.0.0.1:1/v1".into(),
+                model: "m".into(),
+                api_key_env: "X".into(),
+                timeout: Duration::from_secs(1),
+            },
+            None,
+        )
+        .unwrap();
+        let mut o = opts(5);
+        o.constraint = Some(direction_schema());
+        let body = b.request_body(&req(""), &o);
+        assert_eq!(body["response_format"]["type"], "json_schema");
+        assert_eq!(
+            body["response_format"]["json_schema"]["schema"]["properties"]["d"]["enum"][1],
+            "SHORT"
+        );
+        o.constraint = Some(Constraint::Regex("[0-9]+".into()));
+        assert!(
+            b.request_body(&req(""), &o)
+                .get("response_format")
+                .is_none()
+        );
+        assert!(
+            b.request_body(&req(""), &opts(5))
+                .get("response_format")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn embeddings_are_read_in_index_order() {
+        let v = json!({"data": [
+            {"index": 1, "embedding": [0.0, 1.0]},
+            {"index": 0, "embedding": [1.0, 0.0]},
+        ]});
+        assert_eq!(
+            parse_embeddings(&v, 2).unwrap(),
+            vec![vec![1.0, 0.0], vec![0.0, 1.0]]
+        );
+        assert!(
+            parse_embeddings(&v, 3)
+                .unwrap_err()
+                .contains("2 embeddings for 3")
+        );
+        let dup =
+            json!({"data": [{"index": 0, "embedding": [1.0]}, {"index": 0, "embedding": [1.0]}]});
+        assert!(parse_embeddings(&dup, 2).unwrap_err().contains("twice"));
+        let ragged = json!({"data": [{"embedding": [1.0]}, {"embedding": [1.0, 2.0]}]});
+        assert!(parse_embeddings(&ragged, 2).is_err());
     }
 }
