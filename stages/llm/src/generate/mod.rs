@@ -39,106 +39,12 @@ pub fn set_threads(n: usize) {
     tch::set_num_threads(n.max(1) as i32);
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerateOptions {
-    pub max_tokens: usize,
-    /// 0 = greedy (argmax).
-    pub temperature: f64,
-    /// Nucleus sampling mass in (0, 1]; 1 disables it.
-    pub top_p: f64,
-    pub seed: u64,
-    /// Generation ends when the decoded text contains one of these; the text is cut before it.
-    pub stop: Vec<String>,
-    /// k of the top-k entropy (0 = full normalised entropy).
-    pub top_k_entropy: usize,
-    /// Wrap each prompt as one user message in the model's chat template.
-    pub chat: bool,
-    /// Stop as soon as `prefill + text` holds one complete JSON object (braces balanced
-    /// outside strings); the text keeps the closing brace. `Some(prefill)` for answers that
-    /// must be one JSON object, so the model is not left to ramble up to `max_tokens`.
-    pub json_prefill: Option<String>,
-    /// The form every answer must take; None = free text.
-    pub constraint: Option<Constraint>,
-}
+mod scoring;
+mod types;
 
-impl Default for GenerateOptions {
-    fn default() -> Self {
-        GenerateOptions {
-            max_tokens: 64,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            stop: Vec::new(),
-            top_k_entropy: 10,
-            chat: false,
-            json_prefill: None,
-            constraint: None,
-        }
-    }
-}
-
-/// Steps with at most this many allowed tokens record them all in
-/// [`ConstrainedScores::alternatives`].
-pub const MAX_ALTERNATIVES: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FinishReason {
-    /// An end-of-generation token (EOS, `<|im_end|>`, `<|endoftext|>`).
-    Eos,
-    /// A stop string appeared in the text.
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-    /// The constraint rejected the sequence (see [`Generation::error`]).
-    Error,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Eos => "eos",
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Error => "error",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Generation {
-    /// Decoded generated text, special tokens skipped, cut before a matched stop string.
-    pub text: String,
-    /// Generated token ids (an ending EOS included).
-    pub ids: Vec<u32>,
-    pub logprobs: Vec<f32>,
-    pub entropies: Vec<f32>,
-    /// Mean of `entropies`.
-    pub entropy: f64,
-    pub perplexity: f64,
-    pub finish_reason: FinishReason,
-    /// Scores under the constraint (None for free generation).
-    pub constrained: Option<ConstrainedScores>,
-    /// Why the constraint ended this sequence early (finish reason `error`).
-    pub error: Option<String>,
-}
-
-/// Per generated token, the scores of the distribution restricted to the allowed tokens and
-/// renormalised: ln p of the chosen token (0 when it was forced) and the top-k entropy.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct ConstrainedScores {
-    pub logprobs: Vec<f32>,
-    pub entropies: Vec<f32>,
-    /// How many tokens the grammar allowed at each step.
-    pub allowed: Vec<u32>,
-    /// Every allowed token with its restricted ln p, most likely first, at steps with at most
-    /// [`MAX_ALTERNATIVES`] allowed tokens; empty at other steps.
-    pub alternatives: Vec<Vec<(u32, f32)>>,
-}
-
-/// The `n` most likely tokens of one generation step as (token id, ln p), most likely first
-/// (what an OpenAI-style `top_logprobs` reports).
-pub type TopLogprobs = Vec<(u32, f32)>;
+pub use types::{
+    ConstrainedScores, FinishReason, GenerateOptions, Generation, MAX_ALTERNATIVES, TopLogprobs,
+};
 
 pub struct Engine {
     model: LlamaModel,
@@ -306,27 +212,6 @@ impl Engine {
             Tensor::from_slice(&ids).view(shape).to_device(dev),
             Tensor::from_slice(&valid).view(shape).to_device(dev),
         )
-    }
-
-    /// Logits (f32, vocab long) of the token after the raw prompt (special tokens parsed,
-    /// BOS only if the GGUF asks for it).
-    pub fn next_token_logits(&self, prompt: &str) -> Result<Vec<f32>> {
-        let ids = self.tok.encode_prompt(prompt)?;
-        self.next_token_logits_ids(&ids)
-    }
-
-    pub fn next_token_logits_ids(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.check_ids(ids, "prompt")?;
-        let _g = tch::no_grad_guard();
-        let (x, valid) = self.left_pad(&[ids.to_vec()]);
-        let h = self.model.forward(&x, &valid)?;
-        let last = h.select(1, -1);
-        let logits = self
-            .model
-            .logits(&last)
-            .to_device(Device::Cpu)
-            .reshape([-1]);
-        Ok(Vec::<f32>::try_from(&logits)?)
     }
 
     /// Prompt token ids as generation sees them (chat template applied if asked).
@@ -619,48 +504,6 @@ impl Engine {
                 .view([active.len() as i64, vocab])
                 .to_device(device),
         )
-    }
-
-    /// Sum log-likelihood of each candidate continuation after `prompt` (prompt and candidate
-    /// tokenised separately, special tokens parsed). How a policy over e.g. {Buy, Sell, Hold}
-    /// is read off the model.
-    pub fn score_continuations(&self, prompt: &str, candidates: &[String]) -> Result<Vec<f64>> {
-        let mut p = self.tok.encode_prompt(prompt)?;
-        if p.is_empty() {
-            // Condition the first candidate token on BOS when there is no prompt text.
-            p.extend(self.tok.bos_id());
-        }
-        self.check_ids(&p, "prompt")?;
-        let cands = candidates
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let ids = self.tok.encode(c, true)?;
-                self.check_ids(&ids, &format!("candidate {} ({c:?})", i + 1))?;
-                Ok(ids)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let _g = tch::no_grad_guard();
-        let mut scores = Vec::with_capacity(cands.len());
-        for chunk in cands.chunks(16) {
-            let rows: Vec<Vec<u32>> = chunk.iter().map(|c| [p.as_slice(), c].concat()).collect();
-            let (ids, valid) = self.left_pad(&rows);
-            let h = self.model.forward(&ids, &valid)?;
-            let t = h.size()[1];
-            for (i, c) in chunk.iter().enumerate() {
-                let n = c.len() as i64;
-                let hid = h.get(i as i64).narrow(0, t - 1 - n, n);
-                let lp = self.model.logits(&hid).log_softmax(-1, Kind::Float);
-                let tgt: Vec<i64> = c.iter().map(|&x| i64::from(x)).collect();
-                let tgt = Tensor::from_slice(&tgt).to_device(lp.device()).unsqueeze(1);
-                let picked = lp
-                    .gather(1, &tgt, false)
-                    .to_kind(Kind::Double)
-                    .sum(Kind::Double);
-                scores.push(f64::try_from(&picked)?);
-            }
-        }
-        Ok(scores)
     }
 }
 
