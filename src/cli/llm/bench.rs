@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use flag_llm::generate::Engine;
+use flag_llm::constrain::Constraint;
+use flag_llm::generate::{Engine, GenerateOptions};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -37,6 +38,11 @@ pub struct BenchArgs {
     /// Prompt text file [default: a built-in market prompt]
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
+    /// Also time whole generations (`generate_ids`, up to --decode-tokens each) of the same
+    /// prompts free and constrained by this JSON Schema / .lark / .regex file: the cost of
+    /// the grammar mask
+    #[arg(long)]
+    pub schema: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -72,6 +78,8 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
     }
     ids.truncate(a.prompt_tokens);
 
+    let constraint = a.schema.as_deref().map(Constraint::from_file).transpose()?;
+
     // Untimed warm-up: first calls allocate and pick kernels.
     tch::no_grad(|| round(&engine, &ids, 1, a.decode_tokens.min(4)))?;
 
@@ -90,7 +98,12 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         }
         let (p, d) = (median(&mut pre), median(&mut dec));
         eprintln!("batch {b:>3}: prefill {p:>9.1} tok/s   decode {d:>8.1} tok/s (aggregate)");
+        let mask = match &constraint {
+            Some(c) => Some(mask_cost(&engine, &ids, b, a.decode_tokens, a.repeats, c)?),
+            None => None,
+        };
         results.push(json!({
+            "constrained_vs_free": mask,
             "batch": b,
             "prefill_tok_s": round2(p),
             "decode_tok_s": round2(d),
@@ -121,6 +134,56 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
+}
+
+/// Whole generations of `b` copies of the prompt, free and constrained (greedy, no stop
+/// strings, at most `n` tokens each): tokens per second over the tokens each produced, and
+/// the constrained run's slowdown per token (the grammar mask's cost; the goal is <= 10%).
+fn mask_cost(
+    engine: &Engine,
+    ids: &[u32],
+    b: usize,
+    n: usize,
+    repeats: usize,
+    c: &Constraint,
+) -> anyhow::Result<serde_json::Value> {
+    let prompts = vec![ids.to_vec(); b];
+    let free = GenerateOptions {
+        max_tokens: n,
+        temperature: 0.0,
+        top_k_entropy: 10,
+        chat: false,
+        ..GenerateOptions::default()
+    };
+    let constrained = GenerateOptions {
+        constraint: Some(c.clone()),
+        ..free.clone()
+    };
+    // Compile once untimed: the trie is built on first use, once per engine.
+    engine.compile(c)?;
+    let mut rates = [Vec::new(), Vec::new()];
+    let mut tokens = [0usize; 2];
+    for _ in 0..repeats {
+        for (k, o) in [&free, &constrained].into_iter().enumerate() {
+            let t = Instant::now();
+            let out = engine.generate_ids(&prompts, o)?;
+            let secs = t.elapsed().as_secs_f64();
+            tokens[k] = out.iter().map(|g| g.ids.len()).sum();
+            rates[k].push(tokens[k] as f64 / secs);
+        }
+    }
+    let (f, c) = (median(&mut rates[0]), median(&mut rates[1]));
+    let overhead = (f / c - 1.0) * 100.0;
+    eprintln!(
+        "batch {b:>3}: generate free {f:>8.1} tok/s   constrained {c:>8.1} tok/s   mask overhead {overhead:>5.1}% per token"
+    );
+    Ok(json!({
+        "free_tok_s": round2(f),
+        "constrained_tok_s": round2(c),
+        "free_tokens": tokens[0],
+        "constrained_tokens": tokens[1],
+        "overhead_pct_per_token": round2(overhead),
+    }))
 }
 
 struct Round {

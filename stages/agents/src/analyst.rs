@@ -25,7 +25,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/analyst-4"
+    "/analyst-5"
 );
 
 pub struct Analyst;
@@ -289,7 +289,8 @@ impl Stage for Analyst {
                 "Extra names to anonymise per ticker",
             ),
         ];
-        params.extend(llm_param_specs(96));
+        // 5 factors of at most 60 characters (the schema's bound) with the JSON around them.
+        params.extend(llm_param_specs(128));
         StageSpec {
             doc: "LLM news analyst: per ticker and trading date, 2-5 anonymised factors from the day's news \
                   (prompts/analyst/<prompt>.txt), strict JSON, bounded retries, failures recorded.",

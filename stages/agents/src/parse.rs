@@ -277,7 +277,7 @@ pub fn parse_factors(answer: &str) -> Result<Vec<String>, ParseError> {
         .iter()
         .map(|f| f.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
-    if !(MIN_FACTORS..=MAX_FACTORS).contains(&factors.len()) {
+    if factors.len() > MAX_FACTORS {
         return Err(ParseError::Factors(format!(
             "{} given, expected {MIN_FACTORS} to {MAX_FACTORS}",
             factors.len()
@@ -290,13 +290,22 @@ pub fn parse_factors(answer: &str) -> Result<Vec<String>, ParseError> {
                 i + 1
             )));
         }
-        if factors[..i].contains(f) {
-            return Err(ParseError::Factors(format!(
-                "factor {} repeats an earlier one",
-                i + 1
-            )));
+    }
+    // A factor repeated word for word adds nothing: repeats are dropped (a small model under
+    // greedy decoding loops), and what remains must still be 2 to 5 distinct factors.
+    let mut distinct: Vec<String> = Vec::with_capacity(factors.len());
+    for f in factors {
+        if !distinct.contains(&f) {
+            distinct.push(f);
         }
     }
+    if distinct.len() < MIN_FACTORS {
+        return Err(ParseError::Factors(format!(
+            "{} distinct given, expected {MIN_FACTORS} to {MAX_FACTORS}",
+            distinct.len()
+        )));
+    }
+    let factors = distinct;
     Ok(factors)
 }
 

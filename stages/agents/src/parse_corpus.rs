@@ -226,7 +226,7 @@ fn factor_answers() {
     let cases: Vec<(&str, ParseError)> = vec![
         (
             r#"{"factors": ["only one"]}"#,
-            ParseError::Factors("1 given, expected 2 to 5".into()),
+            ParseError::Factors("1 distinct given, expected 2 to 5".into()),
         ),
         (
             r#"{"factors": ["a", "b", "c", "d", "e", "f"]}"#,
@@ -238,7 +238,7 @@ fn factor_answers() {
         ),
         (
             r#"{"factors": ["a", "a"]}"#,
-            ParseError::Factors("factor 2 repeats an earlier one".into()),
+            ParseError::Factors("1 distinct given, expected 2 to 5".into()),
         ),
         (
             r#"{"factors": ["a", 2]}"#,
@@ -257,6 +257,11 @@ fn factor_answers() {
             "{answer}"
         );
     }
+    // Word-for-word repeats are dropped, in order; the rest must still be 2 to 5.
+    assert_eq!(
+        parse_factors(r#"{"factors": ["a", "b", "a", "a b"]}"#).unwrap(),
+        ["a", "b", "a b"]
+    );
 }
 
 /// No prompt carries a literal answer to copy: the schema next to it enforces the form, and

@@ -5,7 +5,9 @@
 //! complete the chosen word and are near-certain, so averaging them in would hide the
 //! model's doubt.
 //!
-//! Constrained answers (the embedded engine enforcing the prompt's schema): at the decision
+//! Constrained answers (the embedded engine enforcing the prompt's schema; or an HTTP backend
+//! that was sent the schema, whose allowed alternatives are those of the server's
+//! `top_logprobs` the schema admits, see `flag_llm::backend::openai`): at the decision
 //! step the grammar allows only tokens that continue towards LONG or SHORT (e.g. `L`, `LONG`,
 //! `SH`, or `"S` when the quote is still open). With p_t the model's probability of allowed
 //! token t renormalised over the allowed set, each token whose text reaches the value decides
@@ -15,7 +17,7 @@
 //! in bits, `H = -(q log2 q + (1 - q) log2 (1 - q))`, in [0, 1]: 0 when the model is sure,
 //! 1 at a coin flip.
 //!
-//! Free answers (an HTTP backend, or a prefilled prompt): H is the normalised top-k entropy
+//! Free answers (`constrain: false`, a prefilled prompt): H is the normalised top-k entropy
 //! (flag-llm's per-token value) of the decision token. If the value cannot be located among
 //! the generated tokens (it lies in the prefill or the text was altered), H is the mean over
 //! the whole answer.

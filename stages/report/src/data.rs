@@ -195,6 +195,18 @@ impl<'a> Cols<'a> {
         Ok(move |row: usize| (!a.is_null(row)).then(|| a.value(row)))
     }
 
+    /// A nullable float column (null -> None).
+    pub(crate) fn opt_f64(&self, name: &str) -> StageResult<impl Fn(usize) -> Option<f64> + '_> {
+        let a: &'a Float64Array = self.array(name)?;
+        Ok(move |row: usize| (!a.is_null(row)).then(|| a.value(row)))
+    }
+
+    /// A nullable integer column (null -> None).
+    pub(crate) fn opt_i64(&self, name: &str) -> StageResult<impl Fn(usize) -> Option<i64> + '_> {
+        let a: &'a Int64Array = self.array(name)?;
+        Ok(move |row: usize| (!a.is_null(row)).then(|| a.value(row)))
+    }
+
     pub(crate) fn f64(&self, name: &str) -> StageResult<impl Fn(usize) -> StageResult<f64> + '_> {
         self.getter(name, |a: &Float64Array, i| a.value(i))
     }

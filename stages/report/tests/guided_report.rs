@@ -386,6 +386,11 @@ fn prompt_tables_count_failures_and_answer_variety_in_the_split() {
     // A failed decision's explanation is null: counted as a failure, not as an answer.
     assert_eq!(row(&md, "Strategist failures", "AAPL")[1], "1/4 (1)");
     assert_eq!(row(&md, "Answer variety", "AAPL")[1], "2/3, 67% LONG");
+    // What the model decided over the split's valid decisions (confidence 2, certainty 0.7).
+    assert_eq!(
+        row(&md, "What the model decided", "AAPL")[1],
+        "L 2 / S 1; c 0/3/0; cert 0.70 [0.70, 0.70]"
+    );
     assert_eq!(
         row(&md, "Sharpe ratio of the LLM-only strategy", "AAPL")[1],
         format!(

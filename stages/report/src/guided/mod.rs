@@ -21,7 +21,7 @@ pub mod plots;
 pub mod read;
 pub mod tables;
 
-const REVISION: &str = "2";
+const REVISION: &str = "3";
 
 /// Resolved params of one guided report.
 #[derive(Debug, Clone)]

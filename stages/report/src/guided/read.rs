@@ -73,6 +73,9 @@ pub struct Decision {
     pub failed: bool,
     /// The model's explanation (empty when failed): identical ones flag a copying model.
     pub explanation: String,
+    /// The model's confidence 1..3 and the signal's certainty (None when failed).
+    pub confidence: Option<i64>,
+    pub certainty: Option<f64>,
 }
 
 /// (prompt_version, ticker) -> decisions by date.
@@ -101,6 +104,7 @@ pub fn read_signals(ctx: &StageContext) -> StageResult<(Decisions, Vec<String>)>
         let (attempts, failed) = (c.i64("attempts")?, c.bool("failed")?);
         // Null on failed decisions.
         let explanation = c.opt_str("explanation")?;
+        let (confidence, certainty) = (c.opt_i64("confidence")?, c.opt_f64("certainty")?);
         for row in 0..batch.num_rows() {
             let d = Decision {
                 date: decision_date(row)?,
@@ -111,6 +115,8 @@ pub fn read_signals(ctx: &StageContext) -> StageResult<(Decisions, Vec<String>)>
                 attempts: attempts(row)?,
                 failed: failed(row)?,
                 explanation: explanation(row).unwrap_or_default().to_string(),
+                confidence: confidence(row),
+                certainty: certainty(row).filter(|c| c.is_finite()),
             };
             let key = (prompt(row)?.to_string(), ticker(row)?.to_string());
             let by_date = out.entry(key.clone()).or_default();

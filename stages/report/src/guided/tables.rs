@@ -329,11 +329,13 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
     let mut ent = Vec::new();
     let mut fails = Vec::new();
     let mut variety = Vec::new();
+    let mut mix = Vec::new();
     for t in &tickers {
         let mut srow = Vec::new();
         let mut svals = Vec::new();
         let (mut prow, mut erow, mut frow) = (Vec::new(), Vec::new(), Vec::new());
         let mut vrow = Vec::new();
+        let mut mrow = Vec::new();
         for q in &p.prompts {
             let key = crate::data::Key {
                 env: p.env.clone(),
@@ -358,12 +360,14 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
                     c.bold = failed > 0;
                     frow.push(c);
                     vrow.push(variety_cell(&ok));
+                    mrow.push(mix_cell(&ok));
                 }
                 None => {
                     prow.push(missing());
                     erow.push(missing());
                     frow.push(missing());
                     vrow.push(missing());
+                    mrow.push(missing());
                 }
             }
         }
@@ -373,6 +377,7 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
         ent.push(((*t).to_string(), erow));
         fails.push(((*t).to_string(), frow));
         variety.push(((*t).to_string(), vrow));
+        mix.push(((*t).to_string(), mrow));
     }
     let columns: Vec<String> = p.prompts.clone();
     let table = |caption: String, rows, mark| Table {
@@ -434,7 +439,56 @@ pub fn prompt_tables(inputs: &Inputs, p: &GuidedParams, decisions: &Decisions) -
             variety,
             "warn",
         ),
+        table(
+            format!(
+                "What the model decided ({} split, valid decisions): LONG/SHORT counts, \
+                 confidence 1/2/3 counts, certainty median [min, max]; bold when every \
+                 decision is the same (direction, confidence). Certainty = eps + (1 - eps)(1 - \
+                 H), eps = 1e-4; with constrained answers H is the binary entropy in bits of \
+                 q = P(LONG) / (P(LONG) + P(SHORT)) over the tokens the grammar allowed at the \
+                 decision step, otherwise the normalised top-k entropy of the decision token",
+                p.split
+            ),
+            mix,
+            "warn",
+        ),
     ]
+}
+
+/// "L 12 / S 3; c 10/4/1; cert 0.81 [0.72, 0.90]" over valid decisions; bold when every
+/// decision has the same direction and confidence.
+fn mix_cell(ok: &[&&crate::guided::read::Decision]) -> Cell {
+    if ok.is_empty() {
+        return missing();
+    }
+    let long = ok.iter().filter(|d| d.direction > 0.0).count();
+    let conf = |c: i64| ok.iter().filter(|d| d.confidence == Some(c)).count();
+    let mut certs: Vec<f64> = ok.iter().filter_map(|d| d.certainty).collect();
+    certs.sort_by(f64::total_cmp);
+    let cert = match certs.len() {
+        0 => "-".to_string(),
+        n => {
+            let median = if n % 2 == 1 {
+                certs[n / 2]
+            } else {
+                (certs[n / 2 - 1] + certs[n / 2]) / 2.0
+            };
+            format!("{median:.2} [{:.2}, {:.2}]", certs[0], certs[n - 1])
+        }
+    };
+    let answers: BTreeSet<(bool, Option<i64>)> = ok
+        .iter()
+        .map(|d| (d.direction > 0.0, d.confidence))
+        .collect();
+    let mut c = cell(format!(
+        "L {long} / S {}; c {}/{}/{}; cert {cert}",
+        ok.len() - long,
+        conf(1),
+        conf(2),
+        conf(3)
+    ));
+    c.bold = answers.len() <= 1;
+    c
 }
 
 /// "distinct/valid, LONG share" of valid decisions; bold when every decision has the same
