@@ -153,8 +153,8 @@ pub fn decide(
     let mut memory: Vec<Vec<Decided>> = vec![Vec::new(); inp.series.len()];
     let plan = plan(inp.series, cfg.start, cfg.end, cfg.period);
     let mut out = Vec::new();
-    let total: u64 = plan.iter().map(|(_, items)| items.len() as u64).sum();
-    for (_, items) in plan.iter() {
+    let total: u64 = plan.values().map(|items| items.len() as u64).sum();
+    for items in plan.values() {
         progress(out.len() as u64, total, "decisions");
         let prefill = cfg.llm.answer_prefill(PREFILL);
         let requests = items
@@ -407,7 +407,9 @@ impl Stage for Strategist {
                 "Extra names to anonymise per ticker, e.g. {XOM: [Exxon]}",
             ),
         ];
-        params.extend(llm_param_specs(160));
+        // Room for the longest answer the schemas allow in practice: a 200-character
+        // explanation and all ten P3 features with their weights (about 170 tokens).
+        params.extend(llm_param_specs(256));
         StageSpec {
             doc: "LLM strategist (LLM-guided RL): every `period` trading days per ticker, an anonymised prompt \
                   (prompts/strategist/<prompt>.txt) -> strict JSON strategy -> daily signal with \
