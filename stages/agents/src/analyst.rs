@@ -289,8 +289,9 @@ impl Stage for Analyst {
                 "Extra names to anonymise per ticker",
             ),
         ];
-        // 5 factors of at most 60 characters (the schema's bound) with the JSON around them.
-        params.extend(llm_param_specs(128));
+        // The longest answer the schema allows: 5 factors of 60 characters, which a looping
+        // small model spells one token per character ("1.1.1..."), with the JSON around them.
+        params.extend(llm_param_specs(320));
         StageSpec {
             doc: "LLM news analyst: per ticker and trading date, 2-5 anonymised factors from the day's news \
                   (prompts/analyst/<prompt>.txt), strict JSON, bounded retries, failures recorded.",
