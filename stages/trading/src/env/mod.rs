@@ -1,13 +1,16 @@
 //! Trading environments: the rules that turn a daily action into fills, cash and value.
 //!
-//! Both environments trade one asset at the close: an action decided at the close of day t
+//! The environments trade one asset at the close (FLAG-Trader's is FinAgent's with action
+//! masks and a Sharpe-change reward): an action decided at the close of day t
 //! (from data dated <= t) executes at the close price of day t. Each [`StepOutcome`] is the
 //! state after that execution, valued at the same close.
 
 pub mod finagent;
+pub mod flag_trader;
 pub mod tdqn;
 
 pub use finagent::{FinAgentAction, FinAgentEnv};
+pub use flag_trader::{FLAG_ACTIONS, FlagTraderEnv};
 pub use tdqn::{TdqnAction, TdqnEnv};
 
 /// Direction of an executed order.
