@@ -103,7 +103,7 @@ fn column<'a, T: 'static>(b: &'a flag_core::arrow::array::RecordBatch, name: &st
 }
 
 #[test]
-fn constrained_strategist_and_analyst_answer_validly_and_not_constantly() {
+fn constrained_strategist_and_analyst_answer_validly_with_a_moving_long_probability() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     copy_project(&root);
