@@ -296,6 +296,17 @@ pub struct TextChecker {
     consumed: usize,
 }
 
+/// A copy in the same state, grammar included: compile once, then check each answer on a
+/// clone of the unfed checker.
+impl Clone for TextChecker {
+    fn clone(&self) -> Self {
+        TextChecker {
+            inner: self.inner.deep_clone(),
+            consumed: self.consumed,
+        }
+    }
+}
+
 impl TextChecker {
     pub fn new(c: &Constraint) -> Result<Self> {
         let factory = byte_factory()
@@ -359,19 +370,6 @@ impl TextChecker {
                 .validate_tokens(&[BYTE_END])
                 .is_ok_and(|n| n == 1)
     }
-}
-
-/// Whether `text` is a complete answer under `c` (Err: where and why it is not).
-pub fn check_text(c: &Constraint, text: &str) -> std::result::Result<(), String> {
-    let mut checker = TextChecker::new(c).map_err(|e| e.to_string())?;
-    checker.feed(text.as_bytes())?;
-    if !checker.is_complete() {
-        return Err(format!(
-            "the answer ends at byte {} before the form is complete",
-            text.len()
-        ));
-    }
-    Ok(())
 }
 
 /// Writes the allowed tokens of `mask` as booleans (`out.len()` = the logit width).

@@ -282,7 +282,8 @@ impl OpenAiBackend {
         }
     }
 
-    /// One request: its text, tokens and finish reason, checked against the constraint.
+    /// One request: its text, tokens and finish reason (checked against the constraint by
+    /// the caller).
     fn complete(&self, r: &LlmRequest, opts: &GenerateOptions) -> StageResult<Answer> {
         let body = self.request_body(r, opts).to_string();
         let answer = self.post(&self.url, &body)?;
@@ -292,17 +293,13 @@ impl OpenAiBackend {
                 format!("unexpected answer: {m}"),
             )
         })?;
-        match &opts.constraint {
-            None => Ok(Answer {
-                text,
-                tokens,
-                finish,
-                steps: None,
-                error: None,
-            }),
-            Some(c) => check_answer(c, tokens, finish, opts.top_k_entropy)
-                .map_err(|e| StageError::external("checking an answer", e)),
-        }
+        Ok(Answer {
+            text,
+            tokens,
+            finish,
+            steps: None,
+            error: None,
+        })
     }
 }
 
@@ -368,15 +365,15 @@ struct AllowedStep {
 
 /// Checks the answer's tokens against `c` byte by byte: cuts what follows a complete answer,
 /// flags an answer that leaves the form or stops short of it, and scores each step among the
-/// candidates the constraint allowed there. `Err` only when the constraint cannot be
-/// compiled.
+/// candidates the constraint allowed there (`constraint`: compiled once per batch; each
+/// answer checks on a fresh copy).
 fn check_answer(
-    c: &Constraint,
+    constraint: &TextChecker,
     mut tokens: Vec<Token>,
     finish: FinishReason,
     k: usize,
-) -> Result<Answer, crate::LlmError> {
-    let mut checker = TextChecker::new(c)?;
+) -> Answer {
+    let mut checker = constraint.clone();
     let mut steps = Vec::with_capacity(tokens.len());
     let mut error = None;
     let mut cut = None;
@@ -425,13 +422,13 @@ fn check_answer(
         &bytes[..]
     };
     let text = String::from_utf8_lossy(kept).into_owned();
-    Ok(Answer {
+    Answer {
         text,
         tokens,
         finish,
         steps: Some(steps),
         error,
-    })
+    }
 }
 
 /// Renormalises the allowed candidates' ln p among themselves.
@@ -581,6 +578,13 @@ impl LlmBackend for OpenAiBackend {
         requests: &[LlmRequest],
         opts: &GenerateOptions,
     ) -> StageResult<Vec<Generation>> {
+        // Compiled before any request is sent: a constraint that cannot compile costs no call.
+        let checker = opts
+            .constraint
+            .as_ref()
+            .map(TextChecker::new)
+            .transpose()
+            .map_err(|e| StageError::external("compiling the answer's constraint", e))?;
         let results: Vec<Mutex<Option<StageResult<_>>>> =
             requests.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
@@ -604,7 +608,7 @@ impl LlmBackend for OpenAiBackend {
         let mut table = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(requests.len());
         for r in results {
-            let a = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            let mut a: Answer = match r.into_inner().unwrap_or_else(|p| p.into_inner()) {
                 Some(res) => res?,
                 None => {
                     return Err(StageError::Invalid(
@@ -612,6 +616,9 @@ impl LlmBackend for OpenAiBackend {
                     ));
                 }
             };
+            if let Some(c) = &checker {
+                a = check_answer(c, a.tokens, a.finish, opts.top_k_entropy);
+            }
             let tokens = a.tokens;
             let first = table.len();
             let count = tokens.len().max(1) as f64;
@@ -919,7 +926,7 @@ mod tests {
 
     #[test]
     fn answers_are_checked_against_the_constraint() {
-        let c = direction_schema();
+        let c = TextChecker::new(&direction_schema()).unwrap();
         // Valid, then text after the closing brace (a server that ignored the schema): cut.
         let tokens = vec![
             tok("{\"d\": \"", -0.1, &[]),
@@ -931,7 +938,7 @@ mod tests {
             tok("ORT\"}", -0.1, &[]),
             tok(" Because", -0.2, &[]),
         ];
-        let a = check_answer(&c, tokens, FinishReason::Length, 10).unwrap();
+        let a = check_answer(&c, tokens, FinishReason::Length, 10);
         assert_eq!(a.text, "{\"d\": \"SHORT\"}");
         assert_eq!(
             (a.error, a.finish, a.tokens.len()),
@@ -952,8 +959,7 @@ mod tests {
             vec![tok("{\"d\": \"LONG\"}\n\nOK", -0.1, &[])],
             FinishReason::Eos,
             10,
-        )
-        .unwrap();
+        );
         assert_eq!((a.text.as_str(), a.error), ("{\"d\": \"LONG\"}", None));
 
         // Leaves the form: flagged with where, finish `error`.
@@ -962,8 +968,7 @@ mod tests {
             vec![tok("{\"d\": \"", -0.1, &[]), tok("BUY\"}", -0.1, &[])],
             FinishReason::Eos,
             10,
-        )
-        .unwrap();
+        );
         assert_eq!(a.finish, FinishReason::Error);
         assert!(
             a.error.as_deref().unwrap().contains("at byte 7"),
@@ -974,14 +979,14 @@ mod tests {
         // Stops short of the form: flagged, unless max_tokens cut it (left to the parser, as
         // with the embedded engine).
         let short = || vec![tok("{\"d\": \"LO", -0.1, &[])];
-        let a = check_answer(&c, short(), FinishReason::Eos, 10).unwrap();
+        let a = check_answer(&c, short(), FinishReason::Eos, 10);
         assert!(
             a.error
                 .as_deref()
                 .unwrap()
                 .contains("before its form is complete")
         );
-        let a = check_answer(&c, short(), FinishReason::Length, 10).unwrap();
+        let a = check_answer(&c, short(), FinishReason::Length, 10);
         assert_eq!((a.error, a.finish), (None, FinishReason::Length));
     }
 
