@@ -1,12 +1,24 @@
 //! Trainable mode for PPO: the bottom blocks (and the embedding) stay frozen outside any
-//! VarStore, the top N blocks and the final norm are copied into the caller's VarStore as
-//! trainable variables, and a policy head and a value head read the last real token's hidden
-//! state. Gradients flow through the top blocks only: the frozen part runs under no_grad, so
-//! its activations carry no graph and its weights can never change.
+//! VarStore, the top M blocks and the final norm are copied into the caller's VarStore as
+//! f32 trainable variables, and a policy head (d_model -> actions) and a value MLP
+//! (d_model -> hidden -> 1, tanh) read the last real token's hidden state.
+//!
+//! The forward is split at the freeze line so a PPO update can cache the frozen part:
+//! [`TrainablePolicy::frozen_forward`] runs the embedding and the bottom blocks under no_grad
+//! (their activations carry no graph, their weights can never change) and returns a
+//! [`FrozenHidden`]; [`TrainablePolicy::head_forward`] runs the trainable top from it. Cached
+//! hidden states of prompts of different lengths batch together with
+//! [`FrozenHidden::left_pad`]: RoPE positions count valid tokens only, so padding changes no
+//! row's result.
+//!
+//! Precision: the frozen part runs in the base model's kind (f32 on CPU; bf16 on CUDA); the
+//! trainable tensors are always f32 master weights, cast to the compute kind inside the
+//! forward (so with bf16 the matmuls run in bf16 and the gradients reach the f32 masters, as
+//! autocast would do it); the heads run in f32.
 
 use std::path::{Path, PathBuf};
 
-use tch::{Device, Kind, Tensor, nn, nn::Module};
+use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::{LlmError, Result};
 use crate::generate::Engine;
@@ -42,82 +54,282 @@ impl From<PathBuf> for PolicyBase {
     }
 }
 
+/// How the policy head starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadInit {
+    /// Row a = the output-embedding row of token `ids[a]` (bias 0): the starting logits are
+    /// the model's own next-token logits of those tokens, so the starting policy is the
+    /// model's preference among the action words.
+    TokenRows(Vec<u32>),
+    /// N(0, 0.01²) weights, zero bias (CleanRL's small-gain policy init).
+    Random,
+}
+
+/// The shape of the trainable part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyShape {
+    /// Top blocks that train (M); the bottom n_layer - M stay frozen.
+    pub trainable_blocks: usize,
+    pub n_actions: usize,
+    /// Width of the value MLP's hidden layer.
+    pub value_hidden: usize,
+    pub head_init: HeadInit,
+}
+
+/// The frozen bottom's output for a batch: hidden states [B, T, D] in the compute kind and
+/// validity [B, T] (false = padding).
+#[derive(Debug)]
+pub struct FrozenHidden {
+    pub hidden: Tensor,
+    pub valid: Tensor,
+}
+
+impl FrozenHidden {
+    /// Row `i` alone, its padding removed ([1, len_i, D]).
+    pub fn row(&self, i: i64) -> FrozenHidden {
+        let valid = self.valid.get(i);
+        let n = valid.to_kind(Kind::Int64).sum(Kind::Int64).int64_value(&[]);
+        let t = valid.size()[0];
+        // Rows are left- or right-padded; find the first valid position.
+        let start = if n == t {
+            0
+        } else {
+            valid.to_kind(Kind::Int64).argmax(0, false).int64_value(&[])
+        };
+        FrozenHidden {
+            hidden: self.hidden.get(i).narrow(0, start, n).unsqueeze(0),
+            valid: valid.narrow(0, start, n).unsqueeze(0),
+        }
+    }
+
+    /// Stacks single rows ([1, T_i, D] each) into one batch, left-padded with zeros.
+    pub fn left_pad(rows: &[&FrozenHidden]) -> Result<FrozenHidden> {
+        let first = rows
+            .first()
+            .ok_or_else(|| LlmError::Invalid("no rows to batch".into()))?;
+        let d = first.hidden.size()[2];
+        let t = rows.iter().map(|r| r.hidden.size()[1]).max().unwrap_or(0);
+        let (kind, dev) = (first.hidden.kind(), first.hidden.device());
+        let mut hs = Vec::with_capacity(rows.len());
+        let mut vs = Vec::with_capacity(rows.len());
+        for r in rows {
+            let (b, n, _) = r.hidden.size3()?;
+            if b != 1 {
+                return Err(LlmError::Invalid(format!(
+                    "left_pad takes single rows, got a batch of {b}"
+                )));
+            }
+            let pad = t - n;
+            hs.push(Tensor::cat(
+                &[
+                    Tensor::zeros([1, pad, d], (kind, dev)),
+                    r.hidden.shallow_clone(),
+                ],
+                1,
+            ));
+            vs.push(Tensor::cat(
+                &[
+                    Tensor::zeros([1, pad], (Kind::Bool, dev)),
+                    r.valid.to_kind(Kind::Bool),
+                ],
+                1,
+            ));
+        }
+        Ok(FrozenHidden {
+            hidden: Tensor::cat(&hs, 0),
+            valid: Tensor::cat(&vs, 0),
+        })
+    }
+}
+
+/// The trainable top: blocks, final norm and the two heads (f32).
+#[derive(Debug)]
+pub struct TopStack {
+    pub blocks: Vec<Block>,
+    pub norm: Tensor,
+    pub policy_w: Tensor,
+    pub policy_b: Tensor,
+    pub value_w1: Tensor,
+    pub value_b1: Tensor,
+    pub value_w2: Tensor,
+    pub value_b2: Tensor,
+}
+
+fn copy_block(b: &Block) -> Block {
+    Block {
+        attn_norm: b.attn_norm.detach().copy(),
+        wqkv: b.wqkv.detach().copy(),
+        wo: b.wo.detach().copy(),
+        ffn_norm: b.ffn_norm.detach().copy(),
+        w_gate_up: b.w_gate_up.detach().copy(),
+        w_down: b.w_down.detach().copy(),
+    }
+}
+
+fn cast_block(b: &Block, kind: Kind) -> Block {
+    Block {
+        attn_norm: b.attn_norm.to_kind(kind),
+        wqkv: b.wqkv.to_kind(kind),
+        wo: b.wo.to_kind(kind),
+        ffn_norm: b.ffn_norm.to_kind(kind),
+        w_gate_up: b.w_gate_up.to_kind(kind),
+        w_down: b.w_down.to_kind(kind),
+    }
+}
+
+impl TopStack {
+    /// A detached copy (e.g. the reference policy of a KL penalty): same values, no graph,
+    /// never updated.
+    pub fn detached_copy(&self) -> TopStack {
+        let c = |t: &Tensor| t.detach().copy();
+        TopStack {
+            blocks: self.blocks.iter().map(copy_block).collect(),
+            norm: c(&self.norm),
+            policy_w: c(&self.policy_w),
+            policy_b: c(&self.policy_b),
+            value_w1: c(&self.value_w1),
+            value_b1: c(&self.value_b1),
+            value_w2: c(&self.value_w2),
+            value_b2: c(&self.value_b2),
+        }
+    }
+}
+
 pub struct TrainablePolicy {
     /// Embedding and the frozen bottom blocks (`blocks` truncated to them).
     frozen: LlamaModel,
-    top: Vec<Block>,
-    norm: Tensor,
-    policy_head: nn::Linear,
-    value_head: nn::Linear,
+    top: TopStack,
 }
 
 impl std::fmt::Debug for TrainablePolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrainablePolicy")
             .field("frozen_blocks", &self.frozen.blocks.len())
-            .field("trainable_blocks", &self.top.len())
+            .field("trainable_blocks", &self.top.blocks.len())
             .finish()
     }
 }
 
 impl TrainablePolicy {
-    /// Splits the model: the top `n_trainable_top_blocks` blocks and the final norm become
-    /// variables of `vs` (f32, on `vs`'s device), plus `policy` (d_model -> n_actions) and
-    /// `value` (d_model -> 1) heads.
-    pub fn new(
-        base: impl Into<PolicyBase>,
-        n_trainable_top_blocks: usize,
-        n_actions: usize,
-        vs: &nn::Path,
-    ) -> Result<Self> {
+    /// Splits the model: the top `shape.trainable_blocks` blocks and the final norm become f32
+    /// variables of `vs` (on `vs`'s device) named `block{i}.*` and `final_norm`, plus
+    /// `policy.{weight,bias}` and `value.{w1,b1,w2,b2}`. The base model must be on `vs`'s
+    /// device, in f32 or (CUDA) bf16 / f16: its kind is the compute kind.
+    pub fn new(base: impl Into<PolicyBase>, shape: &PolicyShape, vs: &nn::Path) -> Result<Self> {
         let device = vs.device();
         let mut model = match base.into() {
             PolicyBase::Model(m) => *m,
             PolicyBase::Path(p) => LlamaModel::load(&p, device, Kind::Float)?,
         };
         let n_layer = model.blocks.len();
-        if n_trainable_top_blocks == 0 || n_trainable_top_blocks > n_layer {
+        let m = shape.trainable_blocks;
+        if m == 0 || m > n_layer {
             return Err(LlmError::Invalid(format!(
-                "n_trainable_top_blocks {n_trainable_top_blocks} must be in 1..={n_layer}"
+                "trainable_blocks {m} must be in 1..={n_layer}"
             )));
         }
-        if n_actions == 0 {
-            return Err(LlmError::Invalid("n_actions must be at least 1".into()));
+        if shape.n_actions == 0 || shape.value_hidden == 0 {
+            return Err(LlmError::Invalid(
+                "n_actions and value_hidden must be at least 1".into(),
+            ));
         }
-        if model.device() != device || model.kind() != Kind::Float {
+        let kind_ok = match model.kind() {
+            Kind::Float => true,
+            Kind::BFloat16 | Kind::Half => device.is_cuda(),
+            _ => false,
+        };
+        if model.device() != device || !kind_ok {
             return Err(LlmError::Invalid(format!(
-                "the base model is {:?} on {:?}; training needs f32 on the VarStore's {device:?}",
+                "the base model is {:?} on {:?}; training needs it on the VarStore's {device:?} \
+                 in f32 (or bf16/f16 on CUDA)",
                 model.kind(),
                 model.device()
             )));
         }
-        let n_frozen = n_layer - n_trainable_top_blocks;
+        let d = model.cfg.d_model as i64;
+        let out_rows = model.lm_head.as_ref().unwrap_or(&model.embed);
+        let policy_init = match &shape.head_init {
+            HeadInit::TokenRows(ids) => {
+                if ids.len() != shape.n_actions {
+                    return Err(LlmError::Invalid(format!(
+                        "{} head-init tokens for {} actions",
+                        ids.len(),
+                        shape.n_actions
+                    )));
+                }
+                let mut seen = ids.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                if seen.len() != ids.len() {
+                    return Err(LlmError::Invalid(format!(
+                        "head-init tokens {ids:?} must be distinct"
+                    )));
+                }
+                if let Some(bad) = ids.iter().find(|&&i| i as usize >= model.cfg.vocab) {
+                    return Err(LlmError::Invalid(format!(
+                        "head-init token {bad} is outside the vocabulary of {}",
+                        model.cfg.vocab
+                    )));
+                }
+                let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+                let rows = tch::no_grad(|| {
+                    out_rows
+                        .index_select(0, &Tensor::from_slice(&idx).to_device(device))
+                        .to_kind(Kind::Float)
+                });
+                Some(rows)
+            }
+            HeadInit::Random => None,
+        };
+        let n_frozen = n_layer - m;
         let top_src = model.blocks.split_off(n_frozen);
-        let top = top_src
+        let f32_copy = |p: &nn::Path, name: &str, t: &Tensor| {
+            p.var_copy(name, &tch::no_grad(|| t.to_kind(Kind::Float)))
+        };
+        let blocks = top_src
             .iter()
             .enumerate()
             .map(|(i, b)| {
                 let p = vs.sub(format!("block{}", n_frozen + i));
                 Block {
-                    attn_norm: p.var_copy("attn_norm", &b.attn_norm),
-                    wqkv: p.var_copy("wqkv", &b.wqkv),
-                    wo: p.var_copy("wo", &b.wo),
-                    ffn_norm: p.var_copy("ffn_norm", &b.ffn_norm),
-                    w_gate_up: p.var_copy("w_gate_up", &b.w_gate_up),
-                    w_down: p.var_copy("w_down", &b.w_down),
+                    attn_norm: f32_copy(&p, "attn_norm", &b.attn_norm),
+                    wqkv: f32_copy(&p, "wqkv", &b.wqkv),
+                    wo: f32_copy(&p, "wo", &b.wo),
+                    ffn_norm: f32_copy(&p, "ffn_norm", &b.ffn_norm),
+                    w_gate_up: f32_copy(&p, "w_gate_up", &b.w_gate_up),
+                    w_down: f32_copy(&p, "w_down", &b.w_down),
                 }
             })
             .collect();
-        let norm = vs.var_copy("final_norm", &model.norm);
-        let d = model.cfg.d_model as i64;
-        let policy_head = nn::linear(vs / "policy", d, n_actions as i64, Default::default());
-        let value_head = nn::linear(vs / "value", d, 1, Default::default());
+        let norm = f32_copy(vs, "final_norm", &model.norm);
+        let pol = vs / "policy";
+        let n_act = shape.n_actions as i64;
+        let policy_w = match policy_init {
+            Some(rows) => pol.var_copy("weight", &rows),
+            None => pol.randn("weight", &[n_act, d], 0.0, 0.01),
+        };
+        let policy_b = pol.zeros("bias", &[n_act]);
+        let val = vs / "value";
+        let h = shape.value_hidden as i64;
+        // Orthogonal-free but scaled like torch's Linear default (U(-1/sqrt(in), 1/sqrt(in)));
+        // the output layer starts at 0 so the first value estimates are 0.
+        let bound = 1.0 / (d as f64).sqrt();
+        let value_w1 = val.var("w1", &[h, d], nn::Init::Uniform { lo: -bound, up: bound });
+        let value_b1 = val.zeros("b1", &[h]);
+        let value_w2 = val.zeros("w2", &[1, h]);
+        let value_b2 = val.zeros("b2", &[1]);
         Ok(TrainablePolicy {
             frozen: model,
-            top,
-            norm,
-            policy_head,
-            value_head,
+            top: TopStack {
+                blocks,
+                norm,
+                policy_w,
+                policy_b,
+                value_w1,
+                value_b1,
+                value_w2,
+                value_b2,
+            },
         })
     }
 
@@ -127,6 +339,11 @@ impl TrainablePolicy {
     }
 
     pub fn trainable_blocks(&self) -> &[Block] {
+        &self.top.blocks
+    }
+
+    /// The trainable part (blocks, norm, heads).
+    pub fn top(&self) -> &TopStack {
         &self.top
     }
 
@@ -138,10 +355,18 @@ impl TrainablePolicy {
         self.frozen.device()
     }
 
-    /// `ids` [B, T] token ids, `mask` [B, T] (nonzero = real token; padding may be on either
-    /// side). Returns (policy logits [B, n_actions], value [B]) read at each row's last real
-    /// token.
-    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// The kind the transformer blocks compute in.
+    pub fn compute_kind(&self) -> Kind {
+        self.frozen.kind()
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.frozen.blocks.len() + self.top.blocks.len()
+    }
+
+    /// Embedding + frozen bottom blocks under no_grad. `ids` [B, T] token ids, `mask` [B, T]
+    /// (nonzero = real token; padding on either side).
+    pub fn frozen_forward(&self, ids: &Tensor, mask: &Tensor) -> Result<FrozenHidden> {
         let (b, t) = ids.size2()?;
         if mask.size() != [b, t] || t == 0 {
             return Err(LlmError::Invalid(format!(
@@ -161,31 +386,72 @@ impl TrainablePolicy {
             )));
         }
         let valid = mask.to_device(dev).ne(0);
+        if valid.sum_dim_intlist(1, false, Kind::Int64).min().int64_value(&[]) == 0 {
+            return Err(LlmError::Invalid("a row of the batch has no real token".into()));
+        }
         let first = Tensor::zeros([b], (Kind::Int64, dev));
         let (att, _) = self.frozen.attn_inputs(&valid, None, &first);
-        let x = tch::no_grad(|| {
+        let hidden = tch::no_grad(|| {
             let mut x = self.frozen.embed_tokens(&ids);
             for blk in &self.frozen.blocks {
                 x = blk.forward(cfg, &x, &att, None, 0);
             }
             x
         });
-        let mut x = x;
-        for blk in &self.top {
-            x = blk.forward(cfg, &x, &att, None, 0);
+        Ok(FrozenHidden { hidden, valid })
+    }
+
+    /// The trainable top on a frozen output: (policy logits [B, n_actions] f32, value [B]
+    /// f32) at each row's last real token.
+    pub fn head_forward(&self, fh: &FrozenHidden) -> Result<(Tensor, Tensor)> {
+        self.head_forward_with(&self.top, fh)
+    }
+
+    /// [`head_forward`](Self::head_forward) with other top weights of the same shapes (e.g.
+    /// a [`TopStack::detached_copy`] taken before training).
+    pub fn head_forward_with(&self, top: &TopStack, fh: &FrozenHidden) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.frozen.cfg;
+        let dev = self.device();
+        let (b, t, d) = fh.hidden.size3()?;
+        if fh.valid.size() != [b, t] || d != cfg.d_model as i64 {
+            return Err(LlmError::Invalid(format!(
+                "frozen hidden {:?} / validity {:?} do not fit d_model {}",
+                fh.hidden.size(),
+                fh.valid.size(),
+                cfg.d_model
+            )));
         }
-        let x = rms_norm(&x, &self.norm, cfg.eps);
+        let valid = fh.valid.to_device(dev).to_kind(Kind::Bool);
+        let first = Tensor::zeros([b], (Kind::Int64, dev));
+        let (att, _) = self.frozen.attn_inputs(&valid, None, &first);
+        let kind = self.compute_kind();
+        let mut x = fh.hidden.to_device(dev).to_kind(kind);
+        for blk in &top.blocks {
+            x = if kind == Kind::Float {
+                blk.forward(cfg, &x, &att, None, 0)
+            } else {
+                cast_block(blk, kind).forward(cfg, &x, &att, None, 0)
+            };
+        }
+        let x = rms_norm(&x, &top.norm.to_kind(kind), cfg.eps);
         // Last real token of each row: the largest position whose mask is set.
-        let last = (valid.to_kind(Kind::Int64)
-            * Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0))
-        .argmax(-1, false);
-        let idx = last
-            .view([b, 1, 1])
-            .expand([b, 1, cfg.d_model as i64], false);
-        let h = x.gather(1, &idx, false).squeeze_dim(1);
-        Ok((
-            self.policy_head.forward(&h),
-            self.value_head.forward(&h).squeeze_dim(-1),
-        ))
+        let last = (valid.to_kind(Kind::Int64) * Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0))
+            .argmax(-1, false);
+        let idx = last.view([b, 1, 1]).expand([b, 1, d], false);
+        let h = x.gather(1, &idx, false).squeeze_dim(1).to_kind(Kind::Float);
+        let logits = h.linear(&top.policy_w, Some(&top.policy_b));
+        let value = h
+            .linear(&top.value_w1, Some(&top.value_b1))
+            .tanh()
+            .linear(&top.value_w2, Some(&top.value_b2))
+            .squeeze_dim(-1);
+        Ok((logits, value))
+    }
+
+    /// Full forward: [`frozen_forward`](Self::frozen_forward) then
+    /// [`head_forward`](Self::head_forward).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+        let fh = self.frozen_forward(ids, mask)?;
+        self.head_forward(&fh)
     }
 }

@@ -2,7 +2,7 @@
 //! value loss, the frozen bottom blocks and embedding stay bit-identical, the trainable blocks
 //! do move, and only trainable tensors are in the VarStore.
 
-use flag_llm::trainable::TrainablePolicy;
+use flag_llm::trainable::{FrozenHidden, HeadInit, PolicyShape, TrainablePolicy};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
 
@@ -12,13 +12,20 @@ fn adam_on_top_two_blocks_lowers_loss_and_keeps_frozen_weights() {
     tch::manual_seed(0);
     let path = flag_llm::models::smollm2_gguf(None).expect("SmolLM2 GGUF must be installed");
     let vs = nn::VarStore::new(Device::Cpu);
-    let policy = TrainablePolicy::new(path.as_path(), 2, 3, &vs.root()).unwrap();
+    let shape = PolicyShape {
+        trainable_blocks: 2,
+        n_actions: 3,
+        value_hidden: 64,
+        head_init: HeadInit::Random,
+    };
+    let policy = TrainablePolicy::new(path.as_path(), &shape, &vs.root()).unwrap();
     assert_eq!(policy.frozen_blocks().len(), 28);
     assert_eq!(policy.trainable_blocks().len(), 2);
 
-    // The VarStore holds the 2 blocks (6 tensors each), the final norm and 2 heads (w, b).
+    // The VarStore holds the 2 blocks (6 tensors each), the final norm, the policy head (w, b)
+    // and the value MLP (w1, b1, w2, b2).
     let vars = vs.variables();
-    assert_eq!(vars.len(), 2 * 6 + 1 + 4, "{:?}", vars.keys());
+    assert_eq!(vars.len(), 2 * 6 + 1 + 2 + 4, "{:?}", vars.keys());
     assert!(
         vars.keys()
             .all(|k| !k.contains("block0.") && !k.contains("embed"))
@@ -38,7 +45,7 @@ fn adam_on_top_two_blocks_lowers_loss_and_keeps_frozen_weights() {
     let target_action = Tensor::from_slice(&[2i64, 0]);
     let target_value = Tensor::from_slice(&[1.0f32, -1.0]);
 
-    let mut opt = nn::Adam::default().build(&vs, 1e-4).unwrap();
+    let mut opt = nn::Adam::default().build(&vs, 1e-3).unwrap();
     let mut losses = Vec::new();
     for _ in 0..6 {
         let (logits, value) = policy.forward(&ids, &mask).unwrap();
@@ -89,6 +96,22 @@ fn adam_on_top_two_blocks_lowers_loss_and_keeps_frozen_weights() {
     );
     assert!(v_left.allclose(&v_right, 1e-4, 1e-4, false));
 
+    // The cached path (frozen rows computed one by one, then left-padded into a batch) gives
+    // what the full forward of the padded batch gives.
+    let rows: Vec<FrozenHidden> = (0..2)
+        .map(|i| {
+            let fh = policy
+                .frozen_forward(&ids.narrow(0, i, 1), &mask.narrow(0, i, 1))
+                .unwrap();
+            fh.row(0)
+        })
+        .collect();
+    let batch = FrozenHidden::left_pad(&rows.iter().collect::<Vec<_>>()).unwrap();
+    let (l_cached, v_cached) = policy.head_forward(&batch).unwrap();
+    let (l_full, v_full) = policy.forward(&ids, &mask).unwrap();
+    assert!(l_cached.allclose(&l_full, 1e-4, 1e-4, false));
+    assert!(v_cached.allclose(&v_full, 1e-4, 1e-4, false));
+
     // Bad inputs are errors.
     assert!(policy.forward(&ids, &mask.narrow(1, 0, 4)).is_err());
     let bad = Tensor::from_slice(&[49152i64]).view([1, 1]);
@@ -97,4 +120,56 @@ fn adam_on_top_two_blocks_lowers_loss_and_keeps_frozen_weights() {
             .forward(&bad, &Tensor::ones([1, 1], (Kind::Int64, Device::Cpu)))
             .is_err()
     );
+}
+
+/// With the head initialised from the tied embedding rows of three tokens, the starting
+/// logits are the model's own next-token logits of those tokens.
+#[test]
+fn token_row_head_starts_at_the_models_own_logits() {
+    flag_llm::generate::set_threads(1);
+    let path = flag_llm::models::smollm2_gguf(None).expect("SmolLM2 GGUF must be installed");
+    let engine = flag_llm::generate::Engine::load(&path, Device::Cpu).unwrap();
+    let ids: Vec<i64> = engine
+        .tokenizer()
+        .encode("The market is up today. {\"Action\": \"", false)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let n = ids.len() as i64;
+    let ids = Tensor::from_slice(&ids).view([1, n]);
+    let mask = Tensor::ones([1, n], (Kind::Int64, Device::Cpu));
+    let words = [67u32, 41606, 35334]; // "S"(ell), "Hold", "Buy"
+    let hidden = engine
+        .model()
+        .forward(&ids, &mask.ne(0))
+        .unwrap()
+        .narrow(1, n - 1, 1)
+        .squeeze_dim(1);
+    let all = engine.model().logits(&hidden);
+    let want = all.index_select(
+        1,
+        &Tensor::from_slice(&words.map(i64::from)),
+    );
+    let vs = nn::VarStore::new(Device::Cpu);
+    let shape = PolicyShape {
+        trainable_blocks: 3,
+        n_actions: 3,
+        value_hidden: 16,
+        head_init: HeadInit::TokenRows(words.to_vec()),
+    };
+    let policy = TrainablePolicy::new(engine, &shape, &vs.root()).unwrap();
+    let (logits, value) = policy.forward(&ids, &mask).unwrap();
+    assert!(logits.allclose(&want, 1e-4, 1e-3, false), "{logits} vs {want}");
+    assert_eq!(value.double_value(&[0]), 0.0, "the value head starts at 0");
+
+    let dup = PolicyShape {
+        head_init: HeadInit::TokenRows(vec![5, 5, 6]),
+        ..shape
+    };
+    let model = flag_llm::llama::LlamaModel::load(&path, Device::Cpu, Kind::Float).unwrap();
+    let err = TrainablePolicy::new(model, &dup, &nn::VarStore::new(Device::Cpu).root())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("distinct"), "{err}");
 }
