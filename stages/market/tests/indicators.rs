@@ -545,3 +545,93 @@ fn fingerprint_names_the_sql_file_and_the_sql_is_what_runs() {
     let err = stage.run(&mut ctx).unwrap_err().to_string();
     assert!(err.contains(SQL_FILE), "{err}");
 }
+
+/// `bars` with the given columns nulled at the given 0-based rows (all rows: `None`).
+fn with_nulls(bars: &RecordBatch, nulls: &[(&str, Option<usize>)]) -> RecordBatch {
+    let mut cols = bars.columns().to_vec();
+    for (name, row) in nulls {
+        let idx = bars.schema().index_of(name).unwrap();
+        let mut v = column(bars, name);
+        match row {
+            Some(r) => v[*r] = None,
+            None => v.iter_mut().for_each(|x| *x = None),
+        }
+        cols[idx] = Arc::new(Float64Array::from(v));
+    }
+    schema("ohlcv").unwrap().batch(cols).unwrap()
+}
+
+/// Close-only bars (schema `ohlcv` allows null open/high/low/volume) cannot feed the
+/// indicators: a clear error before the SQL runs, never a panic or a guessed value.
+#[test]
+fn null_price_or_volume_is_rejected_with_file_row_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bars = rows_of(&all_bars(), "AAPL.tdqn").slice(0, 40);
+    let day = |i: usize| {
+        bars.column(1)
+            .as_primitive::<flag_core::arrow::datatypes::Date32Type>()
+            .value_as_date(i)
+            .unwrap()
+    };
+    let need = "is null; the indicators need open, high, low, close and volume \
+                (a close-only source such as investorbench cannot feed this stage)";
+
+    let one = with_nulls(&bars, &[("high", Some(11))]);
+    let input = dir.path().join("nulls.parquet");
+    write_parquet_file(&input, one.schema(), &[one.slice(0, 7), one.slice(7, 33)]).unwrap();
+    let err = run_stage(&input, &dir.path().join("x"), 1000)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}:12: column 'high': AAPL.tdqn on {} {need}",
+            input.display(),
+            day(11)
+        )
+    );
+    let err = IndicatorRunner::new(&sql(), 1)
+        .unwrap()
+        .run_batch(one)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!("indicators input row 12: column 'high' {need}")
+    );
+
+    // Close only, as ingest_ohlcv writes investorbench bars: the first null is row 1's open.
+    let close_only = with_nulls(
+        &bars,
+        &[
+            ("open", None),
+            ("high", None),
+            ("low", None),
+            ("volume", None),
+        ],
+    );
+    let input = dir.path().join("close_only.parquet");
+    write_parquet_file(&input, close_only.schema(), &[close_only]).unwrap();
+    let err = run_stage(&input, &dir.path().join("y"), 1000)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}:1: column 'open': AAPL.tdqn on {} {need}",
+            input.display(),
+            day(0)
+        )
+    );
+    // A null volume alone.
+    let vol = with_nulls(&bars, &[("volume", Some(39))]);
+    let err = IndicatorRunner::new(&sql(), 1)
+        .unwrap()
+        .run_batch(vol)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!("indicators input row 40: column 'volume' {need}")
+    );
+}

@@ -380,3 +380,170 @@ fn cryptotrade_malformed_json_and_bad_time() {
         )
     );
 }
+
+/// Runs `ingest_ohlcv` on one investorbench JSON text.
+fn ib(content: &str) -> (PathBuf, String) {
+    ohlcv_err("investorbench", "aapl.json", content)
+}
+
+#[test]
+fn investorbench_top_level_not_an_object() {
+    let (p, e) = ib("[{\"prices\": 1}]\n");
+    assert_eq!(
+        e,
+        format!(
+            "{}:1: column '(json)': invalid type: sequence, expected a JSON object keyed by YYYY-MM-DD dates at line 1 column 0",
+            d(&p)
+        )
+    );
+    let (p, e) = ib("{}");
+    assert_eq!(e, format!("{}: the JSON object has no dates", d(&p)));
+}
+
+#[test]
+fn investorbench_day_not_an_object() {
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": 1},\n\"2020-03-13\": 133.6\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:3: column '(json)': date 2020-03-13: invalid type: floating point `133.6`, expected an object with a 'prices' number at line 3 column 19",
+            d(&p)
+        )
+    );
+}
+
+#[test]
+fn investorbench_missing_or_repeated_prices() {
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": 1},\n\"2020-03-13\": {\"news\": []}\n}");
+    assert_eq!(
+        e,
+        format!("{}:3: column 'prices': date 2020-03-13: missing", d(&p))
+    );
+    let (p, e) = ib("{\"2020-03-12\": {\"prices\": 1, \"prices\": 2}}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:1: column 'prices': date 2020-03-12: appears 2 times in one day",
+            d(&p)
+        )
+    );
+}
+
+#[test]
+fn investorbench_non_numeric_prices() {
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": \"133.6\"}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'prices': date 2020-03-12: expected a number, found the string \"133.6\"",
+            d(&p)
+        )
+    );
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": null, \"news\": []}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'prices': date 2020-03-12: expected a number, found null",
+            d(&p)
+        )
+    );
+}
+
+#[test]
+fn investorbench_non_finite_prices() {
+    // JSON has no NaN or infinity: serde_json rejects them while parsing, at the field.
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": 1e999}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'prices': date 2020-03-12: not a finite number: number out of range at line 2 column 30",
+            d(&p)
+        )
+    );
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": NaN}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'prices': date 2020-03-12: malformed JSON: expected value at line 2 column 26",
+            d(&p)
+        )
+    );
+}
+
+#[test]
+fn investorbench_non_positive_prices() {
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": 0}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'prices': date 2020-03-12: price must be > 0, got 0",
+            d(&p)
+        )
+    );
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": -3.5}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'prices': date 2020-03-12: price must be > 0, got -3.5",
+            d(&p)
+        )
+    );
+}
+
+#[test]
+fn investorbench_key_not_a_date() {
+    for key in ["2020-3-12", "2020-02-30", "12/03/2020", " 2020-03-12"] {
+        let (p, e) = ib(&format!("{{\n\"{key}\": {{\"prices\": 1}}\n}}"));
+        assert_eq!(
+            e,
+            format!(
+                "{}:2: column 'date': key '{key}' is not a YYYY-MM-DD date",
+                d(&p)
+            )
+        );
+    }
+}
+
+#[test]
+fn investorbench_unknown_field_and_malformed_json() {
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": 1, \"price\": 2}\n}");
+    assert_eq!(
+        e,
+        format!(
+            "{}:2: column 'price': date 2020-03-12: unknown field (a day has prices, news, 10k, 10q)",
+            d(&p)
+        )
+    );
+    let (p, e) = ib("{\n\"2020-03-12\": {\"prices\": 1,\n");
+    assert_eq!(
+        e,
+        format!(
+            "{}:3: column '(json)': date 2020-03-12: malformed JSON: EOF while parsing a value at line 3 column 0",
+            d(&p)
+        )
+    );
+    let (p, e) = ib("{\"2020-03-12\": {\"prices\": 1}} x");
+    assert_eq!(
+        e,
+        format!(
+            "{}:1: column '(json)': malformed JSON: trailing characters at line 1 column 31",
+            d(&p)
+        )
+    );
+}
+
+#[test]
+fn investorbench_conflicting_duplicate_date() {
+    // serde_json would keep the last copy silently; both are read and compared.
+    let (p, e) = ib(
+        "{\n\"2020-03-12\": {\"prices\": 1.5},\n\"2020-03-13\": {\"prices\": 2},\n\
+         \"2020-03-12\": {\"prices\": 1.6}\n}",
+    );
+    assert_eq!(
+        e,
+        format!(
+            "{0}:4: column 'prices': conflicting duplicate date 2020-03-12: 1.6 here, 1.5 at {0}:2",
+            d(&p)
+        )
+    );
+}

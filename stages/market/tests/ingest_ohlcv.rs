@@ -256,3 +256,131 @@ fn same_input_gives_identical_bytes_and_external_files_are_exact() {
         a.log
     );
 }
+
+const INVESTORBENCH: [&str; 7] = ["MSFT", "JNJ", "UVV", "HON", "NFLX", "BTC", "ETH"];
+
+#[test]
+fn investorbench_real_files_are_close_only_with_per_ticker_gap_rules() {
+    let p = params(
+        &data_dir().join("investorbench"),
+        "investorbench",
+        &INVESTORBENCH,
+    );
+    let run = run_stage(&IngestOhlcv, p, BTreeMap::new()).unwrap();
+    let bars = run.out("bars");
+    let t = str_col(bars, "ticker");
+    let d = date_col(bars, "date");
+    let close = f64_col(bars, "close");
+    let rows = |tk: &str| -> Vec<usize> { (0..t.len()).filter(|&i| t[i] == tk).collect() };
+    // Row counts and ranges checked with Python's json module on the raw files.
+    for (tk, n, first, last) in [
+        ("MSFT", 291, "2020-03-12", "2021-05-06"),
+        ("JNJ", 291, "2020-03-12", "2021-05-06"),
+        ("UVV", 291, "2020-03-12", "2021-05-06"),
+        ("HON", 291, "2020-03-12", "2021-05-06"),
+        ("NFLX", 234, "2020-03-12", "2021-05-06"),
+        ("BTC", 386, "2022-11-29", "2023-12-19"),
+        ("ETH", 318, "2022-12-02", "2023-12-19"),
+    ] {
+        let r = rows(tk);
+        assert_eq!(r.len(), n, "{tk}");
+        assert_eq!(
+            (d[r[0]], d[*r.last().unwrap()]),
+            (ymd(first), ymd(last)),
+            "{tk}"
+        );
+    }
+    assert_eq!(bars.num_rows(), 4 * 291 + 234 + 386 + 318);
+    // Close only: every open/high/low/volume (and adj_close) is null, never invented.
+    for col in ["open", "high", "low", "volume", "adj_close"] {
+        assert!(f64s(bars, col).iter().all(Option::is_none), "{col}");
+    }
+    // Known closes, exactly as in the files ("prices").
+    let at = |tk: &str, day: &str| {
+        close[(0..t.len())
+            .find(|&i| t[i] == tk && d[i] == ymd(day))
+            .unwrap()]
+    };
+    assert_eq!(at("MSFT", "2020-03-12"), 133.63912963867188);
+    assert_eq!(at("MSFT", "2020-10-01"), 205.24142456054688);
+    assert_eq!(at("MSFT", "2021-05-05"), 239.26904296875);
+    assert_eq!(at("ETH", "2022-12-02"), 1294.3033770767);
+    assert_eq!(at("ETH", "2023-12-19"), 2177.8726106679);
+
+    let rep = run.out("report");
+    assert_eq!(rep.num_rows(), 7);
+    assert!(str_col(rep, "format").iter().all(|f| f == "investorbench"));
+    assert!(
+        str_col(rep, "note")
+            .iter()
+            .all(|n| n.starts_with("close only"))
+    );
+    for col in [
+        "close_above_high",
+        "close_below_low",
+        "open_outside_range",
+        "high_below_low",
+        "zero_volume",
+        "duplicates_dropped",
+        "empty_rows",
+    ] {
+        assert!(i64_col(rep, col).iter().all(|&x| x == 0), "{col}");
+    }
+    // ETH misses 65 of 383 calendar days, in 47 holes of 1 to 3 days: crypto counts each;
+    // BTC has every day. Stocks: weekends and holidays are no gap, NFLX's longer holes are.
+    for (tk, file, gaps, max_gap) in [
+        ("ETH", "eth.json", 47, 4),
+        ("BTC", "btc.json", 0, 0),
+        ("MSFT", "msft.json", 0, 0),
+        ("NFLX", "nflx.json", 7, 9),
+    ] {
+        assert_eq!(report_counts(&run, tk, file, "gaps"), gaps, "{tk}");
+        assert_eq!(
+            report_counts(&run, tk, file, "max_gap_days"),
+            max_gap,
+            "{tk}"
+        );
+    }
+    assert_eq!(report_counts(&run, "MSFT", "msft.json", "rows_read"), 291);
+}
+
+#[test]
+fn investorbench_crypto_tickers_param_chooses_the_gap_rule() {
+    let mut p = params(
+        &data_dir().join("investorbench"),
+        "investorbench",
+        &["ETH", "MSFT"],
+    );
+    // MSFT as a calendar-day series: every weekend is a gap; ETH under the stock rule: none.
+    p.0.insert("crypto_tickers".into(), json!(["msft"]));
+    let run = run_stage(&IngestOhlcv, p, BTreeMap::new()).unwrap();
+    assert_eq!(report_counts(&run, "MSFT", "msft.json", "gaps"), 61);
+    assert_eq!(report_counts(&run, "MSFT", "msft.json", "max_gap_days"), 4);
+    assert_eq!(report_counts(&run, "ETH", "eth.json", "gaps"), 0);
+}
+
+#[test]
+fn investorbench_identical_duplicate_date_is_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("ko.json"),
+        "{\n  \"2019-01-03\": {\"prices\": 46.5, \"news\": [\"b\"]},\n  \
+         \"2019-01-02\": {\"prices\": 46.0, \"news\": [], \"10k\": [], \"10q\": []},\n  \
+         \"2019-01-03\": {\"prices\": 46.5, \"news\": []}\n}\n",
+    )
+    .unwrap();
+    let mut p = params(dir.path(), "investorbench", &["KO"]);
+    p.0.insert("start".into(), json!("2019-01-03"));
+    let run = run_stage(&IngestOhlcv, p, BTreeMap::new()).unwrap();
+    let bars = run.out("bars");
+    assert_eq!(date_col(bars, "date"), vec![ymd("2019-01-03")]);
+    assert_eq!(f64_col(bars, "close"), vec![46.5]);
+    for (col, want) in [
+        ("rows_read", 3),
+        ("duplicates_dropped", 1),
+        ("filtered_out", 1),
+        ("rows_kept", 1),
+    ] {
+        assert_eq!(report_counts(&run, "KO", "ko.json", col), want, "{col}");
+    }
+}

@@ -1,6 +1,13 @@
 //! Runs the indicators SQL with DataFusion: on one in-memory batch ([`IndicatorRunner`]), or
 //! Parquet in -> Parquet out ([`compute_parquet`]) in groups of whole tickers, so memory stays
 //! bounded by the group size whatever the input size.
+//!
+//! Nulls: schema `ohlcv` allows null open/high/low/volume (close-only sources such as
+//! investorbench), but the indicators need every one of them (ATR, KDJ, VWAP, the pass-through
+//! columns of schema `indicators` are not nullable). A null open, high, low, close or volume is
+//! therefore a clear error naming the file, the 1-based row, the column, the ticker and the
+//! date ([`compute_parquet`]) or the row of the batch ([`IndicatorRunner::run_batch`]),
+//! raised before the SQL runs: nulls are never propagated into, or guessed by, the SQL.
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -67,6 +74,12 @@ impl IndicatorRunner {
     /// calls). Returns one batch in schema `indicators`, sorted by ticker then date.
     pub fn run_batch(&self, bars: RecordBatch) -> StageResult<RecordBatch> {
         schema("ohlcv")?.check(&bars.schema(), "indicators input")?;
+        if let Some((row, column)) = first_null_price(&bars) {
+            return Err(StageError::Invalid(format!(
+                "indicators input row {}: column '{column}' is null; {NEED_OHLCV}",
+                row + 1
+            )));
+        }
         let table = MemTable::try_new(bars.schema(), vec![vec![bars]])
             .map_err(|e| df_err("registering the input", e))?;
         let batches = self.runtime.block_on(async {
@@ -219,7 +232,8 @@ pub fn compute_parquet(
 }
 
 /// Checks that rows come sorted by (ticker, date) with no repeat, across batches and files:
-/// grouping relies on it, and a repeated day would corrupt every window.
+/// grouping relies on it, and a repeated day would corrupt every window. Also rejects a null
+/// price or volume (module doc).
 #[derive(Default)]
 struct OrderCheck {
     file: PathBuf,
@@ -236,6 +250,7 @@ impl OrderCheck {
     fn check(&mut self, batch: &RecordBatch) -> StageResult<()> {
         let tickers = batch.column(0).as_string::<i32>();
         let dates = batch.column(1).as_primitive::<Date32Type>();
+        let any_null_price = first_null_price(batch).is_some();
         for i in 0..batch.num_rows() {
             self.row += 1;
             let bad = |column: &str, message: String| {
@@ -248,6 +263,16 @@ impl OrderCheck {
                 return Err(bad("date", "is null".into()));
             }
             let (t, d) = (tickers.value(i), dates.value(i));
+            if any_null_price
+                && let Some(&(_, column)) = PRICE_COLUMNS
+                    .iter()
+                    .find(|&&(c, _)| batch.column(c).is_null(i))
+            {
+                return Err(bad(
+                    column,
+                    format!("{t} on {} is null; {NEED_OHLCV}", fmt_day(d)),
+                ));
+            }
             if let Some((lt, ld)) = &self.last {
                 if t < lt.as_str() {
                     return Err(bad(
@@ -274,6 +299,35 @@ impl OrderCheck {
         }
         Ok(())
     }
+}
+
+/// Why a null price column is fatal (see the module doc).
+const NEED_OHLCV: &str = "the indicators need open, high, low, close and volume \
+                          (a close-only source such as investorbench cannot feed this stage)";
+
+/// Columns of schema `ohlcv` the indicators need non-null, by position.
+const PRICE_COLUMNS: [(usize, &str); 5] = [
+    (2, "open"),
+    (3, "high"),
+    (4, "low"),
+    (5, "close"),
+    (6, "volume"),
+];
+
+/// The first (0-based row, column) of `bars` with a null in a [`PRICE_COLUMNS`] column.
+fn first_null_price(bars: &RecordBatch) -> Option<(usize, &'static str)> {
+    if PRICE_COLUMNS
+        .iter()
+        .all(|&(c, _)| bars.column(c).null_count() == 0)
+    {
+        return None;
+    }
+    (0..bars.num_rows()).find_map(|i| {
+        PRICE_COLUMNS
+            .iter()
+            .find(|&&(c, _)| bars.column(c).is_null(i))
+            .map(|&(_, name)| (i, name))
+    })
 }
 
 fn fmt_day(days: i32) -> String {

@@ -10,6 +10,13 @@
 //! total_volume of the d+1 snapshot (CoinGecko's trailing 24h volume, i.e. day d's volume).
 //! A day whose next snapshot is missing (the last day, or before a hole) has no close and is
 //! dropped and counted.
+//!
+//! InvestorBench files have only a close: open, high, low and volume are written as nulls
+//! (schema `ohlcv` allows it), never invented, and the range and zero-volume checks do not
+//! apply to such bars (their counts stay 0). The format holds stocks and crypto alike, so the
+//! gap rule is chosen per ticker: tickers in the `crypto_tickers` param (default BTC, ETH;
+//! case-insensitive) trade every calendar day and any missing day is a gap; the others use the
+//! stock rule. CoinGecko is crypto whatever the param says.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -31,12 +38,15 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/ingest_ohlcv.1"
+    "/ingest_ohlcv.2"
 );
 
 /// A calendar gap longer than this between two stock bars is reported (a long weekend plus a
 /// holiday is 4 days).
 const STOCK_GAP_DAYS: i64 = 4;
+
+/// Default of the `crypto_tickers` param.
+const CRYPTO_TICKERS: [&str; 2] = ["BTC", "ETH"];
 
 struct Config {
     source: PathBuf,
@@ -44,6 +54,15 @@ struct Config {
     tickers: Vec<String>,
     start: Option<NaiveDate>,
     end: Option<NaiveDate>,
+    /// Upper-cased tickers that trade every calendar day.
+    crypto_tickers: Vec<String>,
+}
+
+impl Config {
+    /// Crypto (every calendar day) or stock calendar for the gap rule.
+    fn is_crypto(&self, ticker: &str) -> bool {
+        self.format.is_crypto() || self.crypto_tickers.contains(&ticker.to_uppercase())
+    }
 }
 
 fn config(p: &Params) -> StageResult<Config> {
@@ -63,12 +82,17 @@ fn config(p: &Params) -> StageResult<Config> {
     {
         return Err(StageError::param("end", format!("{e} is before start {s}")));
     }
+    let crypto_tickers = match p.get("crypto_tickers") {
+        Some(v) if !v.is_null() => p.str_list("crypto_tickers")?,
+        _ => CRYPTO_TICKERS.iter().map(|t| t.to_string()).collect(),
+    };
     Ok(Config {
         source: p.path("source")?,
         format: Format::parse(&p.str("format")?)?,
         tickers,
         start,
         end,
+        crypto_tickers: crypto_tickers.iter().map(|t| t.to_uppercase()).collect(),
     })
 }
 
@@ -116,7 +140,8 @@ impl Stage for IngestOhlcv {
 
     fn spec(&self) -> StageSpec {
         StageSpec {
-            doc: "Reads daily OHLCV files (tdqn, yfinance, yahoo, coingecko) into one sorted bars table and a per-file defect report",
+            doc: "Reads daily OHLCV files (tdqn, yfinance, yahoo, coingecko; investorbench: close only, \
+                  open/high/low/volume null) into one sorted bars table and a per-file defect report",
             inputs: vec![],
             outputs: vec![
                 OutputSpec::parquet("bars", "ohlcv", "Daily bars, sorted by ticker then date"),
@@ -135,7 +160,7 @@ impl Stage for IngestOhlcv {
                 ParamSpec::required(
                     "format",
                     ParamKind::Str,
-                    "tdqn | yfinance | yahoo | coingecko",
+                    "tdqn | yfinance | yahoo | coingecko | investorbench",
                 ),
                 ParamSpec::required(
                     "tickers",
@@ -153,6 +178,13 @@ impl Stage for IngestOhlcv {
                     ParamKind::Date,
                     Value::Null,
                     "Last date kept (inclusive)",
+                ),
+                ParamSpec::with_default(
+                    "crypto_tickers",
+                    ParamKind::List,
+                    json!(CRYPTO_TICKERS),
+                    "Tickers trading every calendar day (case-insensitive): any missing day is a \
+                     gap; other tickers use the stock rule (> 4 days). CoinGecko is always crypto",
                 ),
             ],
         }
@@ -250,6 +282,12 @@ fn note(format: Format) -> &'static str {
              high/low = max/min(open, close) (a lower bound of the true range), volume(d) = \
              total_volume of snapshot d+1; days without a next snapshot dropped"
         }
+        Format::Investorbench => {
+            "close only ('prices'): open/high/low/volume are null, never invented, so the \
+             close/open range and zero-volume checks do not apply (counts 0); news/10-K/10-Q \
+             are not read here; gaps by calendar day for crypto_tickers (default BTC, ETH), \
+             else the stock rule"
+        }
     }
 }
 
@@ -288,7 +326,7 @@ fn ingest_ticker(
         rows
     };
 
-    let max_gap = if cfg.format.is_crypto() {
+    let max_gap = if cfg.is_crypto(ticker) {
         1
     } else {
         STOCK_GAP_DAYS
@@ -304,11 +342,14 @@ fn ingest_ticker(
         rep.rows_kept += 1;
         rep.first_date = Some(rep.first_date.map_or(r.date, |d| d.min(r.date)));
         rep.last_date = Some(rep.last_date.map_or(r.date, |d| d.max(r.date)));
-        rep.close_above_high += u64::from(r.close > r.high);
-        rep.close_below_low += u64::from(r.close < r.low);
-        rep.open_outside_range += u64::from(r.open > r.high || r.open < r.low);
-        rep.high_below_low += u64::from(r.high < r.low);
-        rep.zero_volume += u64::from(r.volume == 0.0);
+        // Close-only bars (None) have nothing to check.
+        if let (Some(h), Some(l)) = (r.high, r.low) {
+            rep.close_above_high += u64::from(r.close > h);
+            rep.close_below_low += u64::from(r.close < l);
+            rep.open_outside_range += u64::from(r.open.is_some_and(|o| o > h || o < l));
+            rep.high_below_low += u64::from(h < l);
+        }
+        rep.zero_volume += u64::from(r.volume == Some(0.0));
         if let Some(p) = prev {
             let days = (r.date - p).num_days();
             if days > max_gap {
@@ -376,13 +417,14 @@ fn derive_snapshot_bars(
         let next = snaps.get(i + 1).map(|(_, n)| n);
         match next {
             Some(n) if (n.date - s.date).num_days() == 1 => {
-                let close = n.open;
+                // A snapshot row holds its price in every price field.
+                let (open, close) = (s.close, n.close);
                 out.push((
                     *fi,
                     RawRow {
-                        open: s.open,
-                        high: s.open.max(close),
-                        low: s.open.min(close),
+                        open: Some(open),
+                        high: Some(open.max(close)),
+                        low: Some(open.min(close)),
                         close,
                         volume: n.volume,
                         ..s.clone()
@@ -396,10 +438,8 @@ fn derive_snapshot_bars(
 }
 
 fn bars_batch(bars: &[Bar]) -> StageResult<flag_core::arrow::array::RecordBatch> {
-    let f = |g: fn(&RawRow) -> f64| -> ArrayRef {
-        Arc::new(Float64Array::from_iter_values(
-            bars.iter().map(|b| g(&b.row)),
-        ))
+    let f = |g: fn(&RawRow) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(bars.iter().map(|b| g(&b.row))))
     };
     schema("ohlcv")?.batch(vec![
         Arc::new(StringArray::from_iter_values(
@@ -411,11 +451,9 @@ fn bars_batch(bars: &[Bar]) -> StageResult<flag_core::arrow::array::RecordBatch>
         f(|r| r.open),
         f(|r| r.high),
         f(|r| r.low),
-        f(|r| r.close),
+        f(|r| Some(r.close)),
         f(|r| r.volume),
-        Arc::new(Float64Array::from_iter(
-            bars.iter().map(|b| b.row.adj_close),
-        )),
+        f(|r| r.adj_close),
     ])
 }
 

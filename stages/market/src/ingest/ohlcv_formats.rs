@@ -21,6 +21,9 @@ pub enum Format {
     Yahoo,
     /// CoinGecko daily snapshot `snapped_at,open,market_cap,total_volume` (one price a day).
     Coingecko,
+    /// InvestorBench / FLAG-Trader JSON `{"YYYY-MM-DD": {"prices": close, "news": [...], ...}}`:
+    /// close only (open/high/low/volume are null), stocks and crypto alike.
+    Investorbench,
 }
 
 impl Format {
@@ -30,9 +33,10 @@ impl Format {
             "yfinance" => Ok(Format::Yfinance),
             "yahoo" => Ok(Format::Yahoo),
             "coingecko" => Ok(Format::Coingecko),
+            "investorbench" => Ok(Format::Investorbench),
             other => Err(StageError::param(
                 "format",
-                format!("'{other}' is not one of tdqn, yfinance, yahoo, coingecko"),
+                format!("'{other}' is not one of tdqn, yfinance, yahoo, coingecko, investorbench"),
             )),
         }
     }
@@ -43,12 +47,20 @@ impl Format {
             Format::Yfinance => "yfinance",
             Format::Yahoo => "yahoo",
             Format::Coingecko => "coingecko",
+            Format::Investorbench => "investorbench",
         }
     }
 
-    /// Crypto trades every calendar day; stock calendars have weekends and holidays.
+    /// The format holds only crypto, which trades every calendar day (stock calendars have
+    /// weekends and holidays). Formats that may hold either decide per ticker (the
+    /// `crypto_tickers` param of `ingest_ohlcv`).
     pub fn is_crypto(self) -> bool {
         self == Format::Coingecko
+    }
+
+    /// Bars carry only a close: open, high, low and volume are null.
+    pub fn is_close_only(self) -> bool {
+        self == Format::Investorbench
     }
 
     /// The files holding `ticker` when `source` is a directory, in concatenation order.
@@ -63,6 +75,7 @@ impl Format {
             Format::Coingecko => {
                 vec![source.join(format!("{}_daily.csv", ticker.to_lowercase()))]
             }
+            Format::Investorbench => vec![source.join(format!("{}.json", ticker.to_lowercase()))],
         }
     }
 
@@ -73,21 +86,24 @@ impl Format {
             Format::Yfinance => ["Open", "High", "Low", "Close", "Volume", "Adj Close"],
             Format::Yahoo => ["Open", "High", "Low", "Close", "Volume", "Adj Close"],
             Format::Coingecko => ["open", "open", "open", "open", "total_volume", "-"],
+            Format::Investorbench => ["-", "-", "-", "prices", "-", "-"],
         }
     }
 }
 
 /// One data row of a file. For CoinGecko it is one snapshot: open = high = low = close = the
-/// snapshot price, and `close` is derived later from the next day's snapshot.
+/// snapshot price, and `close` is derived later from the next day's snapshot. Open, high, low
+/// and volume are `None` only for close-only formats (InvestorBench), never invented.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RawRow {
     pub date: NaiveDate,
-    pub open: f64,
-    pub high: f64,
-    pub low: f64,
+    pub open: Option<f64>,
+    pub high: Option<f64>,
+    pub low: Option<f64>,
     pub close: f64,
-    pub volume: f64,
+    pub volume: Option<f64>,
     pub adj_close: Option<f64>,
+    /// 1-based line of the row (InvestorBench: of its date key).
     pub line: u64,
     /// CoinGecko only: the snapshot is not at exactly 00:00:00 UTC.
     pub off_midnight: bool,
@@ -96,11 +112,11 @@ pub struct RawRow {
 impl RawRow {
     pub fn values(&self) -> [Option<f64>; 6] {
         [
-            Some(self.open),
-            Some(self.high),
-            Some(self.low),
+            self.open,
+            self.high,
+            self.low,
             Some(self.close),
-            Some(self.volume),
+            self.volume,
             self.adj_close,
         ]
     }
@@ -118,7 +134,14 @@ pub struct ParsedFile {
 
 pub fn read_file(format: Format, file: &Path, ticker: &str) -> StageResult<ParsedFile> {
     let text = read_text(file)?;
-    let recs = csv_records(file, &text)?;
+    match format {
+        Format::Investorbench => super::investorbench::read(file, &text),
+        _ => read_csv(format, file, &text, ticker),
+    }
+}
+
+fn read_csv(format: Format, file: &Path, text: &str, ticker: &str) -> StageResult<ParsedFile> {
+    let recs = csv_records(file, text)?;
     let Some((hline, header)) = recs.first() else {
         return Err(StageError::file(file, "file is empty"));
     };
@@ -147,6 +170,12 @@ pub fn read_file(format: Format, file: &Path, ticker: &str) -> StageResult<Parse
             let want = ["snapped_at", "open", "market_cap", "total_volume"];
             expect_header(file, *hline, &header, &want)?;
             snapshots(file, &header, body)?
+        }
+        Format::Investorbench => {
+            return Err(StageError::file(
+                file,
+                "investorbench files are JSON, not CSV",
+            ));
         }
     };
     if parsed.rows_read == 0 {
@@ -250,11 +279,11 @@ fn price_rows(
         let p = |i: usize| parse_price(file, line, &name(i), &rec[i]);
         out.rows.push(RawRow {
             date,
-            open: p(idx[1])?,
-            high: p(idx[2])?,
-            low: p(idx[3])?,
+            open: Some(p(idx[1])?),
+            high: Some(p(idx[2])?),
+            low: Some(p(idx[3])?),
             close: p(idx[4])?,
-            volume: parse_volume(file, line, &name(idx[5]), &rec[idx[5]])?,
+            volume: Some(parse_volume(file, line, &name(idx[5]), &rec[idx[5]])?),
             adj_close: adj.map(p).transpose()?,
             line,
             off_midnight: false,
@@ -287,11 +316,11 @@ fn snapshots(
         let price = parse_price(file, line, "open", &rec[1])?;
         out.rows.push(RawRow {
             date: ts.date(),
-            open: price,
-            high: price,
-            low: price,
+            open: Some(price),
+            high: Some(price),
+            low: Some(price),
             close: price,
-            volume: parse_volume(file, line, "total_volume", &rec[3])?,
+            volume: Some(parse_volume(file, line, "total_volume", &rec[3])?),
             adj_close: None,
             line,
             off_midnight: ts.num_seconds_from_midnight() != 0,
