@@ -147,6 +147,9 @@ fn s(v: Vec<&str>) -> ArrayRef {
 fn f(v: Vec<f64>) -> ArrayRef {
     Arc::new(Float64Array::from(v))
 }
+fn none(n: usize) -> ArrayRef {
+    Arc::new(Float64Array::from(vec![None::<f64>; n]))
+}
 fn d(v: Vec<i32>) -> ArrayRef {
     Arc::new(Date32Array::from(v))
 }
@@ -187,6 +190,11 @@ pub fn metrics_batch(runs: &[(&Run, [f64; 6])]) -> RecordBatch {
                 .collect()),
             f(runs.iter().map(|(r, _)| last(r) - r.values[0]).collect()),
             i(runs.iter().map(|(r, _)| r.trades.len() as i64).collect()),
+            // FLAG-Trader's log_cr, log_sr, log_av, log_mdd: not read by the report.
+            none(runs.len()),
+            none(runs.len()),
+            none(runs.len()),
+            none(runs.len()),
         ])
         .unwrap()
 }

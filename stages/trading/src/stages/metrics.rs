@@ -1,9 +1,11 @@
-//! `metrics`: FinAgent's metrics (formulas: [`crate::metrics`]) for every (strategy, env,
-//! ticker, split) path in any number of `equity` tables, with trade counts from `trades`.
+//! `metrics`: FinAgent's metrics and FLAG-Trader's log-return metrics (formulas:
+//! [`crate::metrics`]) for every (strategy, env, ticker, split) path in any number of `equity`
+//! tables, with trade counts from `trades`.
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use flag_core::arrow::array::{
-    Array, BooleanArray, Date32Array, Float64Array, RecordBatch, StringArray,
+    Array, ArrayRef, BooleanArray, Date32Array, Float64Array, RecordBatch, StringArray,
 };
 use flag_core::{
     Fingerprint, InputSpec, OutputSpec, ParamKind, ParamSpec, Params, Stage, StageContext,
@@ -169,12 +171,19 @@ pub fn metrics_table(
         let values: Vec<f64> = p.rows.iter().map(|r| r.1).collect();
         let ppy = periods.for_ticker(&key.2);
         let m = metrics::compute(initial, &values, ppy as f64);
+        // FLAG-Trader's metrics on the closing values V_1..V_T (not the initial capital).
+        let lm = metrics::flag_trader(&values, ppy as f64);
         let n_trades = match &counts {
             Some(c) => c.get(key).copied().unwrap_or(0),
             None => p.traded_days,
         };
-        rows.push((key, first.0, last.0, ppy, m, n_trades));
+        rows.push((key, first.0, last.0, ppy, m, n_trades, lm));
     }
+    let log = |g: fn(&metrics::LogMetrics) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter(
+            rows.iter().map(|r| r.6.as_ref().map(g)),
+        ))
+    };
     flag_core::schema::schema("metrics")?.batch(vec![
         utf8(rows.iter().map(|r| r.0.0.as_str())),
         utf8(rows.iter().map(|r| r.0.1.as_str())),
@@ -193,6 +202,10 @@ pub fn metrics_table(
         float64(rows.iter().map(|r| r.4.total_return).collect()),
         float64(rows.iter().map(|r| r.4.pnl).collect()),
         int64(rows.iter().map(|r| r.5).collect()),
+        log(|m| m.cr),
+        log(|m| m.sr),
+        log(|m| m.av),
+        log(|m| m.mdd),
     ])
 }
 
@@ -203,8 +216,9 @@ impl Stage for MetricsStage {
 
     fn spec(&self) -> StageSpec {
         StageSpec {
-            doc: "FinAgent metrics (ARR, SR, CR, SoR, MDD, VOL, total return, P&L, trades) per \
-                  strategy, env, ticker and split. Formulas: stages/trading/src/metrics.rs.",
+            doc: "FinAgent metrics (ARR, SR, CR, SoR, MDD, VOL, total return, P&L, trades) and \
+                  FLAG-Trader's log-return CR, SR, AV, MDD (log_*) per strategy, env, ticker and \
+                  split. Formulas: stages/trading/src/metrics.rs.",
             inputs: vec![
                 InputSpec::many(
                     "equity",
@@ -229,7 +243,7 @@ impl Stage for MetricsStage {
     }
 
     fn fingerprint(&self, _params: &Params) -> Fingerprint {
-        Fingerprint::new(format!("{VERSION}/metrics-1"))
+        Fingerprint::new(format!("{VERSION}/metrics-2"))
     }
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
