@@ -16,7 +16,8 @@ impl Registry {
             .chain(flag_trading::stages())
             .chain(flag_report::stages())
             .chain(flag_rl::stages())
-            .chain(flag_agents::stages());
+            .chain(flag_agents::stages())
+            .chain(flag_ppo::stages());
         for s in all {
             let s: Arc<dyn Stage> = Arc::from(s);
             let prev = kinds.insert(s.kind(), s);

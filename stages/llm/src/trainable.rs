@@ -54,6 +54,9 @@ impl From<PathBuf> for PolicyBase {
     }
 }
 
+/// Optimizer group of the heads' variables (the transformer blocks and norm are group 0).
+pub const HEAD_GROUP: usize = 1;
+
 /// How the policy head starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HeadInit {
@@ -74,6 +77,32 @@ pub struct PolicyShape {
     /// Width of the value MLP's hidden layer.
     pub value_hidden: usize,
     pub head_init: HeadInit,
+    /// Seeds the random initial weights (value MLP, a random policy head). A local ChaCha8
+    /// stream, not libtorch's global generator, so concurrent trainings cannot disturb it.
+    pub seed: u64,
+}
+
+/// `n` values from U(lo, hi) or N(0, std) (Box-Muller) of a seeded ChaCha8 stream, as f32.
+fn seeded(rng: &mut rand_chacha::ChaCha8Rng, shape: &[i64], dist: Dist) -> Tensor {
+    use rand::Rng;
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| match dist {
+            Dist::Uniform(lo, hi) => lo + (hi - lo) * rng.random::<f64>(),
+            Dist::Normal(std) => {
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random();
+                std * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+            }
+        } as f32)
+        .collect();
+    Tensor::from_slice(&v).view(shape)
+}
+
+#[derive(Clone, Copy)]
+enum Dist {
+    Uniform(f64, f64),
+    Normal(f64),
 }
 
 /// The frozen bottom's output for a batch: hidden states [B, T, D] in the compute kind and
@@ -302,19 +331,29 @@ impl TrainablePolicy {
             })
             .collect();
         let norm = f32_copy(vs, "final_norm", &model.norm);
-        let pol = vs / "policy";
+        // The heads are optimizer group 1 (the blocks and norm group 0), so a trainer can
+        // give the freshly initialised heads and the pretrained blocks their own rates.
+        let heads = vs.set_group(HEAD_GROUP);
+        let pol = &heads / "policy";
         let n_act = shape.n_actions as i64;
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(shape.seed);
         let policy_w = match policy_init {
             Some(rows) => pol.var_copy("weight", &rows),
-            None => pol.randn("weight", &[n_act, d], 0.0, 0.01),
+            None => pol.var_copy(
+                "weight",
+                &seeded(&mut rng, &[n_act, d], Dist::Normal(0.01)).to_device(device),
+            ),
         };
         let policy_b = pol.zeros("bias", &[n_act]);
-        let val = vs / "value";
+        let val = &heads / "value";
         let h = shape.value_hidden as i64;
-        // Orthogonal-free but scaled like torch's Linear default (U(-1/sqrt(in), 1/sqrt(in)));
+        // Scaled like torch's Linear default (U(-1/sqrt(in), 1/sqrt(in)));
         // the output layer starts at 0 so the first value estimates are 0.
         let bound = 1.0 / (d as f64).sqrt();
-        let value_w1 = val.var("w1", &[h, d], nn::Init::Uniform { lo: -bound, up: bound });
+        let value_w1 = val.var_copy(
+            "w1",
+            &seeded(&mut rng, &[h, d], Dist::Uniform(-bound, bound)).to_device(device),
+        );
         let value_b1 = val.zeros("b1", &[h]);
         let value_w2 = val.zeros("w2", &[1, h]);
         let value_b2 = val.zeros("b2", &[1]);
@@ -360,6 +399,11 @@ impl TrainablePolicy {
         self.frozen.kind()
     }
 
+    /// The base model's architecture.
+    pub fn config(&self) -> &crate::llama::LlamaConfig {
+        &self.frozen.cfg
+    }
+
     pub fn n_layer(&self) -> usize {
         self.frozen.blocks.len() + self.top.blocks.len()
     }
@@ -386,8 +430,15 @@ impl TrainablePolicy {
             )));
         }
         let valid = mask.to_device(dev).ne(0);
-        if valid.sum_dim_intlist(1, false, Kind::Int64).min().int64_value(&[]) == 0 {
-            return Err(LlmError::Invalid("a row of the batch has no real token".into()));
+        if valid
+            .sum_dim_intlist(1, false, Kind::Int64)
+            .min()
+            .int64_value(&[])
+            == 0
+        {
+            return Err(LlmError::Invalid(
+                "a row of the batch has no real token".into(),
+            ));
         }
         let first = Tensor::zeros([b], (Kind::Int64, dev));
         let (att, _) = self.frozen.attn_inputs(&valid, None, &first);
@@ -435,8 +486,9 @@ impl TrainablePolicy {
         }
         let x = rms_norm(&x, &top.norm.to_kind(kind), cfg.eps);
         // Last real token of each row: the largest position whose mask is set.
-        let last = (valid.to_kind(Kind::Int64) * Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0))
-            .argmax(-1, false);
+        let last = (valid.to_kind(Kind::Int64)
+            * Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0))
+        .argmax(-1, false);
         let idx = last.view([b, 1, 1]).expand([b, 1, d], false);
         let h = x.gather(1, &idx, false).squeeze_dim(1).to_kind(Kind::Float);
         let logits = h.linear(&top.policy_w, Some(&top.policy_b));

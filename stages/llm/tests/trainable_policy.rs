@@ -17,6 +17,7 @@ fn adam_on_top_two_blocks_lowers_loss_and_keeps_frozen_weights() {
         n_actions: 3,
         value_hidden: 64,
         head_init: HeadInit::Random,
+        seed: 0,
     };
     let policy = TrainablePolicy::new(path.as_path(), &shape, &vs.root()).unwrap();
     assert_eq!(policy.frozen_blocks().len(), 28);
@@ -147,20 +148,21 @@ fn token_row_head_starts_at_the_models_own_logits() {
         .narrow(1, n - 1, 1)
         .squeeze_dim(1);
     let all = engine.model().logits(&hidden);
-    let want = all.index_select(
-        1,
-        &Tensor::from_slice(&words.map(i64::from)),
-    );
+    let want = all.index_select(1, &Tensor::from_slice(&words.map(i64::from)));
     let vs = nn::VarStore::new(Device::Cpu);
     let shape = PolicyShape {
         trainable_blocks: 3,
         n_actions: 3,
         value_hidden: 16,
         head_init: HeadInit::TokenRows(words.to_vec()),
+        seed: 0,
     };
     let policy = TrainablePolicy::new(engine, &shape, &vs.root()).unwrap();
     let (logits, value) = policy.forward(&ids, &mask).unwrap();
-    assert!(logits.allclose(&want, 1e-4, 1e-3, false), "{logits} vs {want}");
+    assert!(
+        logits.allclose(&want, 1e-4, 1e-3, false),
+        "{logits} vs {want}"
+    );
     assert_eq!(value.double_value(&[0]), 0.0, "the value head starts at 0");
 
     let dup = PolicyShape {

@@ -60,9 +60,15 @@ pub fn masked_log_softmax(logits: &Tensor, mask: &Tensor) -> Tensor {
         .log_softmax(-1, logits.kind())
 }
 
+/// `logp` with its disallowed (-inf) entries set to 0, so products with them and their
+/// gradients stay finite (-inf * 0 would be NaN and poison every logit's gradient).
+fn finite_logp(logp: &Tensor, mask: &Tensor) -> Tensor {
+    logp.where_self(mask, &logp.zeros_like())
+}
+
 /// Entropy of each row's masked distribution, [batch] (0 ln 0 = 0 for disallowed actions).
 pub fn masked_entropy(logp: &Tensor, mask: &Tensor) -> Tensor {
-    let plogp = (logp.exp() * logp).where_self(mask, &logp.zeros_like());
+    let plogp = logp.exp() * finite_logp(logp, mask);
     -plogp.sum_dim_intlist(-1, false, logp.kind())
 }
 
@@ -122,7 +128,7 @@ pub fn value_loss(new_v: &Tensor, old_v: &Tensor, returns: &Tensor, clip: Option
 
 /// KL(pi || pi_ref) per state over the allowed actions, averaged over the batch.
 pub fn kl_to_reference(logp: &Tensor, ref_logp: &Tensor, mask: &Tensor) -> Tensor {
-    let terms = (logp.exp() * (logp - ref_logp)).where_self(mask, &logp.zeros_like());
+    let terms = logp.exp() * (finite_logp(logp, mask) - finite_logp(ref_logp, mask));
     terms
         .sum_dim_intlist(-1, false, Kind::Double)
         .mean(Kind::Double)
@@ -147,4 +153,29 @@ pub fn explained_variance(values: &[f64], returns: &[f64]) -> f64 {
     }
     let var_diff = var(&mut returns.iter().zip(values).map(|(r, v)| r - v));
     1.0 - var_diff / var_r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A disallowed action's -inf log-probability must not turn the gradients into NaN.
+    #[test]
+    fn masked_terms_have_finite_gradients() {
+        let logits = Tensor::from_slice(&[0.3f32, -1.2, 0.5, 2.0, 0.1, -0.4])
+            .view([2, 3])
+            .set_requires_grad(true);
+        let mask = Tensor::from_slice(&[false, true, true, true, true, false]).view([2, 3]);
+        let reference = masked_log_softmax(&logits.detach().ones_like(), &mask);
+        let logp = masked_log_softmax(&logits, &mask);
+        let loss = masked_entropy(&logp, &mask).mean(Kind::Float)
+            + kl_to_reference(&logp, &reference, &mask);
+        loss.backward();
+        let g = logits.grad();
+        assert!(g.isfinite().all().int64_value(&[]) != 0, "{g}");
+        // Disallowed logits get no gradient; allowed ones do.
+        assert_eq!(g.double_value(&[0, 0]), 0.0);
+        assert_eq!(g.double_value(&[1, 2]), 0.0);
+        assert!(g.double_value(&[0, 1]).abs() > 0.0);
+    }
 }

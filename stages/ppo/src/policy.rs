@@ -1,0 +1,170 @@
+//! The LLM actor-critic: SmolLM2 split at the freeze line ([`TrainablePolicy`]) plus its
+//! tokenizer. A prompt is the chat template around the user message, then the answer prefix
+//! (`{"Action": "`); the policy head reads the hidden state of its last token.
+
+use std::path::Path;
+
+use flag_llm::generate::Engine;
+use flag_llm::tokenizer::{ChatMessage, LlmTokenizer};
+use flag_llm::trainable::{FrozenHidden, HeadInit, PolicyShape, TrainablePolicy};
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::env::ACTION_NAMES;
+use crate::prompt::PromptText;
+
+/// How the policy head starts (param `head_init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadStart {
+    /// From the output-embedding rows of the action words' first tokens after the answer
+    /// prefix ("S"ell, "Hold", "Buy" for SmolLM2): the model's own preference.
+    ActionWords,
+    /// Small random weights.
+    Random,
+}
+
+impl HeadStart {
+    pub fn parse(s: &str) -> Option<HeadStart> {
+        match s {
+            "action_words" => Some(HeadStart::ActionWords),
+            "random" => Some(HeadStart::Random),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadStart::ActionWords => "action_words",
+            HeadStart::Random => "random",
+        }
+    }
+}
+
+/// The policy's shape and start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub trainable_blocks: usize,
+    pub value_hidden: usize,
+    pub head_start: HeadStart,
+    /// Prompts longer than this (in tokens) are an error, never silently cut.
+    pub max_prompt_tokens: usize,
+    /// Seeds the random initial weights (value MLP; a random policy head).
+    pub init_seed: u64,
+}
+
+pub struct LlmPolicy {
+    pub net: TrainablePolicy,
+    tok: LlmTokenizer,
+    cfg: PolicyConfig,
+    action_tokens: Vec<u32>,
+}
+
+/// The first token of each action word as it follows `answer_prefix`.
+pub fn action_tokens(tok: &LlmTokenizer, answer_prefix: &str) -> Result<Vec<u32>, String> {
+    let base = tok
+        .encode(answer_prefix, false)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for word in ACTION_NAMES {
+        let ids = tok
+            .encode(&format!("{answer_prefix}{word}"), false)
+            .map_err(|e| e.to_string())?;
+        if !ids.starts_with(&base) || ids.len() == base.len() {
+            return Err(format!(
+                "the answer prefix '{answer_prefix}' does not tokenise as a prefix of '{answer_prefix}{word}'"
+            ));
+        }
+        out.push(ids[base.len()]);
+    }
+    let mut uniq = out.clone();
+    uniq.sort_unstable();
+    uniq.dedup();
+    if uniq.len() != out.len() {
+        return Err(format!(
+            "the action words {ACTION_NAMES:?} start with the same token after the answer prefix"
+        ));
+    }
+    Ok(out)
+}
+
+impl LlmPolicy {
+    /// Loads the GGUF (f32 on CPU, bf16 compute on CUDA with f32 trainable masters) and
+    /// builds the actor-critic in `vs` (which must be empty: its variables are exactly the
+    /// trainable tensors).
+    pub fn load(
+        gguf: &Path,
+        cfg: PolicyConfig,
+        answer_prefix: &str,
+        vs: &nn::Path,
+    ) -> Result<Self, String> {
+        let device = vs.device();
+        let kind = if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        let engine = Engine::load_with_kind(gguf, device, kind).map_err(|e| e.to_string())?;
+        let tok = engine.tokenizer().clone();
+        let action_tokens = action_tokens(&tok, answer_prefix)?;
+        let shape = PolicyShape {
+            trainable_blocks: cfg.trainable_blocks,
+            n_actions: ACTION_NAMES.len(),
+            value_hidden: cfg.value_hidden,
+            head_init: match cfg.head_start {
+                HeadStart::ActionWords => HeadInit::TokenRows(action_tokens.clone()),
+                HeadStart::Random => HeadInit::Random,
+            },
+            seed: cfg.init_seed,
+        };
+        let net = TrainablePolicy::new(engine, &shape, vs).map_err(|e| e.to_string())?;
+        Ok(LlmPolicy {
+            net,
+            tok,
+            cfg,
+            action_tokens,
+        })
+    }
+
+    pub fn config(&self) -> PolicyConfig {
+        self.cfg
+    }
+
+    pub fn device(&self) -> Device {
+        self.net.device()
+    }
+
+    /// The action words' token ids the head was (or would be) initialised from.
+    pub fn action_token_ids(&self) -> &[u32] {
+        &self.action_tokens
+    }
+
+    /// Token ids of a prompt: chat template around the user message, then the answer prefix.
+    pub fn encode(&self, p: &PromptText) -> Result<Vec<i64>, String> {
+        let text = self
+            .tok
+            .apply_chat_template(&[ChatMessage::user(p.user.as_str())], true)
+            .map_err(|e| e.to_string())?;
+        let ids = self
+            .tok
+            .encode(&format!("{text}{}", p.answer_prefix), true)
+            .map_err(|e| e.to_string())?;
+        if ids.len() > self.cfg.max_prompt_tokens {
+            return Err(format!(
+                "the prompt is {} tokens, more than max_prompt_tokens {} (shorten window/history \
+                 or raise the limit)",
+                ids.len(),
+                self.cfg.max_prompt_tokens
+            ));
+        }
+        Ok(ids.into_iter().map(i64::from).collect())
+    }
+
+    /// The frozen bottom's output for one prompt ([1, T, D]).
+    pub fn frozen(&self, ids: &[i64]) -> Result<FrozenHidden, String> {
+        let n = ids.len() as i64;
+        let t = Tensor::from_slice(ids).view([1, n]);
+        let mask = Tensor::ones([1, n], (Kind::Int64, Device::Cpu));
+        self.net
+            .frozen_forward(&t, &mask)
+            .map_err(|e| e.to_string())
+    }
+}
