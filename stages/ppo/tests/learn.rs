@@ -195,7 +195,6 @@ fn ppo_learns_a_stated_direction_and_checkpoints_reload_exactly() {
         value_hidden: 64,
         head_init: "action_words".into(),
         max_prompt_tokens: 256,
-        init_seed: 0,
         action_names: vec!["Sell".into(), "Hold".into(), "Buy".into()],
         action_tokens: policy.action_token_ids().to_vec(),
         prompt_file: "-".into(),
