@@ -13,6 +13,7 @@ use serde_json::json;
 
 pub mod charts;
 pub mod data;
+pub mod flag_trader;
 pub mod guided;
 pub mod quality;
 pub mod render;
@@ -26,7 +27,11 @@ const INGEST_SCHEMA: &str = "ingest_report";
 
 /// Every stage kind this crate provides.
 pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(ReportStage), Box::new(guided::GuidedReport)]
+    vec![
+        Box::new(ReportStage),
+        Box::new(guided::GuidedReport),
+        Box::new(flag_trader::FlagTraderReport),
+    ]
 }
 
 /// Resolved params of one report run.

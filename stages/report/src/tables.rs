@@ -49,6 +49,20 @@ pub fn fmt_num(v: f64, decimals: usize) -> String {
     }
 }
 
+/// A plain (not bold) cell.
+pub(crate) fn cell(text: String) -> Cell {
+    Cell { text, bold: false }
+}
+
+/// "mean (std)", or the value alone for a single run.
+pub(crate) fn mean_std_text(m: &crate::stats::MeanStd, d: usize) -> String {
+    match m.n {
+        0 => "–".into(),
+        1 => fmt_num(m.mean, d),
+        _ => format!("{} ({})", fmt_num(m.mean, d), fmt_num(m.std, d)),
+    }
+}
+
 /// Marks the best finite value(s) of `values` (by `score`, higher is better) in bold; values
 /// that print the same as the best are tied and bold too.
 pub(crate) fn mark_best(cells: &mut [Cell], values: &[Option<f64>], score: impl Fn(f64) -> f64) {

@@ -56,17 +56,23 @@ pub fn signals_chart(
     })
 }
 
-/// One agent's per-episode mean and band (mean +- one sample standard deviation over runs).
+/// One agent's mean over runs and a band around it (the episode chart: mean +- one sample
+/// standard deviation; the FLAG-Trader training charts: min..max).
 pub struct Band<'a> {
     pub label: &'a str,
     pub color: RGBColor,
-    /// (episode, mean, lower, upper).
+    /// (x, mean, lower, upper).
     pub points: Vec<(f64, f64, f64, f64)>,
 }
 
 /// Sharpe ratio against training episode for each agent: a line for the mean over runs and
 /// a shaded band for +- one standard deviation.
 pub fn episodes_chart(title: &str, y_desc: &str, bands: &[Band]) -> StageResult<String> {
+    band_chart(title, "training episode", y_desc, bands)
+}
+
+/// A line per band (its mean) over a numeric x axis, with the band's lower..upper shaded.
+pub fn band_chart(title: &str, x_desc: &str, y_desc: &str, bands: &[Band]) -> StageResult<String> {
     let xs = bands.iter().flat_map(|b| b.points.iter().map(|p| p.0));
     let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
         (a.min(x), b.max(x))
@@ -104,7 +110,7 @@ pub fn episodes_chart(title: &str, y_desc: &str, bands: &[Band]) -> StageResult<
         let span = y.1 - y.0;
         chart
             .configure_mesh()
-            .x_desc("training episode")
+            .x_desc(x_desc)
             .y_desc(y_desc)
             .x_label_formatter(&|v| format!("{v:.0}"))
             .y_label_formatter(&|v| charts::y_label(*v, span))

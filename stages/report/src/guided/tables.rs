@@ -7,7 +7,7 @@ use crate::data::{Inputs, MetricKind};
 use crate::guided::GuidedParams;
 use crate::guided::read::{Decisions, split_run};
 use crate::stats::{MeanStd, TTest, mean_std, one_sample_t_test, paired_t_test};
-use crate::tables::{Cell, Table, fmt_num, mark_best};
+use crate::tables::{Cell, Table, cell, fmt_num, mark_best, mean_std_text};
 
 /// SR and MDD of one agent on one ticker, by run (None = an unsuffixed, single-run strategy).
 #[derive(Debug, Default, Clone)]
@@ -53,21 +53,8 @@ pub fn collect_runs(
     out
 }
 
-fn cell(text: String) -> Cell {
-    Cell { text, bold: false }
-}
-
 fn missing() -> Cell {
     cell("–".into())
-}
-
-/// "mean (std)", or the value alone for a single run.
-fn mean_std_text(m: &MeanStd, d: usize) -> String {
-    match m.n {
-        0 => "–".into(),
-        1 => fmt_num(m.mean, d),
-        _ => format!("{} ({})", fmt_num(m.mean, d), fmt_num(m.std, d)),
-    }
 }
 
 fn p_text(t: Option<TTest>) -> String {
