@@ -113,7 +113,10 @@ impl FlagMarketEnv {
         if cfg.window == 0 || cfg.max_episode_steps == 0 {
             return Err("window and max_episode_steps must be at least 1".into());
         }
-        if !(cfg.initial_capital > 0.0) || !(0.0..1.0).contains(&cfg.cost) {
+        if cfg.initial_capital.is_nan()
+            || cfg.initial_capital <= 0.0
+            || !(0.0..1.0).contains(&cfg.cost)
+        {
             return Err("initial_capital must be > 0 and cost in [0, 1)".into());
         }
         let env = FlagTraderEnv::new(cfg.initial_capital, cfg.cost);

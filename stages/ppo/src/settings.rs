@@ -188,7 +188,13 @@ pub fn param_specs() -> Vec<ParamSpec> {
             "Rollout length per PPO iteration",
         ),
         spec("learning_rate", Float, json!(5e-4), "Adam learning rate"),
-        spec(
+spec(
+            "backbone_lr_scale",
+            Float,
+            json!(1.0),
+            "The trainable blocks learn at learning_rate x this (the heads at learning_rate); 1 = the paper",
+        ),
+                spec(
             "anneal_lr",
             Bool,
             json!(true),
@@ -261,7 +267,7 @@ impl PpoSettings {
             total_timesteps: p.usize("total_timesteps")?,
             num_steps: p.usize("num_steps")?,
             learning_rate: p.f64("learning_rate")?,
-            backbone_lr_scale: 1.0,
+            backbone_lr_scale: p.f64("backbone_lr_scale")?,
             anneal_lr: p.bool("anneal_lr")?,
             gamma: p.f64("gamma")?,
             gae_lambda: p.f64("gae_lambda")?,
@@ -309,7 +315,7 @@ impl PpoSettings {
             history: p.usize("history")?,
             max_episode_steps: p.usize("max_episode_steps")?,
         };
-        if !(market.initial_capital > 0.0) {
+        if market.initial_capital.is_nan() || market.initial_capital <= 0.0 {
             return Err(StageError::param("initial_capital", "must be > 0"));
         }
         if !(0.0..1.0).contains(&market.cost) {

@@ -53,7 +53,7 @@ fn one_update_matches_pytorch() {
     // The value MLP's output layer starts at 0; give it weights so its gradients flow.
     tch::no_grad(|| {
         let mut w2 = policy.net.top().value_w2.shallow_clone();
-        let _ = w2.copy_(&(Tensor::randn([1, 32], (Kind::Float, Device::Cpu)) * 0.1));
+        w2.copy_(&(Tensor::randn([1, 32], (Kind::Float, Device::Cpu)) * 0.1));
     });
 
     let texts = [
