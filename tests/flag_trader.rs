@@ -213,6 +213,35 @@ fn ppo_stage_trains_checkpoints_and_reruns_identically() {
     assert!(a.remove("timing").is_some() && b.remove("timing").is_some());
     assert_eq!(a.len(), 5);
     assert_eq!(a, b, "same seed, same CPU: identical artifacts");
+
+    // The checkpoint as an input edge: `ppo_eval` trades it after the paper's test period.
+    let eval = run(
+        &root,
+        store.path(),
+        &[
+            "--only",
+            "flag_msft_later",
+            "--set",
+            "flag_msft_later.end=2021-05-28",
+            "--set",
+            "flag_msft_later.device=cpu",
+            "--set",
+            "flag_msft_later.threads=2",
+        ],
+    );
+    let st = statuses(&eval);
+    assert_eq!(st["flag_stocks"], "cached", "{st:?}");
+    assert_eq!(st["flag_msft_later"], "ran");
+    let later = table(&artifact(&root, store.path(), "flag_msft_later.equity")[0]);
+    assert!(
+        strs(&later, "strategy")
+            .iter()
+            .all(|s| s == "flag_trader#0")
+    );
+    let d = later.column_by_name("date").unwrap();
+    let d = d.as_any().downcast_ref::<Date32Array>().unwrap();
+    assert_eq!(d.value_as_date(0).unwrap().to_string(), "2021-05-07");
+    assert_eq!(later.num_rows(), 16, "trading days 2021-05-07..05-28");
 }
 
 #[test]

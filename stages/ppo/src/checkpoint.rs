@@ -88,11 +88,14 @@ pub fn save(
     std::fs::write(&config, text + "\n").map_err(|e| format!("{}: {e}", config.display()))
 }
 
-/// Reads the config of checkpoint `name`.
+/// Reads the config of checkpoint `name` in `dir`.
 pub fn read_config(dir: &Path, name: &str) -> Result<CheckpointConfig, String> {
-    let (_, config) = paths(dir, name);
-    let text =
-        std::fs::read_to_string(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+    read_config_file(&paths(dir, name).1)
+}
+
+/// Reads a checkpoint config file.
+pub fn read_config_file(config: &Path) -> Result<CheckpointConfig, String> {
+    let text = std::fs::read_to_string(config).map_err(|e| format!("{}: {e}", config.display()))?;
     let cfg: CheckpointConfig =
         serde_json::from_str(&text).map_err(|e| format!("{}: {e}", config.display()))?;
     if cfg.format != FORMAT {
@@ -105,20 +108,31 @@ pub fn read_config(dir: &Path, name: &str) -> Result<CheckpointConfig, String> {
     Ok(cfg)
 }
 
-/// Rebuilds the policy of checkpoint `name` on `device` around the base GGUF `gguf`, which
-/// must hash to the one it was trained from.
+/// Rebuilds the policy of checkpoint `name` in `dir` (see [`load_files`]).
 pub fn load(
     dir: &Path,
     name: &str,
     gguf: &Path,
     device: Device,
 ) -> Result<(LlmPolicy, nn::VarStore, CheckpointConfig), String> {
-    let cfg = read_config(dir, name)?;
+    let (weights, config) = paths(dir, name);
+    load_files(&config, &weights, gguf, device)
+}
+
+/// Rebuilds a checkpoint's policy on `device` around the base GGUF `gguf`, which must hash to
+/// the one it was trained from; the weights must hash to what the config names.
+pub fn load_files(
+    config: &Path,
+    weights: &Path,
+    gguf: &Path,
+    device: Device,
+) -> Result<(LlmPolicy, nn::VarStore, CheckpointConfig), String> {
+    let cfg = read_config_file(config)?;
     let hash = file_blake3(gguf)?;
     if hash != cfg.base_model_blake3 {
         return Err(format!(
             "{}: the checkpoint was trained on a base model with blake3 {}, but {} hashes to {hash}",
-            paths(dir, name).1.display(),
+            config.display(),
             cfg.base_model_blake3,
             gguf.display()
         ));
@@ -137,13 +151,12 @@ pub fn load(
     if have != cfg.tensors {
         return Err(format!(
             "{}: its tensors {:?} do not match the policy's {:?}",
-            paths(dir, name).0.display(),
+            config.display(),
             cfg.tensors,
             have
         ));
     }
-    let (weights, _) = paths(dir, name);
-    let got = file_blake3(&weights)?;
+    let got = file_blake3(weights)?;
     if !cfg.weights_blake3.is_empty() && got != cfg.weights_blake3 {
         return Err(format!(
             "{}: blake3 {got} is not the {} its config names",
@@ -151,7 +164,7 @@ pub fn load(
             cfg.weights_blake3
         ));
     }
-    vs.load(&weights)
+    vs.load(weights)
         .map_err(|e| format!("{}: {e}", weights.display()))?;
     Ok((policy, vs, cfg))
 }

@@ -8,12 +8,14 @@
 //!   three actions ([`flag_llm::trainable`]), prompts tokenised with the chat template.
 //! - [`train`]: the PPO loop with the paper's Table 3 settings; [`checkpoint`]: the trained
 //!   tensors and the config that names the base model.
-//! - [`stage`]: the `ppo` pipeline stage.
+//! - [`stage`]: the `ppo` pipeline stage; [`eval_stage`]: `ppo_eval`, which trades a
+//!   checkpoint artifact (an input edge) over another period.
 //!
 //! The crate keeps datafusion out: the stage reads and writes through flag-core.
 
 pub mod checkpoint;
 pub mod env;
+pub mod eval_stage;
 pub mod loss;
 pub mod outputs;
 pub mod policy;
@@ -24,5 +26,5 @@ pub mod train;
 
 /// The stages this crate provides.
 pub fn stages() -> Vec<Box<dyn flag_core::Stage>> {
-    vec![Box::new(stage::Ppo)]
+    vec![Box::new(stage::Ppo), Box::new(eval_stage::PpoEval)]
 }

@@ -298,17 +298,7 @@ impl Stage for Ppo {
     }
 
     fn environment(&self, params: &Params) -> Vec<(String, String)> {
-        let dev = params
-            .opt_str("device")
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| "cpu".into());
-        let dev = DeviceChoice::parse(&dev).map_or("invalid", DeviceChoice::resolved_name);
-        let mut env = vec![("device".to_string(), dev.to_string())];
-        if dev == "cpu" {
-            env.push(("threads".into(), resolved_threads(params).to_string()));
-        }
-        env
+        stage_environment(params)
     }
 
     fn numerics(&self, _params: &Params) -> flag_core::Numerics {
@@ -409,4 +399,20 @@ pub fn resolved_threads(p: &Params) -> usize {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     }
+}
+
+/// What a PPO stage's bytes depend on beyond its params: the device it resolves to and, on
+/// the CPU, the thread count.
+pub fn stage_environment(params: &Params) -> Vec<(String, String)> {
+    let dev = params
+        .opt_str("device")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "cpu".into());
+    let dev = DeviceChoice::parse(&dev).map_or("invalid", DeviceChoice::resolved_name);
+    let mut env = vec![("device".to_string(), dev.to_string())];
+    if dev == "cpu" {
+        env.push(("threads".into(), resolved_threads(params).to_string()));
+    }
+    env
 }
