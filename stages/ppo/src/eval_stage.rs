@@ -5,7 +5,7 @@
 //! (whose hash must match) and run with the prompt it was trained with (whose hash must
 //! match too). Outputs equity, trades and decisions in the `ppo` stage's schemas.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use flag_core::{
@@ -18,9 +18,11 @@ use serde_json::{Value, json};
 use crate::checkpoint::{self, file_blake3};
 use crate::env::{FlagMarketEnv, MarketEnvConfig};
 use crate::outputs;
-use crate::prompt::{StateTemplate, prompt_path};
+use crate::prompt::prompt_path;
 use crate::settings::{DeviceChoice, valid_prompt_name};
-use crate::stage::{RunResult, read_closes, resolved_threads, stage_environment};
+use crate::stage::{
+    RunResult, prompt_fingerprint, read_closes, read_template, resolved_threads, stage_environment,
+};
 use crate::train::greedy_path;
 
 const VERSION: &str = concat!(
@@ -160,16 +162,7 @@ impl Stage for PpoEval {
     }
 
     fn fingerprint(&self, params: &Params) -> Fingerprint {
-        let mut f = Fingerprint::new(VERSION);
-        let name = params
-            .opt_str("prompt")
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| "state".into());
-        if valid_prompt_name(&name) {
-            f.files.push(prompt_path(&name));
-        }
-        f
+        prompt_fingerprint(VERSION, params)
     }
 
     fn external_files(&self, params: &Params) -> StageResult<Vec<PathBuf>> {
@@ -227,12 +220,8 @@ impl Stage for PpoEval {
         };
         let gguf = flag_llm::backend::model_path(p)?;
         let prompt_file = prompt_path(&prompt);
-        let bytes = ctx.resource(&prompt_file)?.to_vec();
+        let (template, bytes) = read_template(ctx, &prompt)?;
         let prompt_hash = blake3::hash(&bytes).to_hex().to_string();
-        let text = String::from_utf8(bytes)
-            .map_err(|_| StageError::file(Path::new(&prompt_file), "is not UTF-8"))?;
-        let template =
-            Arc::new(StateTemplate::parse(&text, &prompt_file).map_err(StageError::Invalid)?);
         let table_file = ctx
             .input("table")?
             .files

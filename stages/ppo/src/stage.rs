@@ -281,16 +281,7 @@ impl Stage for Ppo {
     }
 
     fn fingerprint(&self, params: &Params) -> Fingerprint {
-        let mut f = Fingerprint::new(VERSION);
-        let name = params
-            .opt_str("prompt")
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| "state".into());
-        if crate::settings::valid_prompt_name(&name) {
-            f.files.push(prompt_path(&name));
-        }
-        f
+        prompt_fingerprint(VERSION, params)
     }
 
     fn external_files(&self, params: &Params) -> StageResult<Vec<std::path::PathBuf>> {
@@ -307,12 +298,7 @@ impl Stage for Ppo {
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let s = PpoSettings::from_params(&ctx.params)?;
-        let prompt_file = prompt_path(&s.prompt);
-        let prompt_bytes = ctx.resource(&prompt_file)?.to_vec();
-        let text = String::from_utf8(prompt_bytes.clone())
-            .map_err(|_| StageError::file(Path::new(&prompt_file), "is not UTF-8"))?;
-        let template =
-            Arc::new(StateTemplate::parse(&text, &prompt_file).map_err(StageError::Invalid)?);
+        let (template, prompt_bytes) = read_template(ctx, &s.prompt)?;
         let table_file = ctx
             .input("table")?
             .files
@@ -415,4 +401,31 @@ pub fn stage_environment(params: &Params) -> Vec<(String, String)> {
         env.push(("threads".into(), resolved_threads(params).to_string()));
     }
     env
+}
+
+/// A PPO stage's fingerprint: its version and the prompt file its params name.
+pub fn prompt_fingerprint(version: &str, params: &Params) -> Fingerprint {
+    let mut f = Fingerprint::new(version);
+    let name = params
+        .opt_str("prompt")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "state".into());
+    if crate::settings::valid_prompt_name(&name) {
+        f.files.push(prompt_path(&name));
+    }
+    f
+}
+
+/// The state template `prompt` as the engine hashed it: (parsed template, its bytes).
+pub fn read_template(
+    ctx: &StageContext,
+    prompt: &str,
+) -> StageResult<(Arc<StateTemplate>, Vec<u8>)> {
+    let file = prompt_path(prompt);
+    let bytes = ctx.resource(&file)?.to_vec();
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| StageError::file(Path::new(&file), "is not UTF-8"))?;
+    let template = StateTemplate::parse(text, &file).map_err(StageError::Invalid)?;
+    Ok((Arc::new(template), bytes))
 }
