@@ -116,19 +116,21 @@ pub fn load(
     device: Device,
 ) -> Result<(LlmPolicy, nn::VarStore, CheckpointConfig), String> {
     let (weights, config) = paths(dir, name);
-    load_files(&config, &weights, gguf, device)
+    load_files(&config, &weights, gguf, &file_blake3(gguf)?, device)
 }
 
-/// Rebuilds a checkpoint's policy on `device` around the base GGUF `gguf`, which must hash to
-/// the one it was trained from; the weights must hash to what the config names.
+/// Rebuilds a checkpoint's policy on `device` around the base GGUF `gguf` (whose blake3,
+/// `gguf_blake3`, the caller computed once), which must be the one it was trained from; the
+/// weights must hash to what the config names.
 pub fn load_files(
     config: &Path,
     weights: &Path,
     gguf: &Path,
+    gguf_blake3: &str,
     device: Device,
 ) -> Result<(LlmPolicy, nn::VarStore, CheckpointConfig), String> {
     let cfg = read_config_file(config)?;
-    let hash = file_blake3(gguf)?;
+    let hash = gguf_blake3;
     if hash != cfg.base_model_blake3 {
         return Err(format!(
             "{}: the checkpoint was trained on a base model with blake3 {}, but {} hashes to {hash}",

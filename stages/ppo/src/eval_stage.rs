@@ -38,29 +38,31 @@ fn spec(name: &'static str, kind: ParamKind, default: Value, doc: &'static str) 
     ParamSpec::with_default(name, kind, default, doc)
 }
 
-/// The checkpoint configs among `files`, each with the weights file it names.
+/// The checkpoint configs among `files`, each with the weights file it names (each weights
+/// file is hashed once).
 fn pair_checkpoints(files: &[PathBuf]) -> StageResult<Vec<(PathBuf, PathBuf)>> {
+    let mut by_hash = std::collections::BTreeMap::new();
+    for w in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+    {
+        by_hash.insert(file_blake3(w).map_err(StageError::Invalid)?, w.clone());
+    }
     let mut out = Vec::new();
     for json in files
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
     {
         let cfg = checkpoint::read_config_file(json).map_err(StageError::Invalid)?;
-        let weights = files
-            .iter()
-            .find(|p| {
-                p.extension().is_some_and(|e| e == "safetensors")
-                    && file_blake3(p).is_ok_and(|h| h == cfg.weights_blake3)
-            })
-            .ok_or_else(|| {
-                StageError::file(
-                    json,
-                    format!(
-                        "names weights with blake3 {}, which are not in the checkpoint input",
-                        cfg.weights_blake3
-                    ),
-                )
-            })?;
+        let weights = by_hash.get(&cfg.weights_blake3).ok_or_else(|| {
+            StageError::file(
+                json,
+                format!(
+                    "names weights with blake3 {}, which are not in the checkpoint input",
+                    cfg.weights_blake3
+                ),
+            )
+        })?;
         out.push((json.clone(), weights.clone()));
     }
     if out.is_empty() {
@@ -205,12 +207,7 @@ impl Stage for PpoEval {
                 format!("'{prompt}' is not a prompt name"),
             ));
         }
-        let dev = p.str("device")?;
-        let device = DeviceChoice::parse(&dev)
-            .ok_or_else(|| {
-                StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto"))
-            })?
-            .device();
+        let device = DeviceChoice::from_params(p)?.device();
         let market = MarketEnvConfig {
             initial_capital: p.f64("initial_capital")?,
             cost: p.f64("cost")?,
@@ -219,6 +216,7 @@ impl Stage for PpoEval {
             max_episode_steps: usize::MAX,
         };
         let gguf = flag_llm::backend::model_path(p)?;
+        let gguf_hash = file_blake3(&gguf).map_err(StageError::Invalid)?;
         let prompt_file = prompt_path(&prompt);
         let (template, bytes) = read_template(ctx, &prompt)?;
         let prompt_hash = blake3::hash(&bytes).to_hex().to_string();
@@ -241,8 +239,9 @@ impl Stage for PpoEval {
                 if tickers.as_ref().is_some_and(|t| !t.contains(&ticker)) {
                     continue;
                 }
-                let (policy, _vs, cfg) = checkpoint::load_files(json, weights, &gguf, device)
-                    .map_err(StageError::Invalid)?;
+                let (policy, _vs, cfg) =
+                    checkpoint::load_files(json, weights, &gguf, &gguf_hash, device)
+                        .map_err(StageError::Invalid)?;
                 if cfg.prompt_blake3 != prompt_hash {
                     return Err(StageError::file(
                         json,

@@ -36,6 +36,21 @@ impl DeviceChoice {
         }
     }
 
+    /// Param `device`, validated (cuda must be available when asked for).
+    pub fn from_params(p: &Params) -> StageResult<Self> {
+        let dev = p.str("device")?;
+        let device = DeviceChoice::parse(&dev).ok_or_else(|| {
+            StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto"))
+        })?;
+        if device == DeviceChoice::Cuda && !tch::Cuda::is_available() {
+            return Err(StageError::param(
+                "device",
+                "cuda was asked for but no CUDA device is available",
+            ));
+        }
+        Ok(device)
+    }
+
     /// What the run computes on, for the cache key ("cpu" or "cuda").
     pub fn resolved_name(self) -> &'static str {
         if self.device().is_cuda() {
@@ -335,16 +350,7 @@ impl PpoSettings {
         }
         let seed =
             u64::try_from(p.i64("seed")?).map_err(|_| StageError::param("seed", "must be >= 0"))?;
-        let dev = p.str("device")?;
-        let device = DeviceChoice::parse(&dev).ok_or_else(|| {
-            StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto"))
-        })?;
-        if device == DeviceChoice::Cuda && !tch::Cuda::is_available() {
-            return Err(StageError::param(
-                "device",
-                "cuda was asked for but no CUDA device is available",
-            ));
-        }
+        let device = DeviceChoice::from_params(p)?;
         let prompt = p.str("prompt")?;
         if !valid_prompt_name(&prompt) {
             return Err(StageError::param(

@@ -12,17 +12,15 @@
 //! closes may reach back before it (the window needs history). Runs execute one after the
 //! other on all `threads` (the model, not the runs, is what parallelises).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use flag_core::arrow::array::{Array, Date32Array, Float64Array, RecordBatch, StringArray};
-use flag_core::schema::typed_column;
+use flag_core::arrow::array::RecordBatch;
 use flag_core::{
     Fingerprint, InputSpec, OutputSpec, Params, Stage, StageContext, StageError, StageResult,
     StageSpec,
 };
-use flag_trading::series::from_days;
+use flag_trading::series::read_series;
 use tch::nn;
 
 use crate::checkpoint::{self, CheckpointConfig};
@@ -53,62 +51,20 @@ pub struct RunResult {
     pub paths: Vec<(&'static str, Vec<EvalDay>)>,
 }
 
-/// Reads ticker, date, close of a bars table (indicators or ohlcv), per ticker by date.
-/// A null or non-positive close, or a duplicate date, is an error naming file and row.
+/// Reads ticker, date, close of a bars table (indicators or ohlcv), per ticker by date,
+/// with the validation every trading stage applies ([`read_series`]: a null or non-positive
+/// close or a duplicate date is an error naming the row); `file` names the input in errors.
 pub fn read_closes(batch: &RecordBatch, file: &Path) -> StageResult<Vec<Closes>> {
-    let ticker = typed_column::<StringArray>(batch, "ticker", "utf8")
-        .map_err(|m| StageError::file(file, m))?;
-    let date = typed_column::<Date32Array>(batch, "date", "date32")
-        .map_err(|m| StageError::file(file, m))?;
-    let close = typed_column::<Float64Array>(batch, "close", "float64")
-        .map_err(|m| StageError::file(file, m))?;
-    let mut rows: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for i in 0..batch.num_rows() {
-        for (name, null) in [
-            ("ticker", ticker.is_null(i)),
-            ("date", date.is_null(i)),
-            ("close", close.is_null(i)),
-        ] {
-            if null {
-                return Err(StageError::data(file, i as u64 + 1, name, "is null"));
-            }
-        }
-        let v = close.value(i);
-        if !(v.is_finite() && v > 0.0) {
-            return Err(StageError::data(
-                file,
-                i as u64 + 1,
-                "close",
-                format!(
-                    "{} on {} is {v}, expected a finite number > 0",
-                    ticker.value(i),
-                    from_days(date.value(i))
-                ),
-            ));
-        }
-        rows.entry(ticker.value(i)).or_default().push(i);
-    }
-    let mut out = Vec::new();
-    for (t, mut idx) in rows {
-        idx.sort_by_key(|&i| date.value(i));
-        if let Some(w) = idx
-            .windows(2)
-            .find(|w| date.value(w[0]) == date.value(w[1]))
-        {
-            return Err(StageError::data(
-                file,
-                w[1] as u64 + 1,
-                "date",
-                format!("{t}: duplicate date {}", from_days(date.value(w[1]))),
-            ));
-        }
-        out.push(Closes {
-            ticker: t.to_string(),
-            dates: idx.iter().map(|&i| date.value(i)).collect(),
-            closes: idx.iter().map(|&i| close.value(i)).collect(),
-        });
-    }
-    Ok(out)
+    let series =
+        read_series(batch, "table", &[]).map_err(|e| StageError::file(file, e.to_string()))?;
+    Ok(series
+        .into_iter()
+        .map(|s| Closes {
+            ticker: s.ticker,
+            dates: s.dates,
+            closes: s.close,
+        })
+        .collect())
 }
 
 /// The (train, test) day ranges of one ticker.
