@@ -4,10 +4,12 @@
 //! * [`strategy`]: the baseline rules; [`backtest`]: running them, and the train-split grid
 //!   search of the moving-average windows.
 //! * [`metrics`]: FinAgent's metrics; the formulas are documented there only.
-//! * [`stages`]: the `baselines` and `metrics` stage kinds.
+//! * [`finagent_tools`]: FinAgent's four rule-strategy tools and their records.
+//! * [`stages`]: the `baselines`, `metrics` and `finagent_tools` stage kinds.
 
 pub mod backtest;
 pub mod env;
+pub mod finagent_tools;
 pub mod metrics;
 pub mod series;
 pub mod stages;
