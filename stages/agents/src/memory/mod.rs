@@ -1,0 +1,299 @@
+//! FinAgent's memory (Zhang et al., KDD 2024) as tables: the news of earlier days, embedded
+//! once, and the retrievals of every decision day as rows a user can query.
+//!
+//! * [`news_embed`] (`news_embed`): `news` -> `news_items` (schema `news_items`): one row per
+//!   news item with a stable [`item_id`], the text embedded ([`item_text`]) and its
+//!   all-MiniLM-L6-v2 embedding (384 unit-norm floats).
+//! * [`search`] (`memory_search`): a memory table (item_id, ticker, a date column, embedding)
+//!   and `memory_queries` (the market-intelligence module's short/medium/long-term queries
+//!   per ticker and decision day) -> `memory_hits`: each query's top k items of the same
+//!   ticker dated strictly before the decision day, and whether each survives FinAgent's
+//!   diversified de-duplication ([`diversify`]).
+//! * [`index`]: the [`VectorIndex`] interface and the brute-force [`ExactIndex`].
+//! * [`embedder`]: the embedding backend from params (`embedded` MiniLM or an `openai`
+//!   server), as the LLM stages pick theirs.
+//!
+//! The memory at day t is the rows of the table with date < t: there is no mutable vector
+//! store, and no look-ahead by construction (the filter is part of every search).
+//!
+//! ## Embeddings in Parquet
+//! The schema registry has `list<float64>` but no `list<float32>`, so embeddings are stored as
+//! `list<float64>` holding the model's f32 values exactly (every f32 is an f64; reading back
+//! and narrowing gives the same bits), and every row is checked to have the model's width.
+//! DuckDB reads the column as `DOUBLE[]`, e.g.
+//! `SELECT item_id, list_cosine_similarity(embedding, ?) FROM 'items.parquet'`. The memory
+//! reader also accepts `list<float32>`, `large_list` and fixed-size lists (a table written by
+//! DuckDB with `FLOAT[384]`).
+//!
+//! ## Exact or approximate search
+//! [`ExactIndex`] is one pass over the candidate vectors per query (f64 sums of exact f32
+//! products, single thread). Measured by `.ci/bench-retrieval.sh` on this project's 2-core
+//! CPU (384 dims, one ticker holding the whole memory, no date filter): see the numbers in
+//! the benchmark's JSON; latency grows linearly, about 0.1 ms per 1,000 items. FinAgent
+//! searches one ticker's past news (10k-20k items per ticker over three years in the
+//! stocknewsapi data), so a query costs about a millisecond and exact search is the right
+//! default: it is deterministic and needs no build step. An ANN index pays once one
+//! searched group holds about a million vectors (1.5 GB of f32, ~100 ms per query, and
+//! thousands of queries per backtest), e.g. a universe-wide memory without the ticker filter.
+//! The crate to use then is `hnsw_rs` (pure Rust HNSW, f32 with a dot/cosine distance,
+//! filtered search through a `FilterT` predicate, so `group` and `date < t` stay inside the
+//! search), or `usearch` (C++ core, f16/i8 quantisation to cut memory, also a filtered
+//! search); `instant-distance` has no filtered search, so the date bound would need one
+//! index per day. Either would implement [`VectorIndex`], with the date filter as a search
+//! predicate so no future item is ever a candidate.
+pub mod embedder;
+pub mod index;
+pub mod news_embed;
+pub mod search;
+
+use std::sync::Arc;
+
+use flag_core::arrow::array::{
+    Array, ArrayRef, FixedSizeListArray, Float32Array, Float64Array, Float64Builder,
+    LargeListArray, ListArray, ListBuilder,
+};
+use flag_core::arrow::datatypes::DataType;
+use flag_core::{Stage, StageError, StageResult};
+
+pub use embedder::{EmbedSettings, Embedder, embed_model_files, embed_param_specs};
+pub use index::{
+    Chosen, Entry, ExactIndex, Filter, Hit, IndexError, VectorIndex, diversify, dot_f64, hit_order,
+};
+
+/// The memory stages.
+pub fn stages() -> Vec<Box<dyn Stage>> {
+    vec![
+        Box::new(news_embed::NewsEmbed),
+        Box::new(search::MemorySearch),
+    ]
+}
+
+/// The id of a news item: 16 lowercase hex digits, the 64-bit FNV-1a hash of
+/// `ticker`, `published_at` (microseconds since the epoch, as a decimal string), `title` and
+/// `url` (a null url as the empty string), each fed as its UTF-8 length (8 bytes, little
+/// endian) followed by its bytes, so no two field splits hash the same input. It depends on
+/// nothing but those four values: the same item has the same id in every run and table.
+pub fn item_id(ticker: &str, published_at_us: i64, title: &str, url: Option<&str>) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+    };
+    feed(ticker.as_bytes());
+    feed(published_at_us.to_string().as_bytes());
+    feed(title.as_bytes());
+    feed(url.unwrap_or("").as_bytes());
+    format!("{h:016x}")
+}
+
+/// The text embedded for a news item: the non-empty of `title` and `summary` (trimmed)
+/// joined by ": ", every run of whitespace made one space, cut after `max_chars` characters.
+pub fn item_text(title: &str, summary: Option<&str>, max_chars: usize) -> String {
+    let parts: Vec<&str> = [Some(title), summary]
+        .into_iter()
+        .flatten()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let joined = parts.join(": ");
+    let normal = joined.split_whitespace().collect::<Vec<_>>().join(" ");
+    normal.chars().take(max_chars).collect()
+}
+
+/// The text embedded for a query: with `suffix_horizon`, `"<query> (<query_type>-term)"`
+/// (e.g. "Apple supply chain (short-term)"), else the query itself; the query trimmed.
+pub fn query_text(query: &str, query_type: &str, suffix_horizon: bool) -> String {
+    if suffix_horizon {
+        format!("{} ({}-term)", query.trim(), query_type.trim())
+    } else {
+        query.trim().to_string()
+    }
+}
+
+/// The first 60 characters of a text, for messages.
+pub(crate) fn excerpt(s: &str) -> String {
+    let mut t: String = s.chars().take(60).collect();
+    if s.chars().count() > 60 {
+        t.push_str("...");
+    }
+    t
+}
+
+/// The embedding column as the schemas store it: `list<float64>` of the f32 values.
+pub fn embedding_array(vectors: &[Vec<f32>]) -> ArrayRef {
+    let n: usize = vectors.iter().map(Vec::len).sum();
+    let mut b = ListBuilder::with_capacity(Float64Builder::with_capacity(n), vectors.len());
+    for v in vectors {
+        for &x in v {
+            b.values().append_value(f64::from(x));
+        }
+        b.append(true);
+    }
+    Arc::new(b.finish())
+}
+
+/// Why one row's embedding cannot be used: (0-based row, message).
+pub type RowError = (usize, String);
+
+/// Reads an embedding column (list, large list or fixed-size list of float32 or float64)
+/// into f32 vectors of width `dim`. A null list, a null or non-finite value, or another
+/// width is an error naming the 0-based row; f64 values are narrowed to f32.
+pub fn read_embeddings(col: &dyn Array, dim: usize) -> Result<Vec<Vec<f32>>, RowError> {
+    let rows: Vec<usize> = (0..col.len()).collect();
+    read_embedding_rows(col, &rows, dim)
+}
+
+/// [`read_embeddings`] of the given rows only (0-based, each < `col.len()`).
+pub fn read_embedding_rows(
+    col: &dyn Array,
+    rows: &[usize],
+    dim: usize,
+) -> Result<Vec<Vec<f32>>, RowError> {
+    let row_values = |i: usize| -> Result<ArrayRef, RowError> {
+        if col.is_null(i) {
+            return Err((i, "is null".into()));
+        }
+        Ok(match col.data_type() {
+            DataType::List(_) => downcast::<ListArray>(col)?.value(i),
+            DataType::LargeList(_) => downcast::<LargeListArray>(col)?.value(i),
+            DataType::FixedSizeList(_, _) => downcast::<FixedSizeListArray>(col)?.value(i),
+            other => {
+                return Err((
+                    i,
+                    format!("is {other}, expected a list of float32 or float64"),
+                ));
+            }
+        })
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for &i in rows {
+        let v = row_values(i)?;
+        if v.null_count() > 0 {
+            return Err((i, "holds a null value".into()));
+        }
+        let floats: Vec<f32> = if let Some(a) = v.as_any().downcast_ref::<Float32Array>() {
+            a.values().to_vec()
+        } else if let Some(a) = v.as_any().downcast_ref::<Float64Array>() {
+            a.values().iter().map(|&x| x as f32).collect()
+        } else {
+            return Err((
+                i,
+                format!(
+                    "is a list of {}, expected float32 or float64",
+                    v.data_type()
+                ),
+            ));
+        };
+        if floats.len() != dim {
+            return Err((
+                i,
+                format!(
+                    "has {} values, expected {dim} (the model's width)",
+                    floats.len()
+                ),
+            ));
+        }
+        if let Some(at) = floats.iter().position(|x| !x.is_finite()) {
+            return Err((i, format!("value {at} is not a finite number")));
+        }
+        out.push(floats);
+    }
+    Ok(out)
+}
+
+fn downcast<T: 'static>(col: &dyn Array) -> Result<&T, RowError> {
+    col.as_any().downcast_ref::<T>().ok_or_else(|| {
+        (
+            0,
+            format!("is {}, which could not be read", col.data_type()),
+        )
+    })
+}
+
+/// A [`RowError`] of column `column` of `file` as the stage error users see
+/// (`file:row: column 'x': message`, row 1-based).
+pub(crate) fn row_error(file: &std::path::Path, column: &str, (row, msg): RowError) -> StageError {
+    StageError::data(file, row as u64 + 1, column, msg)
+}
+
+/// The single file of a Parquet input (for messages naming it).
+pub(crate) fn input_file(
+    ctx: &flag_core::StageContext,
+    name: &str,
+) -> StageResult<std::path::PathBuf> {
+    let art = ctx.input(name)?;
+    art.files.first().cloned().ok_or_else(|| StageError::Input {
+        input: name.into(),
+        message: "has no file".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_ids_are_stable_and_field_bounded() {
+        let a = item_id(
+            "AAPL",
+            1_700_000_000_000_000,
+            "Apple up",
+            Some("https://x/1"),
+        );
+        assert_eq!(a.len(), 16);
+        assert_eq!(
+            a,
+            item_id(
+                "AAPL",
+                1_700_000_000_000_000,
+                "Apple up",
+                Some("https://x/1")
+            )
+        );
+        // Moving a character across a field boundary changes the id.
+        assert_ne!(
+            item_id("AAPL", 1, "ab", Some("c")),
+            item_id("AAPL", 1, "a", Some("bc"))
+        );
+        assert_ne!(
+            a,
+            item_id(
+                "AAPL",
+                1_700_000_000_000_001,
+                "Apple up",
+                Some("https://x/1")
+            )
+        );
+        // Pinned: ids are part of stored artifacts and must not drift between builds.
+        assert_eq!(item_id("AAPL", 0, "", None), PINNED);
+    }
+    const PINNED: &str = "6f38907996498b1a";
+
+    #[test]
+    fn texts_are_normalised_and_cut() {
+        assert_eq!(
+            item_text("  A\n title ", Some(" the\tsummary "), 100),
+            "A title: the summary"
+        );
+        assert_eq!(item_text("T", Some("  "), 100), "T");
+        assert_eq!(item_text("T", None, 100), "T");
+        assert_eq!(item_text("Tiré", Some("x"), 3), "Tir");
+        assert_eq!(query_text(" rates ", "short", true), "rates (short-term)");
+        assert_eq!(query_text(" rates ", "short", false), "rates");
+    }
+
+    #[test]
+    fn embeddings_round_trip_exactly_and_widths_are_checked() {
+        let v = vec![vec![0.1f32, -0.2, 1.0 / 3.0], vec![0.5, 0.25, 0.125]];
+        let arr = embedding_array(&v);
+        assert_eq!(read_embeddings(arr.as_ref(), 3).unwrap(), v);
+        assert_eq!(
+            read_embeddings(arr.as_ref(), 4).unwrap_err(),
+            (0, "has 3 values, expected 4 (the model's width)".into())
+        );
+    }
+}
