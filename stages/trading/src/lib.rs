@@ -22,5 +22,6 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
     vec![
         Box::new(stages::baselines::Baselines),
         Box::new(stages::metrics::MetricsStage),
+        Box::new(stages::finagent_tools::FinAgentTools),
     ]
 }

@@ -813,3 +813,247 @@ fn params_take_finagents_names_and_reject_bad_values() {
         serde_json::json!({"std_dev": 2.0, "overbought": 80.0, "oversold": 20.0})
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The `finagent_tools` stage, driven through `StageContext` as the engine drives it.
+
+mod stage {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use flag_core::arrow::array::{
+        Array, ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
+    };
+    use flag_core::parquet_io::{read_parquet_file, write_parquet_file};
+    use flag_core::{InputArtifact, Params, Stage, StageContext, StageResult};
+    use flag_trading::finagent_tools::{self, RunSettings, Tool};
+    use flag_trading::stages::finagent_tools::FinAgentTools;
+    use serde_json::{Value, json};
+
+    use super::{published, rows_of, yfinance};
+
+    /// An `ohlcv` table of `tickers` (stocks-2020-2023); `null_high` blanks one ticker's high
+    /// on one date.
+    fn ohlcv(tickers: &[&str], null_high: Option<(&str, &str)>) -> RecordBatch {
+        let epoch = chrono::NaiveDate::default();
+        let (mut t, mut d, mut h, mut l, mut c) = (vec![], vec![], vec![], vec![], vec![]);
+        for &tk in tickers {
+            let (dates, b) = yfinance(tk);
+            for (i, date) in dates.iter().enumerate() {
+                t.push(tk.to_string());
+                d.push((*date - epoch).num_days() as i32);
+                let blank = null_high.is_some_and(|(x, day)| x == tk && *date == super::ymd(day));
+                h.push(if blank { None } else { b.high[i] });
+                l.push(b.low[i]);
+                c.push(b.close[i]);
+            }
+        }
+        let n = t.len();
+        let none = || -> ArrayRef { Arc::new(Float64Array::from(vec![None::<f64>; n])) };
+        flag_core::schema::schema("ohlcv")
+            .unwrap()
+            .batch(vec![
+                Arc::new(StringArray::from(t)),
+                Arc::new(Date32Array::from(d)),
+                none(),
+                Arc::new(Float64Array::from(h)),
+                Arc::new(Float64Array::from(l)),
+                Arc::new(Float64Array::from(c)),
+                none(),
+                none(),
+            ])
+            .unwrap()
+    }
+
+    fn params(set: Value) -> Params {
+        let mut m: BTreeMap<String, Value> = FinAgentTools
+            .spec()
+            .params
+            .iter()
+            .filter_map(|p| p.default.clone().map(|d| (p.name.to_string(), d)))
+            .collect();
+        for (k, v) in set.as_object().unwrap() {
+            m.insert(k.clone(), v.clone());
+        }
+        Params::new(m)
+    }
+
+    fn run(bars: RecordBatch, set: Value, dir: &Path) -> StageResult<PathBuf> {
+        let input = dir.join("bars.parquet");
+        write_parquet_file(&input, bars.schema(), &[bars]).unwrap();
+        let staging = dir.join("out");
+        std::fs::create_dir_all(&staging).unwrap();
+        let inputs = [(
+            "bars".to_string(),
+            vec![InputArtifact {
+                reference: "ohlcv.bars".into(),
+                files: vec![input],
+                schema: Some("ohlcv"),
+            }],
+        )]
+        .into_iter()
+        .collect();
+        let mut ctx = StageContext::new(
+            "finagent_tools",
+            params(set),
+            inputs,
+            FinAgentTools.spec().outputs,
+            staging.clone(),
+            BTreeMap::new(),
+            None,
+            None,
+        );
+        FinAgentTools.run(&mut ctx)?;
+        Ok(staging)
+    }
+
+    fn read(dir: &Path, name: &str) -> RecordBatch {
+        let (schema, batches) = read_parquet_file(&dir.join(format!("{name}.parquet"))).unwrap();
+        flag_core::arrow::compute::concat_batches(&schema, &batches).unwrap()
+    }
+
+    fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
+        b.column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+            .as_any()
+            .downcast_ref()
+            .unwrap()
+    }
+
+    fn base() -> Value {
+        json!({"train_start": "2022-06-01", "train_end": "2023-05-31",
+               "start": "2023-06-01", "end": "2023-12-29"})
+    }
+
+    #[test]
+    fn records_and_signals_on_real_bars() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut set = base();
+        // AAPL with its released trained parameters; MSFT with the code defaults.
+        set["tool_params"] = json!({"AAPL": {
+            "macd": {"short_window": 6},
+            "kdj_rsi": {"ilong": 7, "isig": 3, "rsiOverbought": 72, "rsiOversold": 45},
+            "stochastic_bollinger": {"std_dev": 2.1000192536316638, "overbought": 90, "oversold": 19},
+            "mean_reversion": {"z_score_threshold": 0.949816047538945}}});
+        let out = run(ohlcv(&["MSFT", "AAPL"], None), set, dir.path()).unwrap();
+        let rec = read(&out, "records");
+        let (ticker, tool) = (
+            col::<StringArray>(&rec, "ticker"),
+            col::<StringArray>(&rec, "tool"),
+        );
+        let got: Vec<(String, String)> = (0..rec.num_rows())
+            .map(|i| (ticker.value(i).to_string(), tool.value(i).to_string()))
+            .collect();
+        let order = [
+            "buy_and_hold",
+            "macd",
+            "kdj_rsi",
+            "stochastic_bollinger",
+            "mean_reversion",
+        ];
+        let want: Vec<(String, String)> = ["AAPL", "MSFT"]
+            .iter()
+            .flat_map(|t| order.iter().map(move |o| (t.to_string(), o.to_string())))
+            .collect();
+        assert_eq!(got, want);
+        let (arr, sr, mdd) = (
+            col::<Float64Array>(&rec, "arr"),
+            col::<Float64Array>(&rec, "sr"),
+            col::<Float64Array>(&rec, "mdd"),
+        );
+        let days = col::<Int64Array>(&rec, "days");
+        assert!((0..10).all(|i| days.value(i) == 251));
+        // AAPL's trained records (n = 2, 3, 4) and MSFT's defaults (n = 2, 3) as published
+        // (tolerances: the reproduction test above).
+        for (i, asset, n, kind) in [
+            (0, "AAPL", 0, "trained"),
+            (2, "AAPL", 2, "trained"),
+            (3, "AAPL", 3, "trained"),
+            (4, "AAPL", 4, "trained"),
+            (5, "MSFT", 0, "default"),
+            (7, "MSFT", 2, "default"),
+            (8, "MSFT", 3, "default"),
+        ] {
+            let p = published(asset, n, kind);
+            assert!(
+                (arr.value(i) - p.0).abs() <= 0.005,
+                "{asset} {n}: {} vs {}",
+                arr.value(i),
+                p.0
+            );
+            assert!((sr.value(i) - p.1).abs() <= 0.025, "{asset} {n}");
+            assert!((mdd.value(i) - p.2).abs() <= 0.005, "{asset} {n}");
+        }
+        assert_eq!(
+            col::<StringArray>(&rec, "params").value(1),
+            r#"{"short_window":6}"#
+        );
+        assert_eq!(
+            col::<StringArray>(&rec, "params").value(6),
+            r#"{"short_window":7}"#
+        );
+        assert_eq!(col::<StringArray>(&rec, "params").value(0), "{}");
+
+        // Signals: 2 tickers x 4 tools x the trading days of 2023-06-01..2023-12-29.
+        let sig = read(&out, "signals");
+        let (dates, b) = yfinance("AAPL");
+        let period = super::rows(&dates, "2023-06-01", "2023-12-29");
+        assert_eq!(sig.num_rows(), 2 * 4 * period.len());
+        // AAPL's rows come first, tools in FinAgent's order, days ascending; each equals the
+        // pure function's signal on the same bars.
+        let p = finagent_tools::ParamOverrides::parse(Some(
+            &json!({"AAPL": {"macd": {"short_window": 6}}}),
+        ))
+        .unwrap()
+        .for_ticker("AAPL");
+        let pure = finagent_tools::signals(Tool::Macd, &p, &b, period.clone(), 14).unwrap();
+        let (s_sig, s_tool) = (
+            col::<StringArray>(&sig, "signal"),
+            col::<StringArray>(&sig, "tool"),
+        );
+        let (macd, k) = (
+            col::<Float64Array>(&sig, "macd"),
+            col::<Float64Array>(&sig, "k"),
+        );
+        for (j, (s, ind)) in pure.iter().enumerate() {
+            assert_eq!((s_tool.value(j), s_sig.value(j)), ("macd", s.as_str()));
+            assert_eq!(macd.value(j), ind.macd.unwrap());
+            assert!(k.is_null(j), "macd rows carry no KDJ values");
+        }
+        assert!((0..sig.num_rows()).any(|i| s_sig.value(i) != "HOLD"));
+        // The value column is the rule run from 10,000 at the period's start.
+        let value = col::<Float64Array>(&sig, "value");
+        let run = finagent_tools::run_tool(
+            Some(Tool::Macd),
+            &p,
+            &b,
+            period.clone(),
+            &RunSettings::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            value.value(period.len() - 1),
+            run.steps.last().unwrap().value
+        );
+        // The records window used the bars before 2022-06-01 for the first signals.
+        let train = rows_of(&dates);
+        assert!(train.start >= 14);
+    }
+
+    #[test]
+    fn a_null_high_fails_only_the_rules_that_read_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let bars = || ohlcv(&["AAPL", "MSFT"], Some(("MSFT", "2023-03-01")));
+        let e = run(bars(), base(), dir.path()).unwrap_err().to_string();
+        // AAPL's 1,006 rows come first; MSFT's 2023-03-01 is its 796th row: 1,006 + 796.
+        assert!(
+            e.starts_with("input 'bars': row 1802: column 'high' of MSFT on 2023-03-01 is null, and tool kdj_rsi"),
+            "{e}"
+        );
+        let mut set = base();
+        set["tools"] = json!(["macd", "mean_reversion"]);
+        let out = run(bars(), set, dir.path()).unwrap();
+        assert_eq!(read(&out, "records").num_rows(), 2 * 3);
+    }
+}

@@ -1,4 +1,4 @@
-//! The stage kinds of this crate: `baselines` and `metrics`.
+//! The stage kinds of this crate: `baselines`, `metrics` and `finagent_tools`.
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::backtest::{EnvKind, EnvSettings};
 
 pub mod baselines;
+pub mod finagent_tools;
 pub mod metrics;
 
 /// The four split dates every backtesting stage (baselines, ddqn, ...) takes.
