@@ -486,6 +486,7 @@ fn bars(close: &[f64]) -> Bars {
         close: close.to_vec(),
         high: close.iter().map(|c| Some(c + 1.0)).collect(),
         low: close.iter().map(|c| Some(c - 1.0)).collect(),
+        adj_close: Vec::new(),
     }
 }
 
@@ -548,6 +549,7 @@ fn kdj_bars(close: &[f64], rsv: &[f64]) -> Bars {
         close: close.to_vec(),
         high: low.iter().map(|l| l.map(|l| l + 2.0)).collect(),
         low,
+        adj_close: Vec::new(),
     }
 }
 
@@ -771,6 +773,24 @@ fn missing_high_or_low_is_an_error_naming_column_and_row() {
     assert!(finagent_tools::signal_on(Tool::KdjRsi, &p, &long, 20, 14).is_ok());
     assert!(finagent_tools::signal_on(Tool::Macd, &p, &b, 14, 14).is_ok());
     assert!(finagent_tools::signal_on(Tool::MeanReversion, &p, &b, 14, 14).is_ok());
+}
+
+#[test]
+fn trades_at_adj_close_where_present() {
+    // Signals read close; the environment trades adj_close (FinAgent's split), else close.
+    let mut b = band_bars(86.0);
+    b.adj_close = vec![Some(50.0); 15];
+    b.adj_close[14] = Some(43.0);
+    b.adj_close[13] = None;
+    let prices = b.trade_prices(12..15);
+    assert_eq!(prices, vec![50.0, 100.0, 43.0]);
+    // Mean reversion says BUY on day 14 (from the closes); 10,000 / 43 / 1.001 -> 232 shares.
+    let p = ToolParams::default();
+    let s = RunSettings::default();
+    let run = finagent_tools::run_tool(Some(Tool::MeanReversion), &p, &b, 14..15, &s).unwrap();
+    assert_eq!(run.steps[0].signal, ToolSignal::Buy);
+    assert_eq!(run.steps[0].shares, 232.0);
+    assert!((run.steps[0].cash - (10_000.0 - 232.0 * 43.0 * 1.001)).abs() < 1e-9);
 }
 
 #[test]
@@ -1022,6 +1042,12 @@ mod stage {
             assert!(k.is_null(j), "macd rows carry no KDJ values");
         }
         assert!((0..sig.num_rows()).any(|i| s_sig.value(i) != "HOLD"));
+        // No adj_close in these bars: the traded price is the close.
+        let (price, close) = (
+            col::<Float64Array>(&sig, "price"),
+            col::<Float64Array>(&sig, "close"),
+        );
+        assert!((0..sig.num_rows()).all(|i| price.value(i) == close.value(i)));
         // The value column is the rule run from 10,000 at the period's start.
         let value = col::<Float64Array>(&sig, "value");
         let run = finagent_tools::run_tool(

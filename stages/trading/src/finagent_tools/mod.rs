@@ -33,7 +33,10 @@
 //! # Running a rule (the position rule)
 //!
 //! The environment starts with cash (FinAgent: 10,000) and no shares. On each day `t` of the
-//! window it executes that day's signal at the close `p_t`: BUY spends the cash on
+//! window it executes that day's signal at the price `p_t`, the adjusted close where the bars
+//! have one and the close otherwise (FinAgent's rules read `close`, `high`, `low`, its
+//! environment trades `adj_close`; for auto-adjusted sources such as our yfinance files the
+//! two are the same series): BUY spends the cash on
 //! `floor(cash / p / (1 + c))` *whole* shares paying cost `c` (0.1 %) on the notional, SELL
 //! sells every share for `(1 - c)` of the notional, HOLD does nothing (long-only, all-in, a
 //! BUY while invested or a SELL while flat changes nothing). The day's return is
@@ -329,12 +332,31 @@ impl Indicators {
 }
 
 /// One ticker's daily bars, oldest first. `high`/`low` may hold None (close-only sources);
-/// a rule that reads one on a day it is None fails with [`MissingBar`].
+/// a rule that reads one on a day it is None fails with [`MissingBar`]. `adj_close` (may be
+/// empty or hold None) is the price the environment trades at where present.
 #[derive(Debug, Clone, Default)]
 pub struct Bars {
     pub close: Vec<f64>,
     pub high: Vec<Option<f64>>,
     pub low: Vec<Option<f64>>,
+    pub adj_close: Vec<Option<f64>>,
+}
+
+impl Bars {
+    /// The prices trades execute at on the rows `rows`: `adj_close` where the row has a
+    /// finite, positive one, else `close` (FinAgent's rules read `close`; its environment
+    /// values and trades at `adj_close`).
+    pub fn trade_prices(&self, rows: std::ops::Range<usize>) -> Vec<f64> {
+        rows.map(|r| {
+            self.adj_close
+                .get(r)
+                .copied()
+                .flatten()
+                .filter(|p| p.is_finite() && *p > 0.0)
+                .unwrap_or(self.close[r])
+        })
+        .collect()
+    }
 }
 
 /// A rule needed `column` on row `row` (0-based, of [`Bars`]) and it was null.
@@ -425,8 +447,8 @@ impl Default for RunSettings {
     }
 }
 
-/// Runs `tool` (None: buy-and-hold) on the days `days` from fresh capital, trading at the
-/// close, and computes its record.
+/// Runs `tool` (None: buy-and-hold) on the days `days` from fresh capital, trading at
+/// [`Bars::trade_prices`], and computes its record.
 pub fn run_tool(
     tool: Option<Tool>,
     p: &ToolParams,
@@ -441,7 +463,7 @@ pub fn run_tool(
             .collect(),
         None => record::buy_and_hold(days.len()),
     };
-    let steps = record::run(&bars.close[days], &sig, s.initial_capital, s.cost);
+    let steps = record::run(&bars.trade_prices(days), &sig, s.initial_capital, s.cost);
     let returns: Vec<f64> = steps.iter().map(|x| x.ret).collect();
     Ok(ToolRun {
         tool,

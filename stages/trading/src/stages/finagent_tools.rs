@@ -109,6 +109,8 @@ pub struct SignalRows {
     pub params: String,
     pub dates: Vec<i32>,
     pub close: Vec<f64>,
+    /// The price traded at (adj_close, else close).
+    pub price: Vec<f64>,
     pub days: Vec<(ToolSignal, Indicators)>,
     pub steps: Vec<Step>,
 }
@@ -132,6 +134,7 @@ fn bars_of(s: &Series) -> Bars {
         close: s.close.clone(),
         high: col("high"),
         low: col("low"),
+        adj_close: col("adj_close"),
     }
 }
 
@@ -229,18 +232,15 @@ pub fn run_ticker(
         let days = ft::signals(tool, &params, &bars, signal.clone(), cfg.look_back)
             .map_err(|m| err(tool, m, &signal))?;
         let sig: Vec<ToolSignal> = days.iter().map(|d| d.0).collect();
-        let steps = ft::record::run(
-            &bars.close[signal.clone()],
-            &sig,
-            cfg.initial_capital,
-            cfg.cost,
-        );
+        let price = bars.trade_prices(signal.clone());
+        let steps = ft::record::run(&price, &sig, cfg.initial_capital, cfg.cost);
         signals.push(SignalRows {
             ticker: s.ticker.clone(),
             tool,
             params: params.to_json(tool).to_string(),
             dates: s.dates[signal.clone()].to_vec(),
             close: bars.close[signal.clone()].to_vec(),
+            price,
             days,
             steps,
         });
@@ -275,8 +275,8 @@ impl Stage for FinAgentTools {
                 "bars",
                 "ohlcv",
                 "Daily bars: close for every tool, high and low for kdj_rsi and \
-                 stochastic_bollinger; include the 14 trading days before start and \
-                 train_start (the rules' window)",
+                 stochastic_bollinger, adj_close (where present) as the traded price; include \
+                 the 14 trading days before start and train_start (the rules' window)",
             )],
             outputs: vec![
                 OutputSpec::parquet(
@@ -342,7 +342,7 @@ impl Stage for FinAgentTools {
         let cfg = ToolsConfig::from_params(&ctx.params)?;
         let batch = ctx.read_input("bars")?;
         // high/low are read (nullable) and checked only where a rule uses them.
-        let series = read_series(&batch, "bars", &["high", "low"])?;
+        let series = read_series(&batch, "bars", &["high", "low", "adj_close"])?;
         let (mut signals, mut records) = (Vec::new(), Vec::new());
         for (i, s) in series.iter().enumerate() {
             ctx.progress(i as u64, series.len() as u64, &s.ticker);
@@ -385,6 +385,7 @@ fn signals_batch(rows: &[SignalRows]) -> StageResult<RecordBatch> {
         date32(each().map(|(r, i)| r.dates[i]).collect()),
         utf8(each().map(|(r, i)| r.days[i].0.as_str())),
         float64(each().map(|(r, i)| r.close[i]).collect()),
+        float64(each().map(|(r, i)| r.price[i]).collect()),
     ];
     cols.extend((0..Indicators::default().columns().len()).map(ind));
     cols.extend([
