@@ -12,7 +12,10 @@ use std::sync::{Arc, OnceLock};
 use chrono::NaiveDate;
 use flag_agents::memory::news_embed::NewsEmbed;
 use flag_agents::memory::search::MemorySearch;
-use flag_agents::memory::{Hit, diversify, item_id, item_text, query_text, read_embeddings};
+use flag_agents::memory::{
+    EmbedSettings, Embedder, Hit, diversify, embed_by_length, item_id, item_text, query_text,
+    read_embeddings,
+};
 use flag_core::arrow::array::{
     Array, ArrayRef, BooleanArray, Date32Array, Float32Builder, Float64Array, Int64Array,
     ListBuilder, RecordBatch, StringArray, TimestampMicrosecondArray,
@@ -154,6 +157,13 @@ fn search(memory: &Path, queries: &Path, dir: &Path, given: serde_json::Value) -
     common::read(&common::output(&out, &MemorySearch, "hits"))
 }
 
+/// The stages' embedder with its default params.
+fn embedder() -> Embedder {
+    tch::set_num_threads(2);
+    let p = common::params(&MemorySearch, json!({}));
+    EmbedSettings::from_params(&p).unwrap().load().unwrap()
+}
+
 fn minilm() -> MiniLmEmbedder {
     tch::set_num_threads(2);
     let dir = flag_llm::models::minilm_dir(None).expect("MiniLM installed (just setup)");
@@ -286,7 +296,7 @@ fn retrieval_equals_a_brute_force_f64_reference_and_never_looks_ahead() {
         .map(|(id, t, d, _)| (id.as_str(), (t.as_str(), *d)))
         .collect();
 
-    // The queries as the stage embeds them: one call, in input order, with the suffix.
+    // The queries as the stage embeds them: the horizon suffix, shortest first, 64 a call.
     let texts: Vec<String> = qrows
         .iter()
         .map(|r| query_text(r.3.unwrap(), r.2, true))
@@ -295,7 +305,7 @@ fn retrieval_equals_a_brute_force_f64_reference_and_never_looks_ahead() {
         texts[0],
         "earnings expectations and analyst price targets (short-term)"
     );
-    let qvecs = minilm().embed(&texts).unwrap();
+    let qvecs = embed_by_length(&embedder(), &texts, 64, "queries", &|_, _, _| {}).unwrap();
 
     let (h_ticker, h_date, h_type) = (
         strings(&hits, "ticker"),

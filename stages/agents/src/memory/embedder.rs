@@ -225,3 +225,29 @@ impl Embedder {
         Ok(out)
     }
 }
+
+/// Embeds `texts` in batches of `batch_size`, shortest texts first (by characters, then
+/// position), and returns the vectors in the texts' order. A batch is padded to its longest
+/// text, so grouping similar lengths saves most of the padding work; the order is a pure
+/// function of the texts, so the vectors are as reproducible as the embedder.
+pub fn embed_by_length(
+    embedder: &Embedder,
+    texts: &[String],
+    batch_size: usize,
+    unit: &str,
+    progress: &dyn Fn(u64, u64, &str),
+) -> StageResult<Vec<Vec<f32>>> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| (texts[i].chars().count(), i));
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+    let total = texts.len() as u64;
+    for (n, chunk) in order.chunks(batch_size.max(1)).enumerate() {
+        progress((n * batch_size) as u64, total, unit);
+        let batch: Vec<String> = chunk.iter().map(|&i| texts[i].clone()).collect();
+        for (&i, v) in chunk.iter().zip(embedder.embed(&batch)?) {
+            out[i] = v;
+        }
+    }
+    progress(total, total, unit);
+    Ok(out)
+}

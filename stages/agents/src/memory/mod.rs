@@ -55,7 +55,9 @@ use flag_core::arrow::array::{
 use flag_core::arrow::datatypes::DataType;
 use flag_core::{Stage, StageError, StageResult};
 
-pub use embedder::{EmbedSettings, Embedder, embed_model_files, embed_param_specs};
+pub use embedder::{
+    EmbedSettings, Embedder, embed_by_length, embed_model_files, embed_param_specs,
+};
 pub use index::{
     Chosen, Entry, ExactIndex, Filter, Hit, IndexError, VectorIndex, diversify, dot_f64, hit_order,
 };

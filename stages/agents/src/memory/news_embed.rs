@@ -14,7 +14,9 @@ use flag_core::{
 use flag_llm::backend::{backend_numerics, device_env};
 use serde_json::{Value, json};
 
-use super::{EmbedSettings, Embedder, embed_model_files, embed_param_specs, embedding_array};
+use super::{
+    EmbedSettings, Embedder, embed_by_length, embed_model_files, embed_param_specs, embedding_array,
+};
 use super::{input_file, item_id, item_text};
 use crate::util::{self, column};
 
@@ -139,21 +141,15 @@ pub fn select_items(
     Ok(items)
 }
 
-/// Embeds the items' texts, `batch_size` at a time.
+/// Embeds the items' texts, `batch_size` at a time, shortest first ([`embed_by_length`]).
 pub fn embed_items(
     items: &[Item],
     batch_size: usize,
     embedder: &Embedder,
     progress: &dyn Fn(u64, u64, &str),
 ) -> StageResult<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(items.len());
-    for chunk in items.chunks(batch_size) {
-        progress(out.len() as u64, items.len() as u64, "news items");
-        let texts: Vec<String> = chunk.iter().map(|it| it.text.clone()).collect();
-        out.extend(embedder.embed(&texts)?);
-    }
-    progress(items.len() as u64, items.len() as u64, "news items");
-    Ok(out)
+    let texts: Vec<String> = items.iter().map(|it| it.text.clone()).collect();
+    embed_by_length(embedder, &texts, batch_size, "news items", progress)
 }
 
 /// The `news_items` batch.

@@ -17,8 +17,8 @@ use serde_json::json;
 use super::index::{Entry, ExactIndex, Filter, Hit, IndexError, VectorIndex, diversify};
 use super::news_embed::embed_environment;
 use super::{
-    EmbedSettings, Embedder, embed_model_files, embed_param_specs, input_file, query_text,
-    read_embedding_rows, row_error,
+    EmbedSettings, Embedder, embed_by_length, embed_model_files, embed_param_specs, input_file,
+    query_text, read_embedding_rows, row_error,
 };
 use crate::util;
 
@@ -264,7 +264,7 @@ pub fn hits_batch(queries: &[Query], rows: &[HitRow]) -> StageResult<RecordBatch
     ])
 }
 
-/// Embeds the queries' texts ([`query_text`]), `batch_size` at a time.
+/// Embeds the queries' texts ([`query_text`]), `batch_size` at a time, shortest first.
 pub fn embed_queries(
     queries: &[Query],
     cfg: &SearchConfig,
@@ -275,13 +275,7 @@ pub fn embed_queries(
         .iter()
         .map(|q| query_text(&q.query, &q.query_type, cfg.suffix_horizon))
         .collect();
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(cfg.batch_size) {
-        progress(out.len() as u64, texts.len() as u64, "queries");
-        out.extend(embedder.embed(chunk)?);
-    }
-    progress(texts.len() as u64, texts.len() as u64, "queries");
-    Ok(out)
+    embed_by_length(embedder, &texts, cfg.batch_size, "queries", progress)
 }
 
 impl Stage for MemorySearch {
