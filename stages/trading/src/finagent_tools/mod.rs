@@ -77,7 +77,19 @@
 //! then recomputes the signal with the code defaults (a second `wrapper(n, data)` call
 //! overwrites the tuned one). The `.../default/best_result.json` records match the code
 //! defaults for KDJ & RSI, Stochastic + Bollinger and mean reversion, and MACD with
-//! `short_window = 5` (not the code's 7). See `tests/finagent_tools.rs` for the comparison.
+//! `short_window = 5` (not the code's 7).
+//!
+//! # Prices
+//!
+//! FinAgent's rules read FMP's `close`, `high`, `low` (split-adjusted, not dividend-adjusted)
+//! while its environment trades `adj_close`; [`Bars`] keeps the two apart (`close` for the
+//! rules, `adj_close` for the trades). It matters: on dividend-adjusted closes a dividend
+//! step inside the 15-bar window moves near-ties, and AAPL's MACD and mean-reversion and
+//! MSFT's tuned KDJ & RSI records miss FinAgent's by 1.5 to 2.7 pp of ARR; on un-adjusted
+//! closes AAPL's match and MSFT's comes within 0.55 pp (`tests/finagent_tools.rs`: 48 of
+//! the 50 stock records within 0.5 pp). Auto-adjusted bars (the `yfinance` ingest, whose
+//! `adj_close` is null) give the rules dividend-adjusted closes: a known, small deviation
+//! for dividend payers.
 
 pub mod record;
 pub mod rules;
