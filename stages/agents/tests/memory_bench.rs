@@ -168,6 +168,8 @@ fn bench_memory() {
     let report = json!({
         "index": "ExactIndex (brute force, f64 sums of f32 products, 1 thread)",
         "cpu_threads_available": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        // Other jobs on the machine slow both measures down: the 1-minute load at the end.
+        "load_average": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         "embedding": embedding,
         "retrieval": retrieval,
     });

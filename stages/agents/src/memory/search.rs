@@ -395,3 +395,67 @@ impl Stage for MemorySearch {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, date: i32, v: [f32; 2]) -> Entry {
+        Entry {
+            item_id: id.into(),
+            group: "AAPL".into(),
+            date,
+            vector: v.to_vec(),
+        }
+    }
+
+    fn query(date: i32, kind: &str) -> Query {
+        Query {
+            ticker: "AAPL".into(),
+            date,
+            query_type: kind.into(),
+            query: "q".into(),
+        }
+    }
+
+    #[test]
+    fn retrieve_marks_first_occurrences_and_counts_empty_memories() {
+        let index = ExactIndex::build(
+            None,
+            vec![
+                entry("x", 10, [1.0, 0.0]),
+                entry("y", 11, [0.6, 0.8]),
+                entry("z", 12, [0.0, 1.0]),
+            ],
+        )
+        .unwrap();
+        let queries = [
+            query(10, "short"),  // nothing before day 10
+            query(20, "short"),  // x, y
+            query(20, "long"),   // z, y (y already kept by short)
+            query(10, "medium"), // nothing either
+        ];
+        let vectors = [
+            vec![1.0, 0.0],
+            vec![1.0, 0.0],
+            vec![0.0, 1.0],
+            vec![0.0, 1.0],
+        ];
+        let r = retrieve(&queries, &vectors, &index, 2);
+        assert_eq!(r.empty_memory, 2);
+        let rows: Vec<(usize, usize, &str, bool)> = r
+            .rows
+            .iter()
+            .map(|h| (h.query, h.rank, h.hit.item_id.as_str(), h.kept))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (1, 1, "x", true),
+                (1, 2, "y", true),
+                (2, 1, "z", true),
+                (2, 2, "y", false)
+            ]
+        );
+    }
+}
