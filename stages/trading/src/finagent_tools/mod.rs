@@ -12,6 +12,8 @@
 //! days `t-14..=t` (`look_back_days = 14`, so 15 rows; fewer at the start of the data), and
 //! uses the signal of the last row. Every indicator is recomputed on that window (the EMAs
 //! start at its first close), so a signal on day `t` depends on the 15 bars up to `t` only.
+//! (The state also holds the next 14 days, for the reflection modules; `prepared_tools_params`
+//! drops them before calling the rules, so the tools do not look ahead.)
 //!
 //! # The rules (all on the window; "cross" compares the last two rows of the window)
 //!
@@ -63,11 +65,11 @@
 //!   with the peak starting at `W_0` (after the first day), not at 1.
 //! * `VOL = std(r)` (per day), kept because it pins the return series down.
 //!
-//! Paper vs code: the paper (§5.2) defines ARR as an annualised rate and SR as
-//! `E[r] / σ[r]` (annualised); the code's ARR is the simple `total / N * 252` and its SR
-//! scales by `sqrt(N)`. This crate's `metrics` module (the paper's table metrics) uses
-//! `sqrt(C)` and the initial capital as the first MDD peak. The records here follow the code,
-//! since they are what FinAgent's decision prompt shows.
+//! Code vs paper: this crate's `metrics` module has the paper's definitions (§5.2, as the
+//! rest of the project reports them: `SR = E[r] / σ[r] × sqrt(C)`, MDD from the initial
+//! capital). FinAgent's code differs in three ways: ARR is the simple `total / N × 252`,
+//! SR scales by `sqrt(N)` instead of `sqrt(C)`, and the MDD peak starts after the first day.
+//! The records here follow the code, since they are what its decision prompt shows.
 //!
 //! # What FinAgent shows, and which parameters
 //!
@@ -75,8 +77,8 @@
 //! buy-and-hold's. In the released code, `prepared_tools_params` reads the records from
 //! `.../trained/best_result.json` (computed with `trained/best_params.json`, per asset) but
 //! then recomputes the signal with the code defaults (a second `wrapper(n, data)` call
-//! overwrites the tuned one). The `.../default/best_result.json` records match the code
-//! defaults for KDJ & RSI, Stochastic + Bollinger and mean reversion, and MACD with
+//! overwrites the tuned one). The `.../default/best_result.json` records correspond to the
+//! code defaults for KDJ & RSI, Stochastic + Bollinger and mean reversion, and to MACD with
 //! `short_window = 5` (not the code's 7).
 //!
 //! # Prices
