@@ -29,21 +29,27 @@
 //! [`ExactIndex`] is one pass over the candidate vectors per query (f64 sums of exact f32
 //! products, one thread, 4 bytes x 384 per item). `.ci/bench-retrieval.sh` (random unit
 //! vectors, one ticker holding the whole memory, every item a candidate, k = 3) measured on
-//! this project's 2-core CPU, shared with other jobs: median 0.76 ms per query at 10k items
-//! (15 MiB), 8-12 ms at 100k (146 MiB), 112-119 ms at 1M (1.4 GiB): about 10,000 items per
-//! millisecond, linear in the candidates. FinAgent searches one ticker's earlier news
-//! (10k-17k stocknewsapi items per ticker over three years, fewer before a given day), so a
-//! query costs about a millisecond and exact search is the right default: exact,
-//! deterministic, no build step, no tuning. An ANN index pays once one searched group holds
-//! about a million vectors (1.4 GiB of f32; at ~115 ms a query, 3 queries x 250 decision days
-//! spend ~90 s per ticker in search), e.g. a universe-wide memory searched without the ticker
+//! this project's 2-core CPU (AMD EPYC, AVX-512) while other jobs ran (load 3-5), median
+//! latency per query over three runs: 0.71-0.76 ms at 10k items (15 MiB of vectors),
+//! 7-12 ms at 100k (146 MiB), 77-119 ms at 1M (1.4 GiB): about 10,000 items per millisecond,
+//! linear in the candidates. FinAgent searches one ticker's earlier news (10k-17k
+//! stocknewsapi items per ticker over three years, fewer before a given day), so a query
+//! costs about a millisecond and exact search is the right default: exact, deterministic, no
+//! build step, no tuning. An ANN index pays once one searched group holds about a million
+//! vectors (1.4 GiB of f32; at ~100 ms a query, 3 queries x 250 decision days spend over a
+//! minute per ticker in search), e.g. a universe-wide memory searched without the ticker
 //! filter. The crate to use then is `hnsw_rs` (0.3.x, pure Rust HNSW with a dot/cosine
 //! distance; its `FilterT` predicate is applied during the graph traversal, so the ticker and
 //! `date < t` stay inside the search and no future item is ever a candidate), or `usearch`
-//! (2.x, C++ core; f16/i8 quantisation cuts the memory 2-4x, and it also takes a predicate for
-//! filtered search). `instant-distance` (0.6) has no filter in its search API, so the date
-//! bound would need one index per day. Either would implement [`VectorIndex`]; the hits
-//! schema and `kept` stay as they are, only `score`s could then miss the true top k.
+//! (2.x, C++ core; f16/i8 quantisation cuts the memory 2-4x, and it also takes a predicate
+//! for filtered search). `instant-distance` (0.6) has no filter in its search API, so the
+//! date bound would need one index per day. Either would implement [`VectorIndex`]; the hits
+//! schema and `kept` stay as they are, only the hits could then miss some of the true top k.
+//!
+//! Embedding is the slow part: all-MiniLM-L6-v2 embeds about 20 news items per second on the
+//! same 2 loaded cores (57 word pieces on average, shortest first, 64 per call), so the
+//! stocknewsapi news of five tickers (~65k items) takes about an hour once, and is cached from
+//! then on; `device: cuda` or an `openai` backend serve larger corpora.
 pub mod embedder;
 pub mod index;
 pub mod news_embed;
