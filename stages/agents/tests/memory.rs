@@ -1,5 +1,5 @@
 //! FinAgent's memory stages with the real all-MiniLM-L6-v2 on real news (stocknewsapi, AAPL
-//! and MSFT, January 2022): retrieval equals a brute-force f64 reference over the vectors
+//! and MSFT, 3-14 January 2022): retrieval equals a brute-force f64 reference over the vectors
 //! read back from the Parquet, no query sees an item dated on or after its decision day,
 //! ids and artifacts are stable, the diversified de-duplication, and errors that name the
 //! file, row and column.
@@ -27,7 +27,7 @@ use serde_json::json;
 
 const TICKERS: [&str; 2] = ["AAPL", "MSFT"];
 const START: &str = "2022-01-03";
-const END: &str = "2022-01-31";
+const END: &str = "2022-01-14";
 
 fn days(s: &str) -> i32 {
     flag_trading::series::to_days(NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap())
@@ -118,7 +118,7 @@ fn finagent_queries() -> Vec<(
 )> {
     let mut q = Vec::new();
     for t in TICKERS {
-        for d in ["2022-01-03", "2022-01-10", "2022-01-19", "2022-01-28"] {
+        for d in ["2022-01-03", "2022-01-06", "2022-01-11", "2022-01-14"] {
             q.push((
                 t,
                 d,
