@@ -12,7 +12,9 @@
 
 pub mod analyst;
 pub mod anon;
+pub mod finagent;
 pub mod llm_only;
+pub mod memory;
 pub mod parse;
 pub mod prompt;
 pub mod runner;
@@ -27,9 +29,12 @@ use flag_core::Stage;
 
 /// Every stage kind this crate provides.
 pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![
+    let mut v: Vec<Box<dyn Stage>> = vec![
         Box::new(strategist::Strategist),
         Box::new(analyst::Analyst),
         Box::new(llm_only::LlmOnly),
-    ]
+    ];
+    v.extend(finagent::stages());
+    v.extend(memory::stages());
+    v
 }

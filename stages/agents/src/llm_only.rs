@@ -92,11 +92,12 @@ pub fn run_ticker(
 }
 
 /// (ticker, dates, closes, one outcome per day) of one simulated path.
-type TickerPath = (String, Vec<i32>, Vec<f64>, Vec<StepOutcome>);
+pub type TickerPath = (String, Vec<i32>, Vec<f64>, Vec<StepOutcome>);
 
-/// Equity and trades batches for the paths (ticker order).
+/// Equity and trades batches for the paths (ticker order) in environment `env`.
 pub fn batches(
     name: &str,
+    env: &str,
     split: &str,
     paths: &[TickerPath],
 ) -> StageResult<(RecordBatch, RecordBatch)> {
@@ -112,7 +113,7 @@ pub fn batches(
     let n = rows.len();
     let equity = schema("equity")?.batch(vec![
         util::utf8(std::iter::repeat_n(name, n)),
-        util::utf8(std::iter::repeat_n("tdqn", n)),
+        util::utf8(std::iter::repeat_n(env, n)),
         util::utf8(rows.iter().map(|r| r.0)),
         util::utf8(std::iter::repeat_n(split, n)),
         util::date32(rows.iter().map(|r| r.1).collect()),
@@ -131,7 +132,7 @@ pub fn batches(
     let m = fills.len();
     let trades = schema("trades")?.batch(vec![
         util::utf8(std::iter::repeat_n(name, m)),
-        util::utf8(std::iter::repeat_n("tdqn", m)),
+        util::utf8(std::iter::repeat_n(env, m)),
         util::utf8(fills.iter().map(|f| f.0)),
         util::utf8(std::iter::repeat_n(split, m)),
         util::date32(fills.iter().map(|f| f.1).collect()),
@@ -248,7 +249,7 @@ impl Stage for LlmOnly {
             let (dates, prices, steps) = run_ticker(&env, s, d);
             paths.push((t.clone(), dates, prices, steps));
         }
-        let (equity, trades) = batches(&name, &split, &paths)?;
+        let (equity, trades) = batches(&name, "tdqn", &split, &paths)?;
         ctx.log(format!(
             "{} tickers, {} equity rows, {} trades",
             paths.len(),
@@ -300,7 +301,13 @@ mod tests {
         // LONG at 12: buy back 99 and buy 99: cash 4.258, value 4.258 + 1188.
         assert_eq!(steps[3].position, 99.0);
         assert!(close(steps[3].value, 1192.258));
-        let (eq, tr) = batches("llm_only", "test", &[("X".into(), dates, prices, steps)]).unwrap();
+        let (eq, tr) = batches(
+            "llm_only",
+            "tdqn",
+            "test",
+            &[("X".into(), dates, prices, steps)],
+        )
+        .unwrap();
         assert_eq!((eq.num_rows(), tr.num_rows()), (4, 3));
         let sides = column::<StringArray>(&tr, "trades", "side", "utf8").unwrap();
         let shares = column::<Float64Array>(&tr, "trades", "shares", "float64").unwrap();

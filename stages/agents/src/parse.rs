@@ -268,6 +268,13 @@ pub fn parse_strategy(answer: &str) -> Result<Strategy, ParseError> {
     })
 }
 
+/// The first JSON object of `answer`, framed as [`parse_strategy`] requires, deserialised as
+/// `T` (whose serde derive should deny unknown fields). Range checks are the caller's.
+pub fn parse_object<T: serde::de::DeserializeOwned>(answer: &str) -> Result<T, ParseError> {
+    let (start, end) = object_span(answer)?;
+    serde_json::from_str(&answer[start..end]).map_err(json_err)
+}
+
 /// Parses and validates an analyst answer: 2 to 5 short, distinct factors.
 pub fn parse_factors(answer: &str) -> Result<Vec<String>, ParseError> {
     let (start, end) = object_span(answer)?;
