@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use flag_agents::finagent::agent::{AgentPrompts, FinAgentStage, Upstream, run_agent};
 use flag_agents::finagent::agent_config::AgentConfig;
+use flag_agents::finagent::agent_state::AgentState;
 use flag_agents::finagent::data::ModuleRow;
 use flag_agents::finagent::tools::ToolBoard;
 use flag_core::StageResult;
@@ -163,9 +164,13 @@ fn upstream(backend: &Recorder, changed_after: i32) -> Upstream {
 }
 
 fn config(modules: &str) -> AgentConfig {
+    config_window(modules, "2023-05-20", "2023-06-08")
+}
+
+fn config_window(modules: &str, start: &str, end: &str) -> AgentConfig {
     let p = common::params(
         &FinAgentStage,
-        json!({"modules": modules, "start": "2023-05-20", "end": "2023-06-08", "history": 4, "top_k": 2}),
+        json!({"modules": modules, "start": start, "end": end, "history": 4, "top_k": 2}),
     );
     AgentConfig::from_params(&p).unwrap()
 }
@@ -204,6 +209,7 @@ fn run(
         &up,
         &backend,
         &prompts,
+        None,
         &|_, _| {},
     )
     .unwrap();
@@ -296,4 +302,83 @@ fn later_prices_and_texts_do_not_reach_earlier_prompts() {
     assert!(compared > 10);
     // Same inputs, same run.
     assert_eq!(base, run("MLHT", None, i32::MAX));
+}
+
+#[test]
+fn chained_segments_equal_one_run() {
+    let backend = Recorder::default();
+    let up = upstream(&backend, i32::MAX);
+    let d: Value = serde_json::from_str(&read("decision.schema.json")).unwrap();
+    let h: Value = serde_json::from_str(&read("high_reflection.schema.json")).unwrap();
+    let (dt, ht, rt) = (
+        read("decision.txt"),
+        read("high_reflection.txt"),
+        read("retry.txt"),
+    );
+    let prompts = AgentPrompts {
+        decision: (&dt, &d),
+        high: (&ht, &h),
+        retry: &rt,
+    };
+    let bars = bars(None);
+    let go = |start: &str, end: &str, resume: Option<&AgentState>| {
+        run_agent(
+            &config_window("MLHT", start, end),
+            &bars,
+            &up,
+            &backend,
+            &prompts,
+            resume,
+            &|_, _| {},
+        )
+    };
+    let whole = go("2023-05-20", "2023-06-08", None).unwrap();
+    let first = go("2023-05-20", "2023-05-31", None).unwrap();
+    // The state goes through its JSON file, as between two stage runs.
+    let bytes = serde_json::to_vec_pretty(&first.state).unwrap();
+    let state = AgentState::parse(&bytes, "state.json").unwrap();
+    assert_eq!(state, first.state);
+    let second = go("2023-06-01", "2023-06-08", Some(&state)).unwrap();
+    let mut chained = first.prompts();
+    chained.extend(second.prompts());
+    chained.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    assert_eq!(chained, whole.prompts());
+    for ((a, b), w) in first.paths.iter().zip(&second.paths).zip(&whole.paths) {
+        assert_eq!(a.0, w.0);
+        let dates: Vec<i32> = a.1.iter().chain(&b.1).copied().collect();
+        assert_eq!(dates, w.1);
+        let steps: Vec<_> = a.3.iter().chain(&b.3).cloned().collect();
+        assert_eq!(steps, w.3, "{}: equity path", a.0);
+    }
+    assert_eq!(second.state, whole.state);
+
+    // A gap, another configuration or another ticker set is refused, naming the input.
+    let gap = go("2023-06-02", "2023-06-08", Some(&state))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        gap.contains("resume") && gap.contains("contiguous"),
+        "{gap}"
+    );
+    let other = run_agent(
+        &config_window("MLH", "2023-06-01", "2023-06-08"),
+        &bars,
+        &up,
+        &backend,
+        &prompts,
+        Some(&state),
+        &|_, _| {},
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        other.contains("resume") && other.contains("not the same run"),
+        "{other}"
+    );
+    let bad = AgentState::parse(b"{\"format\": 1}", "s.json")
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("s.json"), "{bad}");
 }

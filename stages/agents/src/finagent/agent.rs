@@ -21,6 +21,7 @@ use flag_trading::series::{Series, from_days};
 use serde_json::Value;
 
 use super::agent_config::{AgentConfig, agent_params};
+use super::agent_state::{AgentState, STATE_FORMAT, TickerState};
 use super::agent_tables::{DecisionRow, RetrievalRow, decisions_batch, retrievals_batch};
 use super::agent_text::{PastDecision, decisions_text, high_text, position_text, retrieved_text};
 use super::answer::{Action, HighReflection, parse_decision, parse_high_reflection};
@@ -168,6 +169,13 @@ impl Stage for FinAgentStage {
                     "Rule-strategy train records (T)",
                 )
                 .optional(),
+                InputSpec {
+                    name: "resume",
+                    schema: None,
+                    required: false,
+                    many: false,
+                    doc: "The `state` of the previous segment of the same run (monthly chaining)",
+                },
             ],
             outputs: vec![
                 OutputSpec::parquet("equity", "equity", "Daily portfolio path"),
@@ -181,6 +189,11 @@ impl Stage for FinAgentStage {
                     "retrievals",
                     "memory_hits",
                     "Earlier reflections retrieved each day",
+                ),
+                OutputSpec::file(
+                    "state",
+                    "json",
+                    "Where the run stands after its last day: the next segment's `resume`",
                 ),
             ],
             params: agent_params(),
@@ -235,7 +248,27 @@ impl Stage for FinAgentStage {
             retry: &retry,
         };
         let progress = |d: u64, t: u64| ctx.progress(d, t, "days");
-        let out = run_agent(&cfg, &bars, &up, backend.as_ref(), &prompts, &progress)?;
+        let resume = if ctx.has_input("resume") {
+            let input = ctx.input("resume")?;
+            let file = input.files.first().ok_or_else(|| StageError::Input {
+                input: "resume".into(),
+                message: "the artifact has no file".into(),
+            })?;
+            let bytes =
+                std::fs::read(file).map_err(|e| StageError::io(file.display().to_string(), e))?;
+            Some(AgentState::parse(&bytes, &file.display().to_string())?)
+        } else {
+            None
+        };
+        let out = run_agent(
+            &cfg,
+            &bars,
+            &up,
+            backend.as_ref(),
+            &prompts,
+            resume.as_ref(),
+            &progress,
+        )?;
         let failed = out
             .decisions
             .iter()
@@ -254,6 +287,9 @@ impl Stage for FinAgentStage {
         ctx.write_parquet("decisions", &[d])?;
         let r = retrievals_batch(&out.retrievals)?;
         ctx.write_parquet("retrievals", &[r])?;
+        let state = serde_json::to_vec_pretty(&out.state)
+            .map_err(|e| StageError::Invalid(format!("serialising the state: {e}")))?;
+        ctx.write_file("state", &state)?;
         Ok(())
     }
 }
@@ -261,6 +297,8 @@ impl Stage for FinAgentStage {
 /// What a run produced.
 pub struct RunOutput {
     pub paths: Vec<crate::llm_only::TickerPath>,
+    /// Where the run stands after its last day (the next segment's `resume`).
+    pub state: AgentState,
     decisions: Vec<DecisionRow>,
     retrievals: Vec<RetrievalRow>,
 }
@@ -309,25 +347,32 @@ pub fn run_agent(
     up: &Upstream,
     backend: &dyn LlmBackend,
     prompts: &AgentPrompts,
+    resume: Option<&AgentState>,
     progress: &dyn Fn(u64, u64),
 ) -> StageResult<RunOutput> {
     let (decision, high, retry) = (prompts.decision, prompts.high, prompts.retry);
     let d_file = prompt_path(AGENT, &cfg.module.prompt);
     let h_file = prompt_path(AGENT, &cfg.high_prompt);
     let retry_file = prompt_path(AGENT, "retry");
+    let env_cfg = FinAgentConfig {
+        initial_capital: cfg.initial_capital,
+        cost: cfg.cost,
+    };
     let mut runs: BTreeMap<&str, TickerRun> = BTreeMap::new();
+    let mut firsts: BTreeMap<&str, (&Series, usize)> = BTreeMap::new();
     let mut days: BTreeSet<i32> = BTreeSet::new();
     for (t, s) in bars.iter().filter(|(t, _)| cfg.module.wants(t)) {
         let r = cfg.module.days(s);
+        if r.is_empty() {
+            continue;
+        }
+        firsts.insert(t.as_str(), (s, r.start));
         days.extend(s.dates[r].iter().copied());
         runs.insert(
             t.as_str(),
             TickerRun {
                 series: s,
-                env: FinAgentEnv::new(FinAgentConfig {
-                    initial_capital: cfg.initial_capital,
-                    cost: cfg.cost,
-                }),
+                env: FinAgentEnv::new(env_cfg),
                 history: Vec::new(),
                 dates: Vec::new(),
                 prices: Vec::new(),
@@ -336,6 +381,24 @@ pub fn run_agent(
         );
     }
     let mut high_memory = ReflectionMemory::new();
+    if let Some(state) = resume {
+        state.check(cfg, &firsts)?;
+        for (t, r) in runs.iter_mut() {
+            let st = &state.tickers[*t];
+            r.env = FinAgentEnv::resume(env_cfg, st.cash, st.shares, st.value);
+            r.history = st.history.clone();
+        }
+        for m in &state.high_memory {
+            high_memory.add(
+                &m.ticker,
+                m.date,
+                m.id.clone(),
+                m.text.clone(),
+                m.vector.clone(),
+            );
+        }
+        high_memory.build()?;
+    }
     let mut decisions = Vec::new();
     let mut retrievals = Vec::new();
     let total = days.len() as u64;
@@ -512,10 +575,7 @@ pub fn run_agent(
             let vars: BTreeMap<&str, String> = [
                 ("asset", t.to_string()),
                 ("date", from_days(date).to_string()),
-                (
-                    "position",
-                    position_text(r.steps.last(), cfg.initial_capital),
-                ),
+                ("position", position_text(r.env.state())),
                 ("preference", cfg.preference.clone()),
                 (
                     "blocks",
@@ -572,6 +632,28 @@ pub fn run_agent(
     }
     progress(total, total);
     decisions.sort_by(|a, b| (&a.ticker, a.date).cmp(&(&b.ticker, b.date)));
+    let state = AgentState {
+        format: STATE_FORMAT,
+        strategy: cfg.strategy.clone(),
+        modules: cfg.modules.letters(),
+        initial_capital: cfg.initial_capital,
+        cost: cfg.cost,
+        tickers: runs
+            .iter()
+            .map(|(t, r)| {
+                let (cash, shares, value) = r.env.state();
+                let st = TickerState {
+                    last_date: r.history.last().map_or(i32::MIN, |d| d.date),
+                    cash,
+                    shares,
+                    value,
+                    history: r.history.clone(),
+                };
+                (t.to_string(), st)
+            })
+            .collect(),
+        high_memory: high_memory.records(),
+    };
     let paths = runs
         .into_iter()
         .map(|(t, r)| (t.to_string(), r.dates, r.prices, r.steps))
@@ -580,5 +662,6 @@ pub fn run_agent(
         paths,
         decisions,
         retrievals,
+        state,
     })
 }

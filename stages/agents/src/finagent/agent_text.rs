@@ -1,13 +1,13 @@
 //! What the agent's prompts show of its own state: its position, its last decisions with the
 //! move that followed each, and retrieved reflections.
-use flag_trading::env::StepOutcome;
 use flag_trading::series::from_days;
+use serde::{Deserialize, Serialize};
 
 use super::answer::{Action, HighReflection};
 use super::memory_view::Retrieved;
 
 /// One decision of the run, with what the next prompts show of it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PastDecision {
     pub date: i32,
     pub close: f64,
@@ -16,16 +16,16 @@ pub struct PastDecision {
     pub value: f64,
 }
 
-pub fn position_text(o: Option<&StepOutcome>, capital: f64) -> String {
-    match o {
-        Some(s) if s.position > 0.0 => format!(
-            "{:.4} shares worth {:.2} (all in), cash {:.2}",
-            s.position,
-            s.value - s.cash,
-            s.cash
-        ),
-        Some(s) => format!("no shares, cash {:.2}", s.cash),
-        None => format!("no shares, cash {capital:.2}"),
+/// The holding before today's decision, from the environment's (cash, shares, value at the
+/// last close).
+pub fn position_text((cash, shares, value): (f64, f64, f64)) -> String {
+    if shares > 0.0 {
+        format!(
+            "{shares:.4} shares worth {:.2} (all in), cash {cash:.2}",
+            value - cash
+        )
+    } else {
+        format!("no shares, cash {cash:.2}")
     }
 }
 

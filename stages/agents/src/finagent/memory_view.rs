@@ -60,6 +60,20 @@ impl ReflectionMemory {
         self.index = None;
     }
 
+    /// Every entry with its text, in the order added (the agent's state keeps them).
+    pub fn records(&self) -> Vec<super::agent_state::MemoryRecord> {
+        self.entries
+            .iter()
+            .map(|e| super::agent_state::MemoryRecord {
+                ticker: e.group.clone(),
+                date: e.date,
+                id: e.item_id.clone(),
+                text: self.texts.get(&e.item_id).cloned().unwrap_or_default(),
+                vector: e.vector.clone(),
+            })
+            .collect()
+    }
+
     /// Builds the index over the entries added so far (searches before this rebuild it
     /// each time).
     pub fn build(&mut self) -> StageResult<()> {

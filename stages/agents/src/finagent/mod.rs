@@ -27,6 +27,7 @@
 //!   series plus facts read off them ([`text`]); nothing after the decision day enters.
 pub mod agent;
 pub mod agent_config;
+pub mod agent_state;
 pub mod agent_tables;
 pub mod agent_text;
 pub mod answer;

@@ -60,6 +60,22 @@ impl FinAgentEnv {
         }
     }
 
+    /// An environment continuing from `(cash, shares, value)`: the state an earlier segment of
+    /// the same run ended in (so chained segments equal one run).
+    pub fn resume(cfg: FinAgentConfig, cash: f64, shares: f64, value: f64) -> Self {
+        FinAgentEnv {
+            cfg,
+            cash,
+            shares,
+            value,
+        }
+    }
+
+    /// (cash, shares, value at the last close).
+    pub fn state(&self) -> (f64, f64, f64) {
+        (self.cash, self.shares, self.value)
+    }
+
     /// Executes `action` at the close `price` (finite, > 0: the caller validates its data).
     pub fn step(&mut self, price: f64, action: FinAgentAction) -> StepOutcome {
         let c = self.cfg.cost;
