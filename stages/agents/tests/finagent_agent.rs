@@ -183,6 +183,36 @@ fn read(name: &str) -> String {
     std::fs::read_to_string(prompts_dir().join(name)).unwrap()
 }
 
+/// The agent's prompt files as the stage reads them.
+struct PromptFiles {
+    decision: String,
+    high: String,
+    retry: String,
+    decision_schema: Value,
+    high_schema: Value,
+}
+
+impl PromptFiles {
+    fn read() -> Self {
+        let schema = |f: &str| serde_json::from_str(&read(f)).unwrap();
+        PromptFiles {
+            decision: read("decision.txt"),
+            high: read("high_reflection.txt"),
+            retry: read("retry.txt"),
+            decision_schema: schema("decision.schema.json"),
+            high_schema: schema("high_reflection.schema.json"),
+        }
+    }
+
+    fn prompts(&self) -> AgentPrompts<'_> {
+        AgentPrompts {
+            decision: (&self.decision, &self.decision_schema),
+            high: (&self.high, &self.high_schema),
+            retry: &self.retry,
+        }
+    }
+}
+
 /// (ticker, date, decision prompt, high prompt) of a run.
 fn run(
     modules: &str,
@@ -191,18 +221,8 @@ fn run(
 ) -> Vec<(String, i32, String, Option<String>)> {
     let backend = Recorder::default();
     let up = upstream(&backend, changed_after);
-    let d: Value = serde_json::from_str(&read("decision.schema.json")).unwrap();
-    let h: Value = serde_json::from_str(&read("high_reflection.schema.json")).unwrap();
-    let (dt, ht, rt) = (
-        read("decision.txt"),
-        read("high_reflection.txt"),
-        read("retry.txt"),
-    );
-    let prompts = AgentPrompts {
-        decision: (&dt, &d),
-        high: (&ht, &h),
-        retry: &rt,
-    };
+    let files = PromptFiles::read();
+    let prompts = files.prompts();
     let out = run_agent(
         &config(modules),
         &bars(scale_after),
@@ -308,18 +328,8 @@ fn later_prices_and_texts_do_not_reach_earlier_prompts() {
 fn chained_segments_equal_one_run() {
     let backend = Recorder::default();
     let up = upstream(&backend, i32::MAX);
-    let d: Value = serde_json::from_str(&read("decision.schema.json")).unwrap();
-    let h: Value = serde_json::from_str(&read("high_reflection.schema.json")).unwrap();
-    let (dt, ht, rt) = (
-        read("decision.txt"),
-        read("high_reflection.txt"),
-        read("retry.txt"),
-    );
-    let prompts = AgentPrompts {
-        decision: (&dt, &d),
-        high: (&ht, &h),
-        retry: &rt,
-    };
+    let files = PromptFiles::read();
+    let prompts = files.prompts();
     let bars = bars(None);
     let go = |start: &str, end: &str, resume: Option<&AgentState>| {
         run_agent(

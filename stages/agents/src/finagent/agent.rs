@@ -14,7 +14,7 @@ use flag_core::{
     Fingerprint, InputSpec, OutputSpec, Params, Stage, StageContext, StageError, StageResult,
     StageSpec,
 };
-use flag_llm::backend::{LlmBackend, backend_numerics, device_env, model_files};
+use flag_llm::backend::LlmBackend;
 use flag_trading::env::StepOutcome;
 use flag_trading::env::finagent::{FinAgentAction, FinAgentConfig, FinAgentEnv};
 use flag_trading::series::{Series, from_days};
@@ -218,17 +218,7 @@ impl Stage for FinAgentStage {
         f
     }
 
-    fn external_files(&self, params: &Params) -> StageResult<Vec<std::path::PathBuf>> {
-        model_files(params)
-    }
-
-    fn environment(&self, params: &Params) -> Vec<(String, String)> {
-        device_env(params)
-    }
-
-    fn numerics(&self, params: &Params) -> flag_core::Numerics {
-        backend_numerics(params)
-    }
+    super::config::llm_stage_environment!();
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = AgentConfig::from_params(&ctx.params)?;

@@ -114,7 +114,9 @@ impl AgentConfig {
 }
 
 pub fn agent_params() -> Vec<ParamSpec> {
-    let mut v = module_param_specs("decision", 320);
+    // The longest high-level answer the schema allows, spelt one token per character (a looping
+    // small model does): two 200-character texts, an 80-character query, 14 verdicts, JSON.
+    let mut v = module_param_specs("decision", 640);
     v.extend([
         ParamSpec::with_default(
             "modules",

@@ -11,6 +11,28 @@ use crate::util;
 
 pub const AGENT: &str = "finagent";
 
+/// The `Stage` methods every model-calling FinAgent stage shares: the model files it hashes,
+/// the device environment and the numerics it declares (all from the backend params).
+macro_rules! llm_stage_environment {
+    () => {
+        fn external_files(
+            &self,
+            params: &flag_core::Params,
+        ) -> flag_core::StageResult<Vec<std::path::PathBuf>> {
+            flag_llm::backend::model_files(params)
+        }
+
+        fn environment(&self, params: &flag_core::Params) -> Vec<(String, String)> {
+            flag_llm::backend::device_env(params)
+        }
+
+        fn numerics(&self, params: &flag_core::Params) -> flag_core::Numerics {
+            flag_llm::backend::backend_numerics(params)
+        }
+    };
+}
+pub(crate) use llm_stage_environment;
+
 /// What every module stage reads from its params.
 #[derive(Debug, Clone)]
 pub struct ModuleConfig {

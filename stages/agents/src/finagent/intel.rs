@@ -15,7 +15,7 @@ use flag_core::{
     Fingerprint, InputSpec, OutputSpec, ParamKind, ParamSpec, Stage, StageContext, StageResult,
     StageSpec,
 };
-use flag_llm::backend::{LlmBackend, backend_numerics, device_env, model_files};
+use flag_llm::backend::LlmBackend;
 use flag_trading::series::from_days;
 use serde_json::json;
 
@@ -146,8 +146,8 @@ fn numbered(items: &[&NewsItem], dated: bool) -> String {
         .join("\n")
 }
 
-fn common_params(default_prompt: &str) -> Vec<ParamSpec> {
-    let mut v = module_param_specs(default_prompt, 448);
+fn common_params(default_prompt: &str, max_tokens: u64) -> Vec<ParamSpec> {
+    let mut v = module_param_specs(default_prompt, max_tokens);
     v.push(ParamSpec::with_default(
         "max_items",
         ParamKind::Int,
@@ -323,7 +323,9 @@ impl Stage for LatestIntel {
                     "Three queries per answered day",
                 ),
             ],
-            params: common_params("intel"),
+            // The longest answer the schema allows at one token per character: a 300-character
+            // summary, three 80-character queries, ~15 tokens per item analysis, JSON.
+            params: common_params("intel", 704),
         }
     }
 
@@ -331,17 +333,7 @@ impl Stage for LatestIntel {
         fingerprint(params, "intel")
     }
 
-    fn external_files(&self, params: &flag_core::Params) -> StageResult<Vec<std::path::PathBuf>> {
-        model_files(params)
-    }
-
-    fn environment(&self, params: &flag_core::Params) -> Vec<(String, String)> {
-        device_env(params)
-    }
-
-    fn numerics(&self, params: &flag_core::Params) -> flag_core::Numerics {
-        backend_numerics(params)
-    }
+    super::config::llm_stage_environment!();
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let rows = run_intel_module(ctx, "intel", false)?;
@@ -378,7 +370,8 @@ impl Stage for PastIntel {
                 "finagent_intel",
                 "One row per ticker and day (module past)",
             )],
-            params: common_params("past_intel"),
+            // A 300-character summary and up to 9 item analyses at one token per character.
+            params: common_params("past_intel", 512),
         }
     }
 
@@ -386,17 +379,7 @@ impl Stage for PastIntel {
         fingerprint(params, "past_intel")
     }
 
-    fn external_files(&self, params: &flag_core::Params) -> StageResult<Vec<std::path::PathBuf>> {
-        model_files(params)
-    }
-
-    fn environment(&self, params: &flag_core::Params) -> Vec<(String, String)> {
-        device_env(params)
-    }
-
-    fn numerics(&self, params: &flag_core::Params) -> flag_core::Numerics {
-        backend_numerics(params)
-    }
+    super::config::llm_stage_environment!();
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let rows = run_intel_module(ctx, "past_intel", true)?;

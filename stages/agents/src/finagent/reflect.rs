@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use flag_core::arrow::array::RecordBatch;
 use flag_core::schema::schema;
 use flag_core::{Fingerprint, InputSpec, OutputSpec, Stage, StageContext, StageResult, StageSpec};
-use flag_llm::backend::{backend_numerics, device_env, model_files};
 use flag_trading::series::from_days;
 
 use super::answer::{LowReflection, parse_low_reflection};
@@ -94,7 +93,8 @@ impl Stage for LowLevelReflection {
                 "finagent_low_reflection",
                 "One row per ticker and day",
             )],
-            params: module_param_specs("low_reflection", 320),
+            // Three 200-character texts and an 80-character query at one token per character.
+            params: module_param_specs("low_reflection", 768),
         }
     }
 
@@ -104,17 +104,7 @@ impl Stage for LowLevelReflection {
         f
     }
 
-    fn external_files(&self, params: &flag_core::Params) -> StageResult<Vec<std::path::PathBuf>> {
-        model_files(params)
-    }
-
-    fn environment(&self, params: &flag_core::Params) -> Vec<(String, String)> {
-        device_env(params)
-    }
-
-    fn numerics(&self, params: &flag_core::Params) -> flag_core::Numerics {
-        backend_numerics(params)
-    }
+    super::config::llm_stage_environment!();
 
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = ModuleConfig::from_params(&ctx.params, "low_reflection")?;
