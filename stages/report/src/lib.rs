@@ -13,6 +13,7 @@ use serde_json::json;
 
 pub mod charts;
 pub mod data;
+pub mod finagent;
 pub mod flag_trader;
 pub mod guided;
 pub mod quality;
@@ -31,6 +32,7 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
         Box::new(ReportStage),
         Box::new(guided::GuidedReport),
         Box::new(flag_trader::FlagTraderReport),
+        Box::new(finagent::FinAgentReport),
     ]
 }
 
