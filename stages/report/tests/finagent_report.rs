@@ -284,6 +284,10 @@ fn fixture() -> Fx {
         sim("finagent_MLHT", 5, true),
         sim("finagent_T", 10, false),
         sim("finagent_M", 3, true),
+        // A baseline over another window (from day 5): not comparable, left out of Table 4.
+        simulate("sma_late", "finagent", "MSFT", "test", &bars[5..], |c| {
+            sma_above(c, 3)
+        }),
     ]
     .into_iter()
     .map(|r| {
@@ -416,6 +420,12 @@ fn finagent_report_table4_and_ablation_cells_equal_the_metrics() {
         ["44.74", "1.79", "—", "—", "5.57", "—"]
     );
     assert!(md.contains("Zhang et al., KDD 2024, Table 4 (FinAgent row)"));
+    let t4 = &md[..md.find("## Table 5 layout").unwrap()];
+    assert!(!t4.contains("| sma_late |"));
+    assert!(t4.contains(&format!(
+        "Left out, evaluated over another period than the configurations: sma_late ({} to",
+        flag_report::data::fmt_date(fx.days[5])
+    )));
     assert!(md.contains("Published figures without a configuration of ours in the inputs: AAPL, AMZN, ETH, GOOGL, TSLA."));
     // Table 5: rows in the paper's order, ARR and SR.
     let abl = &md[md.find("## Table 5 layout").unwrap()..md.find("## Returns").unwrap()];
@@ -492,6 +502,10 @@ fn finagent_report_module_counts_and_action_mix() {
         ["2", "2", "0", "0.0", "0", "2", "100.0"]
     );
     assert!(md.contains("Tokens and time per module are not recorded"));
+    assert!(md.contains(
+        "Source: `finagent.decisions` (module rows); `fa_intel.intel` (module rows); \
+         `fa_past.intel` (module rows); `fa_low.reflections` (module rows)."
+    ));
     // decisions, BUY, SELL, HOLD, failed, traded, distinct actions
     assert_eq!(
         row(&md, h, "finagent_MLHT (MLHT)"),

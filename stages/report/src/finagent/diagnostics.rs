@@ -139,7 +139,11 @@ pub fn retrieval(out: &mut Out, fa: &FinAgentInputs) {
         groups: Vec::new(),
         columns: ["queries", "empty", "empty %"].map(String::from).to_vec(),
         rows,
-        provenance: vec![("intel, hits".into(), "queries asked, hit rows".into())],
+        provenance: fa
+            .provenance("intel", "queries asked")
+            .into_iter()
+            .chain(fa.provenance("hits", "hit rows"))
+            .collect(),
         mark: "best",
     });
 }
@@ -277,10 +281,10 @@ pub fn modules(out: &mut Out, fa: &FinAgentInputs, configs: &[Config]) {
                 )
             })
             .collect(),
-        provenance: vec![(
-            "decisions, intel, low".into(),
-            "rows of the bound inputs".into(),
-        )],
+        provenance: ["decisions", "intel", "low"]
+            .iter()
+            .flat_map(|i| fa.provenance(i, "module rows"))
+            .collect(),
         mark: "warn",
     });
     out.blocks.push(Block::Para(
@@ -335,7 +339,7 @@ pub fn modules(out: &mut Out, fa: &FinAgentInputs, configs: &[Config]) {
             .map(String::from)
             .to_vec(),
             rows,
-            provenance: vec![("decisions".into(), "action, failed, traded".into())],
+            provenance: fa.provenance("decisions", "action, failed, traded"),
             mark: "best",
         });
     }

@@ -63,9 +63,17 @@ pub fn charts(
     for ticker in tickers {
         let at = out.charts.len();
         let mut prov: BTreeMap<SourceId, BTreeSet<String>> = BTreeMap::new();
+        // The baseline is drawn only over the same days as a configuration.
+        let span = |s: &str| {
+            let e = inputs.equity.get(&key(p, ticker, s))?;
+            Some((e.points.first()?.date, e.points.last()?.date))
+        };
+        let spans: BTreeSet<(i32, i32)> =
+            configs.iter().filter_map(|c| span(&c.strategy)).collect();
         let lines: Vec<charts::Line> = strategies
             .iter()
             .enumerate()
+            .filter(|(_, s)| span(s).is_some_and(|x| spans.contains(&x)))
             .filter_map(|(i, s)| {
                 let k = key(p, ticker, s);
                 let series = inputs.equity.get(&k)?;

@@ -81,6 +81,8 @@ pub type DayKey = (String, String, i32);
 pub struct FinAgentInputs {
     /// Input references of these inputs, in binding order.
     pub sources: Vec<String>,
+    /// Input name -> its references, in binding order.
+    pub refs: BTreeMap<&'static str, Vec<String>>,
     pub decisions: BTreeMap<DayKey, Decision>,
     /// Whether the intel / low / hits / tool_records inputs are bound.
     pub has_intel: bool,
@@ -107,6 +109,24 @@ fn twice(input: &str, what: String, a: &str, b: &str) -> StageError {
 }
 
 impl FinAgentInputs {
+    /// The references bound to `input`, as a provenance entry.
+    pub fn provenance(&self, input: &str, what: &str) -> Vec<(String, String)> {
+        self.refs
+            .get(input)
+            .into_iter()
+            .flatten()
+            .map(|r| (r.clone(), what.to_string()))
+            .collect()
+    }
+
+    fn bind(&mut self, input: &'static str, reference: &str) -> usize {
+        self.refs
+            .entry(input)
+            .or_default()
+            .push(reference.to_string());
+        self.source(reference)
+    }
+
     fn source(&mut self, reference: &str) -> usize {
         match self.sources.iter().position(|s| s == reference) {
             Some(i) => i,
@@ -121,7 +141,7 @@ impl FinAgentInputs {
         let mut out = FinAgentInputs::default();
         let mut from: BTreeMap<String, String> = BTreeMap::new();
         for (reference, batch, file) in read_all(ctx, "decisions")? {
-            out.source(&reference);
+            out.bind("decisions", &reference);
             let c = Cols {
                 batch: &batch,
                 file,
@@ -196,7 +216,7 @@ impl FinAgentInputs {
         self.has_intel = true;
         let mut from: BTreeMap<String, String> = BTreeMap::new();
         for (reference, batch, file) in read_all(ctx, "intel")? {
-            self.source(&reference);
+            self.bind("intel", &reference);
             let c = Cols {
                 batch: &batch,
                 file,
@@ -254,7 +274,7 @@ impl FinAgentInputs {
         self.has_low = true;
         let mut from: BTreeMap<String, String> = BTreeMap::new();
         for (reference, batch, file) in read_all(ctx, "low")? {
-            self.source(&reference);
+            self.bind("low", &reference);
             let c = Cols {
                 batch: &batch,
                 file,
@@ -294,7 +314,7 @@ impl FinAgentInputs {
         }
         self.has_hits = true;
         for (reference, batch, file) in read_all(ctx, "hits")? {
-            self.source(&reference);
+            self.bind("hits", &reference);
             let c = Cols {
                 batch: &batch,
                 file,
@@ -335,7 +355,7 @@ impl FinAgentInputs {
         }
         self.has_tools = true;
         for (reference, batch, file) in read_all(ctx, "tool_records")? {
-            let src = self.source(&reference);
+            let src = self.bind("tool_records", &reference);
             let c = Cols {
                 batch: &batch,
                 file,

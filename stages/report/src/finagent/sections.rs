@@ -154,9 +154,30 @@ pub fn table4(out: &mut Out, p: &FinAgentParams, inputs: &Inputs, configs: &[Con
     )));
     let is_config = |s: &str| configs.iter().any(|c| c.strategy == s);
     for ticker in &tickers {
-        let mut baselines: Vec<&str> = inputs
+        // Baselines evaluated over another period than every configuration are left out:
+        // the same (env, split) can hold runs of other windows.
+        let periods: BTreeSet<(i32, i32)> = configs
+            .iter()
+            .filter_map(|c| inputs.metrics.get(&key(p, ticker, &c.strategy)))
+            .map(|m| (m.start, m.end))
+            .collect();
+        let (mut baselines, other): (Vec<_>, Vec<_>) = inputs
             .metrics_of(&p.env, &p.split)
             .filter(|(k, _)| k.ticker == *ticker && !is_config(&k.strategy))
+            .partition(|(_, m)| periods.contains(&(m.start, m.end)));
+        let other: Vec<String> = other
+            .iter()
+            .map(|(k, m)| {
+                format!(
+                    "{} ({} to {})",
+                    k.strategy,
+                    fmt_date(m.start),
+                    fmt_date(m.end)
+                )
+            })
+            .collect();
+        let mut baselines: Vec<&str> = baselines
+            .drain(..)
             .map(|(k, _)| k.strategy.as_str())
             .collect();
         baselines.sort_by_key(|s| (*s != p.baseline, *s));
@@ -225,6 +246,12 @@ pub fn table4(out: &mut Out, p: &FinAgentParams, inputs: &Inputs, configs: &[Con
             format!(", {} to {}", fmt_date(a), fmt_date(b))
         });
         out.blocks.push(Block::Heading(3, ticker.to_string()));
+        if !other.is_empty() {
+            out.blocks.push(Block::Para(format!(
+                "Left out, evaluated over another period than the configurations: {}.",
+                other.join(", ")
+            )));
+        }
         out.table(Table {
             caption: format!(
                 "{ticker}, {} split{period}: FinAgent Table 4 columns. Published row: {}.",
