@@ -450,6 +450,12 @@ fn finagent_report_table4_and_ablation_cells_equal_the_metrics() {
         assert!(svg.contains("<svg"), "{c}");
         assert!(html.contains(&format!("charts/{c}")), "{c}");
     }
+    let returns = std::fs::read_to_string(dir.join("charts/finagent_returns_MSFT.svg")).unwrap();
+    for s in ["finagent_T", "finagent_M", "finagent_MLHT", "buy_and_hold"] {
+        assert!(returns.contains(&format!("\n{s}\n")), "legend lacks {s}");
+    }
+    // Another window's baseline is not drawn.
+    assert!(!returns.contains("sma_late") && !returns.contains("macd"));
     let trades = fx
         .runs
         .iter()
