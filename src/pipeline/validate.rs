@@ -113,6 +113,39 @@ fn check_publish_path(p: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Names the store reserves under `refs/` (see `Store::set_ref`).
+pub const RESERVED_NAMES: &[&str] = &["LAST"];
+
+/// Pipeline and stage names become path components in the store (`refs/<pipeline>/<stage>`),
+/// so they are restricted to a plain, portable file name: ASCII letters, digits, '_' and
+/// '-', not starting with '-', at most 100 characters; a pipeline's name may not be one
+/// the store reserves next to the pipelines' folders under `refs/`.
+/// ('.' is refused too: it would allow '.', '..' and hidden files, and splits `stage.output`.)
+pub fn check_name(n: &str, pipeline: bool) -> std::result::Result<(), String> {
+    if n.is_empty() {
+        return Err("'' is empty".into());
+    }
+    if n.len() > 100 {
+        return Err(format!("'{n}' is longer than 100 characters"));
+    }
+    if let Some(c) = n
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
+    {
+        return Err(format!(
+            "'{}' may not contain {c:?} (allowed: ASCII letters, digits, '_', '-')",
+            n.escape_debug()
+        ));
+    }
+    if n.starts_with('-') {
+        return Err(format!("'{n}' may not start with '-'"));
+    }
+    if pipeline && RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(n)) {
+        return Err(format!("'{n}' is reserved by the store"));
+    }
+    Ok(())
+}
+
 fn parse_ref(s: &str) -> Option<OutputRef> {
     let (stage, output) = s.trim().split_once('.')?;
     (!stage.is_empty() && !output.is_empty() && !output.contains('.')).then(|| OutputRef {
@@ -172,11 +205,32 @@ pub(super) fn validate(
         }
     }
     let name = match top.get("name") {
-        Some(Value::String(s)) => s.clone(),
-        _ => file
-            .file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_else(|| "pipeline".into()),
+        Some(Value::String(s)) => {
+            if let Err(e) = check_name(s, true) {
+                errs.push(loc.top_key("name"), format!("pipeline name {e}"));
+            }
+            s.clone()
+        }
+        Some(Value::Null) | None => {
+            let stem = file
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "pipeline".into());
+            if let Err(e) = check_name(&stem, true) {
+                errs.push(
+                    1,
+                    format!("pipeline name (taken from the file name) {e}; set 'name:'"),
+                );
+            }
+            stem
+        }
+        Some(other) => {
+            errs.push(
+                loc.top_key("name"),
+                format!("'name' must be a string, got {}", type_name(other)),
+            );
+            String::new()
+        }
     };
 
     // Pipeline-wide params, then --set overrides.
@@ -257,11 +311,8 @@ pub(super) fn validate(
             errs.push(line, format!("stage '{sname}': must be a map with 'uses:'"));
             continue;
         };
-        if sname.contains('.') || sname.contains('/') {
-            errs.push(
-                line,
-                format!("stage '{sname}': names may not contain '.' or '/'"),
-            );
+        if let Err(e) = check_name(sname, false) {
+            errs.push(line, format!("stage name {e}"));
         }
         for k in body.keys() {
             if !STAGE_KEYS.contains(&k.as_str()) {
