@@ -229,3 +229,174 @@ fn show_sql_is_read_only() {
         assert!(!stdout(&out).trim().is_empty(), "{sql}");
     }
 }
+
+fn run_small(root: &Path, store: &Path) -> std::process::Output {
+    let mut c = flag(root, store);
+    c.args([
+        "run",
+        "pipelines/test-small.yaml",
+        "--only",
+        "ohlcv",
+        "--set",
+    ])
+    .arg(format!("data_dir={}", data_dir().display()));
+    c.output().unwrap()
+}
+
+/// Every file under `dir`, with its bytes.
+fn files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_folder_that_is_not_a_store_is_refused_and_left_alone() {
+    let root = tempfile::tempdir().unwrap();
+    copy_project(root.path());
+    let dir = root.path().join("mine");
+    for (p, text) in [
+        ("notes.txt", "mine"),
+        ("tmp/draft.txt", "mine"),
+        ("objects/photo.jpg", "mine"),
+        ("logs/app.log", "mine"),
+    ] {
+        std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
+        std::fs::write(dir.join(p), text).unwrap();
+    }
+    let before = files(&dir);
+    let out = run_small(root.path(), &dir);
+    let msg = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(!out.status.success(), "{msg}");
+    assert!(msg.contains("not a flag store"), "{msg}");
+    assert!(msg.contains(&dir.display().to_string()), "{msg}");
+    assert!(msg.contains("'notes.txt'"), "{msg}");
+    for cmd in [
+        &["gc", "--prune"][..],
+        &["verify"],
+        &["status", "pipelines/test-small.yaml"],
+    ] {
+        let out = flag(root.path(), &dir).args(cmd).output().unwrap();
+        let msg = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!out.status.success(), "{cmd:?}: {msg}");
+        assert!(msg.contains("not a flag store"), "{cmd:?}: {msg}");
+    }
+    assert_eq!(before, files(&dir), "the folder's files changed");
+
+    // A folder with only the store's folders' names but no objects/manifests/refs is no store.
+    let dir2 = root.path().join("project");
+    std::fs::create_dir_all(dir2.join("tmp")).unwrap();
+    std::fs::write(dir2.join("tmp/keep.txt"), "mine").unwrap();
+    let out = run_small(root.path(), &dir2);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a flag store"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(dir2.join("tmp/keep.txt").is_file());
+
+    // A marker of another format is refused too.
+    let dir3 = root.path().join("future");
+    std::fs::create_dir_all(&dir3).unwrap();
+    std::fs::write(dir3.join("flag-store"), "flag store\nformat 99\n").unwrap();
+    let out = run_small(root.path(), &dir3);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("format 99"), "{}", stderr(&out));
+}
+
+#[test]
+fn new_and_empty_folders_become_stores_and_old_stores_get_the_marker() {
+    let root = tempfile::tempdir().unwrap();
+    copy_project(root.path());
+    // An empty folder is fine and gets the marker.
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    run_ok(&mut {
+        let mut c = flag(root.path(), &empty);
+        c.args([
+            "run",
+            "pipelines/test-small.yaml",
+            "--only",
+            "ohlcv",
+            "--set",
+        ])
+        .arg(format!("data_dir={}", data_dir().display()));
+        c
+    });
+    assert_eq!(
+        std::fs::read_to_string(empty.join("flag-store")).unwrap(),
+        "flag store\nformat 1\n"
+    );
+
+    // A store made before the marker: its layout and nothing else. It is taken, and marked.
+    let store = root.path().join("store");
+    assert!(run_small(root.path(), &store).status.success());
+    std::fs::remove_file(store.join("flag-store")).unwrap();
+    // Files the store did not name, inside its folders: never deleted.
+    for p in [
+        "objects/ab/not-an-object.txt",
+        "objects/README",
+        "logs/notes.txt",
+        "tmp/keep.txt",
+    ] {
+        std::fs::create_dir_all(store.join(p).parent().unwrap()).unwrap();
+        std::fs::write(store.join(p), "mine").unwrap();
+    }
+    // An orphan object and log the store did name: gc removes them.
+    let orphan = format!("objects/ab/ab{}.parquet", "0".repeat(62));
+    let orphan_log = format!("logs/{}.log", "1".repeat(64));
+    std::fs::write(store.join(&orphan), "x").unwrap();
+    std::fs::write(store.join(&orphan_log), "x").unwrap();
+    // A staging folder a killed recompute left: the store's own, so the next run removes it.
+    let stale = store.join("tmp/recompute-ab.4242.0");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("x"), "x").unwrap();
+    let out = run_small(root.path(), &store);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        store.join("flag-store").is_file(),
+        "the old store got no marker"
+    );
+    assert!(!stale.exists(), "stale staging kept");
+    let out = run_ok(flag(root.path(), &store).args(["gc", "--prune"]));
+    assert!(stderr(&out).contains("alone"), "{}", stderr(&out));
+    for p in [
+        "objects/ab/not-an-object.txt",
+        "objects/README",
+        "logs/notes.txt",
+        "tmp/keep.txt",
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(store.join(p)).unwrap(),
+            "mine",
+            "{p}"
+        );
+    }
+    assert!(!store.join(&orphan).exists(), "orphan object kept");
+    assert!(!store.join(&orphan_log).exists(), "orphan log kept");
+    // The store still works: verify passes and a rerun is cached.
+    run_ok(flag(root.path(), &store).args(["verify"]));
+    assert!(run_small(root.path(), &store).status.success());
+
+    // An unmarked store with something else at its top is not taken.
+    std::fs::remove_file(store.join("flag-store")).unwrap();
+    std::fs::write(store.join("notes.txt"), "mine").unwrap();
+    let snap = snapshot(&store);
+    let out = run_small(root.path(), &store);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("'notes.txt'"), "{}", stderr(&out));
+    assert_eq!(snap, snapshot(&store));
+    assert!(store.join("tmp/keep.txt").is_file());
+}

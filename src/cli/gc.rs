@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use crate::store::{is_log_name, is_object_name};
+
 #[derive(Args, Debug)]
 pub struct GcArgs {
     /// Also drop runs that are not the latest of any stage in any pipeline
@@ -48,9 +50,21 @@ pub fn run(
             }
         }
     }
+    // Only files named the way the store names its own are ever removed; anything else is
+    // left where it is and counted.
+    let mut foreign = 0usize;
     for sub in std::fs::read_dir(store.root.join("objects"))?.flatten() {
+        if !sub.path().is_dir() {
+            foreign += 1;
+            continue;
+        }
+        let dir = sub.file_name().to_string_lossy().to_string();
         for f in std::fs::read_dir(sub.path())?.flatten() {
             let p = f.path();
+            if !p.is_file() || !is_object_name(&dir, &f.file_name().to_string_lossy()) {
+                foreign += 1;
+                continue;
+            }
             if !keep.contains(&p) {
                 objects += 1;
                 bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -63,6 +77,10 @@ pub fn run(
     let mut logs = 0;
     for f in std::fs::read_dir(store.root.join("logs"))?.flatten() {
         let name = f.file_name().to_string_lossy().to_string();
+        if !f.path().is_file() || !is_log_name(&name) {
+            foreign += 1;
+            continue;
+        }
         let key = name.trim_end_matches(".log");
         if !keep_keys.contains(key) {
             logs += 1;
@@ -80,5 +98,12 @@ pub fn run(
         },
         bytes as f64 / 1e6
     );
+    if foreign > 0 {
+        eprintln!(
+            "left {foreign} files under {} and {} alone: the store did not name them",
+            store.root.join("objects").display(),
+            store.root.join("logs").display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,13 @@
 //! logs/<key>.log               per-stage-run logs
 //! out/<pipeline>/<stage>/…     symlinks to the latest outputs, for duckdb/pandas users
 //! tmp/                         staging directories of runs in progress
+//! flag-store                   the marker: "flag store\nformat <STORE_FORMAT>"
 //! ```
+//!
+//! A folder is used as a store only when it is new or empty (the marker is then written), has
+//! the marker, or is a store made before the marker existed (the store's folders and lock file
+//! and nothing else; it gets the marker). Everything else is refused: gc and the staging
+//! cleanup delete files, and only ever files named the way the store names its own.
 //!
 //! A run writes its outputs into `tmp/`, then `commit` hashes and fsyncs each file, renames it
 //! into `objects/`, and writes the manifest last (temp file, fsync, rename). A manifest is
@@ -135,9 +141,159 @@ fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
     Ok(())
 }
 
+/// The file that makes a folder a store, written when the store is created: the engine
+/// deletes files under `tmp/`, `objects/` and `logs/`, so it never does that in a folder it
+/// cannot recognise as its own.
+pub const MARKER: &str = "flag-store";
+
+/// The folders of a store.
+const LAYOUT: &[&str] = &["objects", "manifests", "refs", "logs", "out", "tmp"];
+
+fn marker_text() -> String {
+    format!("flag store\nformat {STORE_FORMAT}\n")
+}
+
+fn not_a_store(root: &Path, why: String) -> EngineError {
+    EngineError::Store {
+        path: root.to_path_buf(),
+        message: format!(
+            "not a flag store: {why}. A store deletes files under its tmp/, objects/ and logs/, \
+             so flag uses only an empty or new folder, or one it created (it has a '{MARKER}' \
+             file); choose another --store"
+        ),
+    }
+}
+
+/// What a folder is, as far as the store is concerned.
+enum Found {
+    /// Missing, or an empty folder: a new store may be made here.
+    Nothing,
+    /// A store: it has the marker, of this format.
+    Store,
+    /// A store made before the marker existed: the store's layout and nothing else.
+    Unmarked,
+}
+
+/// Is `n` lowercase hex of length `len` (or any length when `len` is 0)?
+fn is_hex(n: &str, len: usize) -> bool {
+    (len == 0 || n.len() == len)
+        && !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// An object the store wrote: `objects/<2 hex>/<64 hex>[.ext]`, the name starting with its
+/// folder's two characters.
+pub fn is_object_name(dir: &str, file: &str) -> bool {
+    let hash = file.split_once('.').map_or(file, |(h, _)| h);
+    is_hex(dir, 2) && is_hex(hash, 64) && hash.starts_with(dir)
+}
+
+/// A log the store wrote: `logs/<64 hex key>.log`.
+pub fn is_log_name(file: &str) -> bool {
+    file.strip_suffix(".log").is_some_and(|k| is_hex(k, 64))
+}
+
+/// A staging folder the store made: `tmp/<first 12 characters of a key>.<pid>.<n>` (see
+/// `staging_dir`; recompute's keys start with `recompute-`).
+fn is_staging_name(name: &str) -> bool {
+    let mut parts = name.split('.');
+    matches!(
+        (parts.next(), parts.next(), parts.next(), parts.next()),
+        (Some(k), Some(pid), Some(n), None)
+            if !k.is_empty() && k.len() <= 12
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+                && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    )
+}
+
+fn inspect(root: &Path) -> Result<Found> {
+    let marker = root.join(MARKER);
+    if marker.is_file() {
+        let text = io(fs::read_to_string(&marker), || {
+            format!("reading {}", marker.display())
+        })?;
+        let format = text
+            .lines()
+            .find_map(|l| l.strip_prefix("format "))
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        return match format {
+            Some(STORE_FORMAT) => Ok(Found::Store),
+            Some(other) => Err(EngineError::Store {
+                path: root.to_path_buf(),
+                message: format!(
+                    "a store of format {other}; this flag reads format {STORE_FORMAT}"
+                ),
+            }),
+            None => Err(not_a_store(
+                root,
+                format!("{} is not a store marker", marker.display()),
+            )),
+        };
+    }
+    if !root.exists() {
+        return Ok(Found::Nothing);
+    }
+    if !root.is_dir() {
+        return Err(not_a_store(root, "it is not a folder".into()));
+    }
+    let mut names = Vec::new();
+    for e in io(fs::read_dir(root), || format!("listing {}", root.display()))? {
+        let e = io(e, || format!("listing {}", root.display()))?;
+        names.push(e.file_name().to_string_lossy().to_string());
+    }
+    if names.is_empty() {
+        return Ok(Found::Nothing);
+    }
+    // Migration of stores made before the marker: the store's own folders (objects/,
+    // manifests/ and refs/ at least) and its lock file, and nothing else.
+    let foreign: Vec<&String> = names
+        .iter()
+        .filter(|n| {
+            !LAYOUT.contains(&n.as_str())
+                && n.as_str() != ".lock"
+                // A marker being written by `write_atomic` when a run was killed.
+                && !(n.starts_with(&format!(".{MARKER}.")) && n.ends_with(".tmp"))
+        })
+        .collect();
+    let has_layout = ["objects", "manifests", "refs"]
+        .iter()
+        .all(|d| root.join(d).is_dir());
+    if foreign.is_empty() && has_layout {
+        return Ok(Found::Unmarked);
+    }
+    if foreign.is_empty() && !names.iter().any(|n| LAYOUT.contains(&n.as_str())) {
+        // Only a lock file or a half-written marker: a store whose creation was cut short.
+        return Ok(Found::Nothing);
+    }
+    let mut shown: Vec<String> = foreign.iter().take(3).map(|n| format!("'{n}'")).collect();
+    if foreign.len() > 3 {
+        shown.push(format!("and {} more", foreign.len() - 3));
+    }
+    Err(not_a_store(
+        root,
+        if foreign.is_empty() {
+            "the folder is not empty and lacks the store's objects/, manifests/ and refs/".into()
+        } else {
+            format!(
+                "the folder is not empty and has no '{MARKER}' file (it holds {})",
+                shown.join(", ")
+            )
+        },
+    ))
+}
+
 impl Store {
+    /// Opens the store at `root`, creating it in a new or empty folder. A non-empty folder
+    /// that is not a store is refused, before anything is written or deleted there.
     pub fn open(root: &Path) -> Result<Store> {
-        for d in ["objects", "manifests", "refs", "logs", "out", "tmp"] {
+        if !matches!(inspect(root)?, Found::Store) {
+            // The marker first: a run killed right after it leaves a store, not a folder
+            // of unknown folders.
+            write_atomic(&root.join(MARKER), marker_text().as_bytes())?;
+        }
+        for d in LAYOUT {
             let p = root.join(d);
             io(fs::create_dir_all(&p), || {
                 format!("creating store directory {}", p.display())
@@ -148,8 +304,21 @@ impl Store {
         })
     }
 
-    /// Opens an existing store without creating anything (read-only commands).
+    /// Opens an existing store without creating anything (read-only commands, and gc), except
+    /// the marker of a store made before markers existed (when the folder is writable).
     pub fn existing(root: &Path) -> Result<Store> {
+        match inspect(root)? {
+            Found::Nothing => {
+                return Err(EngineError::Store {
+                    path: root.to_path_buf(),
+                    message: "no store here yet: run a pipeline first (flag run PIPELINE)".into(),
+                });
+            }
+            Found::Unmarked => {
+                let _ = write_atomic(&root.join(MARKER), marker_text().as_bytes());
+            }
+            Found::Store => {}
+        }
         if !root.join("manifests").is_dir() {
             return Err(EngineError::Store {
                 path: root.to_path_buf(),
@@ -278,6 +447,10 @@ impl Store {
         let dir = self.root.join("tmp");
         let mut n = 0;
         for e in io(fs::read_dir(&dir), || format!("listing {}", dir.display()))?.flatten() {
+            // Only what `staging_dir` made.
+            if !is_staging_name(&e.file_name().to_string_lossy()) {
+                continue;
+            }
             let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
             n += 1;
         }
