@@ -219,6 +219,22 @@ fn show_sql_is_read_only() {
         assert!(!target.exists(), "{case}: wrote {}", target.display());
         assert_eq!(before, snapshot(&f.store()), "{case}: the store changed");
     }
+    // Names that would read outside refs/ are refused too.
+    let evil = f.root().join("pipelines").join("evil.yaml");
+    std::fs::write(&evil, "name: ../../x\nstages: {}\n").unwrap();
+    for args in [
+        vec![
+            "show".to_string(),
+            "ohlcv.bars".into(),
+            "--pipeline".into(),
+            evil.display().to_string(),
+        ],
+        vec!["path".to_string(), "x/y.bars".into()],
+    ] {
+        let out = flag(f.root(), &f.store()).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains("name"), "{args:?}: {}", stderr(&out));
+    }
     // Plain queries still work.
     for sql in [
         "SELECT count(*) AS n FROM t",

@@ -134,6 +134,11 @@ pub fn resolve_output(
     let (stage, output) = reference
         .split_once('.')
         .ok_or_else(|| anyhow::anyhow!("'{reference}': expected STAGE.OUTPUT"))?;
+    // Both become path components under refs/: never read outside it.
+    crate::pipeline::check_name(pipeline, true)
+        .map_err(|e| anyhow::anyhow!("pipeline name {e}"))?;
+    crate::pipeline::check_name(stage, false)
+        .map_err(|e| anyhow::anyhow!("'{reference}': stage name {e}"))?;
     let key = store.get_ref(pipeline, stage).ok_or_else(|| {
         anyhow::anyhow!(
             "stage '{stage}' has not run in pipeline '{pipeline}' (store {})",

@@ -7,6 +7,8 @@ mod interpolate;
 mod locate;
 mod validate;
 
+pub use validate::check_name;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

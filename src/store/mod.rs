@@ -584,6 +584,8 @@ impl Store {
         fs::read_to_string(self.root.join("refs").join(pipeline).join(stage))
             .ok()
             .map(|s| s.trim().to_string())
+            // A key is a blake3 hex digest; anything else would make a path of its text.
+            .filter(|k| is_hex(k, 64))
     }
 
     pub fn last_pipeline(&self) -> Option<String> {
