@@ -339,6 +339,9 @@ fn new_and_empty_folders_become_stores_and_old_stores_get_the_marker() {
     // An empty folder is fine and gets the marker.
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
+    // `just bench` writes its results into artifacts/bench/, beside the default store.
+    std::fs::create_dir_all(empty.join("bench")).unwrap();
+    std::fs::write(empty.join("bench/store.json"), "{}").unwrap();
     run_ok(&mut {
         let mut c = flag(root.path(), &empty);
         c.args([
@@ -354,6 +357,10 @@ fn new_and_empty_folders_become_stores_and_old_stores_get_the_marker() {
     assert_eq!(
         std::fs::read_to_string(empty.join("flag-store")).unwrap(),
         "flag store\nformat 1\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(empty.join("bench/store.json")).unwrap(),
+        "{}"
     );
 
     // A store made before the marker: its layout and nothing else. It is taken, and marked.

@@ -149,6 +149,10 @@ pub const MARKER: &str = "flag-store";
 /// The folders of a store.
 const LAYOUT: &[&str] = &["objects", "manifests", "refs", "logs", "out", "tmp"];
 
+/// What the project keeps in its default store folder `artifacts/` beside the store
+/// (`just bench` writes `artifacts/bench/`); the store never deletes there.
+const BESIDE: &[&str] = &["bench"];
+
 fn marker_text() -> String {
     format!("flag store\nformat {STORE_FORMAT}\n")
 }
@@ -251,10 +255,12 @@ fn inspect(root: &Path) -> Result<Found> {
     let foreign: Vec<&String> = names
         .iter()
         .filter(|n| {
-            !LAYOUT.contains(&n.as_str())
-                && n.as_str() != ".lock"
+            let ours = LAYOUT.contains(&n.as_str())
+                || BESIDE.contains(&n.as_str())
+                || n.as_str() == ".lock"
                 // A marker being written by `write_atomic` when a run was killed.
-                && !(n.starts_with(&format!(".{MARKER}.")) && n.ends_with(".tmp"))
+                || (n.starts_with(&format!(".{MARKER}.")) && n.ends_with(".tmp"));
+            !ours
         })
         .collect();
     let has_layout = ["objects", "manifests", "refs"]
