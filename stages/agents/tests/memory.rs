@@ -17,8 +17,8 @@ use flag_agents::memory::{
     read_embeddings,
 };
 use flag_core::arrow::array::{
-    Array, ArrayRef, BooleanArray, Date32Array, Float32Builder, Float64Array, Int64Array,
-    ListBuilder, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, BooleanArray, Date32Array, Float32Array, Float32Builder, Float64Array,
+    Int64Array, ListBuilder, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use flag_core::arrow::datatypes::{DataType, Field, Schema};
 use flag_core::parquet_io::write_parquet_file;
@@ -273,7 +273,7 @@ fn retrieval_equals_a_brute_force_f64_reference_and_never_looks_ahead() {
     let qfile = queries_file(&root, &qrows);
     let hits = search(&fx.items, &qfile, &root.join("s"), json!({}));
 
-    // The memory exactly as stored: f64 values read back from the Parquet.
+    // The memory exactly as stored: the float32 values read back from the Parquet, widened.
     let items = common::read(&fx.items);
     let emb = items.column_by_name("embedding").unwrap();
     let emb = emb
@@ -287,8 +287,8 @@ fn retrieval_equals_a_brute_force_f64_reference_and_never_looks_ahead() {
         .enumerate()
         .map(|(i, ((id, t), d))| {
             let v = emb.value(i);
-            let v = v.as_any().downcast_ref::<Float64Array>().unwrap();
-            (id, t, d, v.values().to_vec())
+            let v = v.as_any().downcast_ref::<Float32Array>().unwrap();
+            (id, t, d, v.values().iter().map(|&x| f64::from(x)).collect())
         })
         .collect();
     let date_of: BTreeMap<&str, (&str, i32)> = memory

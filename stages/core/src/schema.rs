@@ -32,6 +32,9 @@ pub enum ColumnType {
     ListUtf8,
     #[serde(rename = "list<float64>")]
     ListFloat64,
+    /// Embeddings: the model's float32 values as they are (half the bytes of float64).
+    #[serde(rename = "list<float32>")]
+    ListFloat32,
 }
 
 impl ColumnType {
@@ -51,6 +54,9 @@ impl ColumnType {
             }
             ColumnType::ListFloat64 => {
                 DataType::List(Arc::new(Field::new("item", DataType::Float64, true)))
+            }
+            ColumnType::ListFloat32 => {
+                DataType::List(Arc::new(Field::new("item", DataType::Float32, true)))
             }
         }
     }

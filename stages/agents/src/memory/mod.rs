@@ -58,7 +58,7 @@ pub mod search;
 use std::sync::Arc;
 
 use flag_core::arrow::array::{
-    Array, ArrayRef, FixedSizeListArray, Float32Array, Float64Array, Float64Builder,
+    Array, ArrayRef, FixedSizeListArray, Float32Array, Float32Builder, Float64Array,
     LargeListArray, ListArray, ListBuilder,
 };
 use flag_core::arrow::datatypes::DataType;
@@ -79,26 +79,23 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
     ]
 }
 
-/// The id of a news item: 16 lowercase hex digits, the 64-bit FNV-1a hash of
+/// The id of a news item: the first 16 lowercase hex digits (64 bits) of the blake3 hash of
 /// `ticker`, `published_at` (microseconds since the epoch, as a decimal string), `title` and
 /// `url` (a null url as the empty string), each fed as its UTF-8 length (8 bytes, little
 /// endian) followed by its bytes, so no two field splits hash the same input. It depends on
 /// nothing but those four values: the same item has the same id in every run and table.
 pub fn item_id(ticker: &str, published_at_us: i64, title: &str, url: Option<&str>) -> String {
-    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h = OFFSET;
-    let mut feed = |bytes: &[u8]| {
-        for &b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(PRIME);
-        }
-    };
-    feed(ticker.as_bytes());
-    feed(published_at_us.to_string().as_bytes());
-    feed(title.as_bytes());
-    feed(url.unwrap_or("").as_bytes());
-    format!("{h:016x}")
+    let mut h = blake3::Hasher::new();
+    for bytes in [
+        ticker.as_bytes(),
+        published_at_us.to_string().as_bytes(),
+        title.as_bytes(),
+        url.unwrap_or("").as_bytes(),
+    ] {
+        h.update(&(bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    h.finalize().to_hex()[..16].to_string()
 }
 
 /// The text embedded for a news item: the non-empty of `title` and `summary` (trimmed)
@@ -137,10 +134,10 @@ pub(crate) fn excerpt(s: &str) -> String {
 /// The embedding column as the schemas store it: `list<float64>` of the f32 values.
 pub fn embedding_array(vectors: &[Vec<f32>]) -> ArrayRef {
     let n: usize = vectors.iter().map(Vec::len).sum();
-    let mut b = ListBuilder::with_capacity(Float64Builder::with_capacity(n), vectors.len());
+    let mut b = ListBuilder::with_capacity(Float32Builder::with_capacity(n), vectors.len());
     for v in vectors {
         for &x in v {
-            b.values().append_value(f64::from(x));
+            b.values().append_value(x);
         }
         b.append(true);
     }
@@ -282,7 +279,7 @@ mod tests {
         // Pinned: ids are part of stored artifacts and must not drift between builds.
         assert_eq!(item_id("AAPL", 0, "", None), PINNED);
     }
-    const PINNED: &str = "6f38907996498b1a";
+    const PINNED: &str = "4068473f7403f13b";
 
     #[test]
     fn texts_are_normalised_and_cut() {
