@@ -121,10 +121,11 @@ pub fn charts(
                 }
                 let list = trades.map_or(&[][..], |t| &t.trades[..]);
                 let title = format!(
-                    "{ticker}: trades of {} ({}, {} trades)",
+                    "{ticker}: trades of {} ({}, {} trade{})",
                     c.strategy,
                     c.modules,
-                    list.len()
+                    list.len(),
+                    if list.len() == 1 { "" } else { "s" }
                 );
                 out.charts.push(ChartFile {
                     file: file_name(&mut out.used, &["finagent", "trades", ticker]),
