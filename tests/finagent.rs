@@ -76,12 +76,32 @@ fn dates(b: &RecordBatch, n: &str) -> Vec<i32> {
 fn finagent_path_answers_validly_and_ablations_share_the_cache() {
     let root = repo_root();
     let store = tempfile::tempdir().unwrap();
-    let out = run_ok(flag(&root, store.path()).args(small_args(&["--only", "finagent"])));
+    let out = run_ok(flag(&root, store.path()).args(small_args(&["--only", "finagent_report"])));
     let st = statuses(&out);
     for s in [
-        "fa_items", "fa_intel", "fa_hits", "fa_past", "fa_low", "fa_tools", "finagent",
+        "fa_items",
+        "fa_intel",
+        "fa_hits",
+        "fa_past",
+        "fa_low",
+        "fa_tools",
+        "finagent",
+        "fa_buy_and_hold",
+        "fa_metrics",
+        "finagent_report",
     ] {
         assert_eq!(st[s], "ran", "{s}");
+    }
+    // The report renders the paper's tables for this run.
+    let report = artifact(&root, store.path(), "finagent_report.report").join("report.md");
+    let md = std::fs::read_to_string(&report).unwrap();
+    for part in [
+        "## Table 4 layout",
+        "finagent_MLHT",
+        "## Retrieval",
+        "## One day traced",
+    ] {
+        assert!(md.contains(part), "report lacks {part}");
     }
     // Five trading days, 2023-06-01..07; every module answered every call validly.
     let intel = table(&root, store.path(), "fa_intel.intel");
