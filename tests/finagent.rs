@@ -92,8 +92,18 @@ fn finagent_path_answers_validly_and_ablations_share_the_cache() {
     ] {
         assert_eq!(st[s], "ran", "{s}");
     }
-    // The report renders the paper's tables for this run.
-    let report = artifact(&root, store.path(), "finagent_report.report").join("report.md");
+    // The report renders the paper's tables for this run (objects keep the extension).
+    let listed = run_ok(flag(&root, store.path()).args([
+        "path",
+        "finagent_report.report",
+        "--pipeline",
+        PIPELINE,
+    ]));
+    let report = stdout(&listed)
+        .lines()
+        .map(PathBuf::from)
+        .find(|p| p.extension().is_some_and(|e| e == "md"))
+        .expect("the report directory holds report.md");
     let md = std::fs::read_to_string(&report).unwrap();
     for part in [
         "## Table 4 layout",
