@@ -25,14 +25,14 @@ use super::agent_state::{AgentState, STATE_FORMAT, TickerState};
 use super::agent_tables::{DecisionRow, RetrievalRow, decisions_batch, retrievals_batch};
 use super::agent_text::{PastDecision, decisions_text, high_text, position_text, retrieved_text};
 use super::answer::{Action, HighReflection, parse_decision, parse_high_reflection};
-use super::config::AGENT;
+use super::config::{AGENT, module_files, read_module_prompts};
 use super::data::{ModuleRow, read_bars, read_module_rows};
 use super::memory_view::{ReflectionMemory, Retrieved, embed_all};
 use super::module::{Call, ModuleForm, run_module};
 use super::reflect::intel_text;
 use super::text::{ChartDecision, trading_chart_text};
 use super::tools::ToolBoard;
-use crate::prompt::{prompt_path, read_prompts, render, schema_path};
+use crate::prompt::{prompt_path, render, schema_path};
 use crate::runner::Outcome;
 
 const VERSION: &str = concat!(
@@ -202,19 +202,18 @@ impl Stage for FinAgentStage {
 
     fn fingerprint(&self, params: &Params) -> Fingerprint {
         let mut f = Fingerprint::new(VERSION);
-        let decision = crate::prompt::prompt_param(params, "decision").unwrap_or_default();
+        // The decision prompt, its schema and the retry note, as every module stage; then the
+        // high-level reflection's prompt and schema.
+        f.files = module_files(params, "decision");
         let high = params
             .opt_str("high_prompt")
             .ok()
             .flatten()
             .unwrap_or_else(|| "high_reflection".into());
-        for name in [decision, high] {
-            if crate::prompt::valid_name(&name) {
-                f.files.push(prompt_path(AGENT, &name));
-                f.files.push(schema_path(AGENT, &name));
-            }
+        if crate::prompt::valid_name(&high) {
+            f.files.push(prompt_path(AGENT, &high));
+            f.files.push(schema_path(AGENT, &high));
         }
-        f.files.push(prompt_path(AGENT, "retry"));
         f
     }
 
@@ -223,18 +222,13 @@ impl Stage for FinAgentStage {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = AgentConfig::from_params(&ctx.params)?;
         let (d_template, d_schema, retry) = cfg.module.read_prompts(ctx)?;
-        let high_files = read_prompts(ctx, AGENT, &cfg.high_prompt)?;
-        let flag_llm::constrain::Constraint::JsonSchema(h_schema) = high_files.schema else {
-            return Err(StageError::Invalid(
-                "answer schema is not a JSON Schema".into(),
-            ));
-        };
+        let (h_template, h_schema, _) = read_module_prompts(ctx, &cfg.high_prompt)?;
         let bars = read_bars(&ctx.read_input("bars")?, "bars")?;
         let backend = cfg.module.llm.load_backend()?;
         let up = read_upstream(ctx, &cfg, backend.as_ref())?;
         let prompts = AgentPrompts {
             decision: (&d_template, &d_schema),
-            high: (&high_files.template, &h_schema),
+            high: (&h_template, &h_schema),
             retry: &retry,
         };
         let progress = |d: u64, t: u64| ctx.progress(d, t, "days");

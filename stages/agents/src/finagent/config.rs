@@ -104,14 +104,20 @@ impl ModuleConfig {
 
     /// The prompt template, its answer schema and the retry note.
     pub fn read_prompts(&self, ctx: &StageContext) -> StageResult<(String, Value, String)> {
-        let files = read_prompts(ctx, AGENT, &self.prompt)?;
-        let flag_llm::constrain::Constraint::JsonSchema(schema) = files.schema else {
-            return Err(StageError::Invalid(
-                "answer schema is not a JSON Schema".into(),
-            ));
-        };
-        Ok((files.template, schema, files.retry))
+        read_module_prompts(ctx, &self.prompt)
     }
+}
+
+/// Prompt `name` of `prompts/finagent/`: its template, its answer schema as JSON and the
+/// retry note.
+pub fn read_module_prompts(ctx: &StageContext, name: &str) -> StageResult<(String, Value, String)> {
+    let files = read_prompts(ctx, AGENT, name)?;
+    let flag_llm::constrain::Constraint::JsonSchema(schema) = files.schema else {
+        return Err(StageError::Invalid(format!(
+            "prompts/finagent/{name}.schema.json is not a JSON Schema"
+        )));
+    };
+    Ok((files.template, schema, files.retry))
 }
 
 /// The params of a module stage (`default_prompt` under `prompts/finagent/`).

@@ -3,8 +3,7 @@
 use std::collections::BTreeMap;
 
 use flag_core::arrow::array::{
-    Array, BooleanArray, Date32Array, ListArray, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
+    Array, BooleanArray, Date32Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use flag_core::{StageError, StageResult};
 use flag_trading::series::{Series, from_days, read_series};
@@ -172,22 +171,6 @@ pub fn read_kept_hits(batch: &RecordBatch, input: &str) -> StageResult<KeptHits>
         v.sort();
     }
     Ok(out)
-}
-
-/// A `list<utf8>` cell as strings (null list: empty).
-pub fn list_strings(list: &ListArray, i: usize) -> Vec<String> {
-    if list.is_null(i) {
-        return Vec::new();
-    }
-    let v = list.value(i);
-    let s = v.as_any().downcast_ref::<StringArray>();
-    s.map(|s| {
-        (0..s.len())
-            .filter(|&k| !s.is_null(k))
-            .map(|k| s.value(k).to_string())
-            .collect()
-    })
-    .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use flag_llm::backend::LlmBackend;
 use flag_trading::series::from_days;
 use serde_json::json;
 
-use super::answer::{ItemAnalysis, parse_intel, parse_past_intel};
+use super::answer::{Horizon, ItemAnalysis, parse_intel, parse_past_intel};
 use super::config::{ModuleConfig, module_files, module_param_specs, positive};
 use super::data::{NewsItem, read_bars, read_items, read_kept_hits, todays_items};
 use super::module::{Call, ModuleForm, run_module};
@@ -118,8 +118,8 @@ pub fn queries_batch(rows: &[IntelRow]) -> StageResult<RecordBatch> {
     let mut q: Vec<(&str, i32, &str, &str)> = Vec::new();
     for r in rows {
         if let Some(qs) = &r.queries {
-            for (k, t) in ["short", "medium", "long"].into_iter().enumerate() {
-                q.push((r.ticker.as_str(), r.date, t, qs[k].as_str()));
+            for (k, h) in Horizon::ALL.into_iter().enumerate() {
+                q.push((r.ticker.as_str(), r.date, h.query_type(), qs[k].as_str()));
             }
         }
     }
