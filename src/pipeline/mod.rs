@@ -132,8 +132,20 @@ pub fn load(
 ) -> Result<Pipeline> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| EngineError::io(format!("reading pipeline {}", file.display()), e))?;
+    load_text(file, &text, root, overrides, registry)
+}
+
+/// [`load`] of a pipeline text already read: `file` names it in messages (and gives the
+/// default root and name). The fuzz harness drives the loader through this.
+pub fn load_text(
+    file: &Path,
+    text: &str,
+    root: Option<&Path>,
+    overrides: &[String],
+    registry: &Registry,
+) -> Result<Pipeline> {
     let root = root
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_root(file));
-    validate::validate(file, &text, root, overrides, registry)
+    validate::validate(file, text, root, overrides, registry)
 }
