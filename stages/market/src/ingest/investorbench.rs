@@ -14,13 +14,20 @@
 //! is an error at serde_json's line, naming the date and field being read when it is inside a
 //! day.
 //!
+//! The file is streamed (`serde_json` over a reader; the texts are skipped unbuffered), never
+//! read whole: a JSON string or bare token longer than [`MAX_TOKEN_BYTES`] is refused when it
+//! is read, at its line, and an error quotes at most `util::QUOTE_MAX` bytes of a key.
+//!
 //! Duplicate date keys: a plain `serde_json` map would keep the last copy silently, so the
 //! object is read entry by entry (a map visitor) and every copy becomes a row; `ingest_ohlcv`
 //! then drops copies with the same price (counted in `duplicates_dropped`) and rejects a date
 //! whose copies disagree, naming both lines, exactly as for the CSV formats.
 use std::cell::RefCell;
 use std::fmt;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
+use std::rc::Rc;
 
 use chrono::NaiveDate;
 use flag_core::{StageError, StageResult};
@@ -30,6 +37,11 @@ use serde_json::Value;
 use serde_json::error::Category;
 
 use super::ohlcv_formats::{ParsedFile, RawRow};
+use super::util::{QUOTE_MAX, check_price_range, cut_message, quote, quote_bytes};
+
+/// The longest JSON string or bare token (number, literal) read: real days hold short news
+/// texts and one number; a longer one is refused before `serde_json` buffers it.
+pub const MAX_TOKEN_BYTES: usize = 4 << 20;
 
 /// The fields a day may have.
 const FIELDS: [&str; 4] = ["prices", "news", "10k", "10q"];
@@ -44,11 +56,13 @@ struct Where {
 /// One top-level entry as read: every `prices` value (normally one) and the unknown fields.
 struct Entry {
     key: String,
+    /// 1-based line of the key.
+    line: u64,
     prices: Vec<Value>,
     unknown: Vec<String>,
 }
 
-struct FileVisitor<'a>(&'a RefCell<Where>);
+struct FileVisitor<'a>(&'a RefCell<Where>, &'a Rc<RefCell<JsonScan>>);
 
 impl<'de> Visitor<'de> for FileVisitor<'_> {
     type Value = Vec<Entry>;
@@ -60,11 +74,15 @@ impl<'de> Visitor<'de> for FileVisitor<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = Vec::new();
         while let Some(key) = map.next_key::<String>()? {
+            // The reader has consumed exactly the key (its closing quote): its line is the
+            // line being read (JSON strings hold no raw newline).
+            let line = self.1.borrow().line;
             self.0.borrow_mut().key = Some(key.clone());
             let (prices, unknown) = map.next_value_seed(DaySeed(self.0))?;
             *self.0.borrow_mut() = Where::default();
             out.push(Entry {
                 key,
+                line,
                 prices,
                 unknown,
             });
@@ -108,40 +126,78 @@ impl<'de> Visitor<'de> for DaySeed<'_> {
     }
 }
 
-/// 1-based line of each key of the top-level object, in file order (the order serde visits
-/// them). A key is a string at depth 1 followed by `:`; strings are skipped with their escapes.
-fn top_level_key_lines(text: &str) -> Vec<u64> {
-    let b = text.as_bytes();
-    let (mut depth, mut line, mut i) = (0usize, 1u64, 0usize);
-    let mut out = Vec::new();
-    while i < b.len() {
-        match b[i] {
-            b'\n' => line += 1,
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            b'"' => {
-                let start = line;
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    match b[i] {
-                        b'\\' => i += 1,
-                        b'\n' => line += 1,
-                        _ => {}
-                    }
-                    i += 1;
-                }
-                if depth == 1 {
-                    let rest = &b[(i + 1).min(b.len())..];
-                    if rest.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b':') {
-                        out.push(start);
-                    }
-                }
-            }
-            _ => {}
+/// What [`TokenCapped`] has seen: the line being read, whether it is inside a string, and
+/// the length and first bytes of the current string or bare token.
+#[derive(Default)]
+struct JsonScan {
+    /// 1-based line being read.
+    line: u64,
+    /// A byte other than whitespace was read.
+    seen: bool,
+    in_str: bool,
+    escaped: bool,
+    run: usize,
+    head: Vec<u8>,
+    /// Set when a token went over the cap: (line, first bytes of the token).
+    overflow: Option<(u64, Vec<u8>)>,
+}
+
+/// A reader that counts lines and fails as soon as one JSON string or bare token is longer
+/// than `max` bytes, so `serde_json` above it never buffers more than that.
+struct TokenCapped<R> {
+    inner: R,
+    max: usize,
+    scan: Rc<RefCell<JsonScan>>,
+}
+
+impl<R: Read> Read for TokenCapped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.scan.borrow_mut();
+        if s.overflow.is_some() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "token too long"));
         }
-        i += 1;
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                s.line += 1;
+            }
+            s.seen |= !b.is_ascii_whitespace();
+            let in_token = if s.in_str {
+                if s.escaped {
+                    s.escaped = false;
+                } else if b == b'\\' {
+                    s.escaped = true;
+                } else if b == b'"' {
+                    s.in_str = false;
+                }
+                s.in_str
+            } else if b == b'"' {
+                s.in_str = true;
+                s.run = 0;
+                s.head.clear();
+                false
+            } else {
+                !(b.is_ascii_whitespace() || b"{}[],:".contains(&b))
+            };
+            if !in_token {
+                if !s.in_str {
+                    s.run = 0;
+                    s.head.clear();
+                }
+                continue;
+            }
+            s.run += 1;
+            if s.head.len() < QUOTE_MAX {
+                s.head.push(b);
+            }
+            if s.run > self.max {
+                let over = (s.line, std::mem::take(&mut s.head));
+                s.overflow = Some(over);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "token too long"));
+            }
+        }
+        Ok(n)
     }
-    out
 }
 
 fn describe(v: &Value) -> String {
@@ -160,7 +216,8 @@ fn describe(v: &Value) -> String {
 
 /// A strictly positive, finite close.
 fn close_price(file: &Path, line: u64, key: &str, v: &Value) -> StageResult<f64> {
-    let bad = |m: String| StageError::data(file, line, "prices", format!("date {key}: {m}"));
+    let bad =
+        |m: String| StageError::data(file, line, "prices", format!("date {}: {m}", quote(key)));
     let x = match v {
         Value::Number(n) => n
             .as_f64()
@@ -173,24 +230,113 @@ fn close_price(file: &Path, line: u64, key: &str, v: &Value) -> StageResult<f64>
     if x <= 0.0 {
         return Err(bad(format!("price must be > 0, got {x}")));
     }
-    Ok(x)
+    check_price_range(x).map_err(bad)
 }
 
-/// Reads one InvestorBench file (see the module doc). Rows come in file order.
+/// Reads one InvestorBench file from a text (see [`read_file`]).
 pub fn read(file: &Path, text: &str) -> StageResult<ParsedFile> {
+    read_from(file, text.as_bytes(), || Some(text.as_bytes().to_vec()))
+}
+
+/// Reads one InvestorBench file (see the module doc), streamed. Rows come in file order.
+pub fn read_file(file: &Path) -> StageResult<ParsedFile> {
+    if !file.is_file() {
+        return Err(StageError::file(file, "file not found"));
+    }
+    let io_err = |e| StageError::io(format!("reading {}", file.display()), e);
+    let mut r = BufReader::with_capacity(64 << 10, File::open(file).map_err(io_err)?);
+    if r.fill_buf().map_err(io_err)?.starts_with(BOM) {
+        r.consume(3);
+    }
+    read_from(file, r, || whole_file(file))
+}
+
+/// A UTF-8 byte-order mark is no JSON: skipped.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// The file's bytes (without a BOM) when it is small enough to read whole, for the exact
+/// position of a syntax error (see [`read_from`]).
+fn whole_file(file: &Path) -> Option<Vec<u8>> {
+    let len = std::fs::metadata(file).ok()?.len();
+    if len > super::util::MAX_WHOLE_FILE_BYTES {
+        return None;
+    }
+    let b = std::fs::read(file).ok()?;
+    Some(b.strip_prefix(BOM).map(<[u8]>::to_vec).unwrap_or(b))
+}
+
+/// Parses the file streamed through [`TokenCapped`]. serde_json over a reader places its
+/// errors after the byte it peeked (the next line, for a value at the end of one), so on an
+/// error in a file small enough to read whole (`whole`), the error is taken from a parse of
+/// the bytes in memory, which places it where the slice parser always has.
+fn read_from<R: Read>(
+    file: &Path,
+    reader: R,
+    whole: impl FnOnce() -> Option<Vec<u8>>,
+) -> StageResult<ParsedFile> {
+    let scan = Rc::new(RefCell::new(JsonScan {
+        line: 1,
+        ..JsonScan::default()
+    }));
+    let capped = TokenCapped {
+        inner: reader,
+        max: MAX_TOKEN_BYTES,
+        scan: scan.clone(),
+    };
     let at = RefCell::new(Where::default());
-    let mut de = serde_json::Deserializer::from_str(text);
-    let entries = de
-        .deserialize_map(FileVisitor(&at))
-        .and_then(|e| de.end().map(|()| e))
-        .map_err(|e| {
+    let mut de = serde_json::Deserializer::from_reader(capped);
+    let parsed = de
+        .deserialize_map(FileVisitor(&at, &scan))
+        .and_then(|e| de.end().map(|()| e));
+    let entries = match parsed {
+        Ok(entries) => entries,
+        Err(e) => {
+            let column = |w: &Where| {
+                w.field
+                    .as_deref()
+                    .map(quote)
+                    .unwrap_or_else(|| "(json)".into())
+            };
+            let day = |w: &Where| {
+                w.key
+                    .as_ref()
+                    .map(|k| format!("date {}: ", quote(k)))
+                    .unwrap_or_default()
+            };
+            if let Some((line, head)) = scan.borrow_mut().overflow.take() {
+                let w = at.borrow();
+                return Err(StageError::data(
+                    file,
+                    line,
+                    column(&w),
+                    format!(
+                        "{}a JSON string or value longer than {MAX_TOKEN_BYTES} bytes, the \
+                         most one may be (not read further); it starts '{}'",
+                        day(&w),
+                        quote_bytes(&head)
+                    ),
+                ));
+            }
+            if e.classify() == Category::Eof && !scan.borrow().seen {
+                // Nothing but whitespace, or nothing at all.
+                return Err(StageError::file(file, "file is empty"));
+            }
+            let (e, at) = match whole() {
+                Some(bytes) => {
+                    let at2 = RefCell::new(Where::default());
+                    let dummy = Rc::new(RefCell::new(JsonScan::default()));
+                    let mut de = serde_json::Deserializer::from_slice(&bytes);
+                    match de
+                        .deserialize_map(FileVisitor(&at2, &dummy))
+                        .and_then(|e| de.end().map(|()| e))
+                    {
+                        Err(e2) => (e2, at2),
+                        Ok(_) => (e, at),
+                    }
+                }
+                None => (e, at),
+            };
             let w = at.borrow();
-            let column = w.field.clone().unwrap_or_else(|| "(json)".into());
-            let day = w
-                .key
-                .as_ref()
-                .map(|k| format!("date {k}: "))
-                .unwrap_or_default();
             // 1e999 is valid JSON syntax, but no f64: serde_json's "number out of range".
             let what = if e.to_string().starts_with("number out of range") {
                 "not a finite number: "
@@ -199,15 +345,20 @@ pub fn read(file: &Path, text: &str) -> StageResult<ParsedFile> {
             } else {
                 "malformed JSON: "
             };
-            StageError::data(file, e.line() as u64, column, format!("{day}{what}{e}"))
-        })?;
+            return Err(StageError::data(
+                file,
+                e.line() as u64,
+                column(&w),
+                format!("{}{what}{}", day(&w), cut_message(&e.to_string())),
+            ));
+        }
+    };
     if entries.is_empty() {
         return Err(StageError::file(file, "the JSON object has no dates"));
     }
-    let lines = top_level_key_lines(text);
     let mut out = ParsedFile::default();
-    for (i, e) in entries.iter().enumerate() {
-        let line = lines.get(i).copied().unwrap_or(0);
+    for e in &entries {
+        let line = e.line;
         out.rows_read += 1;
         let date = NaiveDate::parse_from_str(&e.key, "%Y-%m-%d")
             .ok()
@@ -217,17 +368,17 @@ pub fn read(file: &Path, text: &str) -> StageResult<ParsedFile> {
                     file,
                     line,
                     "date",
-                    format!("key '{}' is not a YYYY-MM-DD date", e.key),
+                    format!("key '{}' is not a YYYY-MM-DD date", quote(&e.key)),
                 )
             })?;
         if let Some(f) = e.unknown.first() {
             return Err(StageError::data(
                 file,
                 line,
-                f.clone(),
+                quote(f),
                 format!(
                     "date {}: unknown field (a day has {})",
-                    e.key,
+                    quote(&e.key),
                     FIELDS.join(", ")
                 ),
             ));
@@ -274,7 +425,21 @@ mod tests {
     fn key_lines_skip_nested_keys_and_strings() {
         let text = "{\n \"2020-01-02\": {\"prices\": 1, \"news\": [\"a \\\"b\\\": c\", \"{\"]},\n\
                     \"2020-01-03\"\n : {\"prices\": 2}\n}";
-        assert_eq!(top_level_key_lines(text), vec![2, 3]);
+        let p = read(Path::new("x.json"), text).unwrap();
+        let lines: Vec<u64> = p.rows.iter().map(|r| r.line).collect();
+        assert_eq!(lines, vec![2, 3]);
+    }
+
+    #[test]
+    fn a_long_string_is_refused_at_its_line_and_quoted_short() {
+        let long = "x".repeat(MAX_TOKEN_BYTES + 10);
+        let text = format!("{{\n\"2020-01-02\": {{\"prices\": 1,\n \"news\": [\"{long}\"]}}}}");
+        let e = read(Path::new("x.json"), &text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("x.json:3: column 'news': date 2020-01-02: a JSON string"),
+            "{e}"
+        );
+        assert!(e.len() < 600, "{}", e.len());
     }
 
     #[test]

@@ -13,7 +13,10 @@ use chrono_tz::America::Los_Angeles;
 use flag_core::{StageError, StageResult};
 use serde::Deserialize;
 
-use super::util::{check_width, csv_records, expect_header, parse_py_list, parse_ymd, read_text};
+use super::util::{
+    CsvRecords, check_width, csv_header, cut_message, expect_header, parse_py_list, parse_ymd,
+    quote, read_text,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
@@ -52,7 +55,10 @@ fn sentiment_label(file: &Path, line: u64, column: &str, s: &str) -> StageResult
             file,
             line,
             column,
-            format!("'{t}' is not a sentiment label (positive, negative, neutral)"),
+            format!(
+                "'{}' is not a sentiment label (positive, negative, neutral)",
+                quote(t)
+            ),
         )),
     }
 }
@@ -87,7 +93,10 @@ fn rfc2822(file: &Path, line: u64, column: &str, s: &str) -> StageResult<DateTim
                 file,
                 line,
                 column,
-                format!("'{}' is not an RFC 2822 date with offset: {e}", s.trim()),
+                format!(
+                    "'{}' is not an RFC 2822 date with offset: {e}",
+                    quote(s.trim())
+                ),
             )
         })
 }
@@ -108,16 +117,13 @@ const STOCKNEWSAPI: [&str; 10] = [
 /// One stocknewsapi CSV (`<TICKER>_news_<from>_<to>.csv`): RFC 2822 dates in New York time,
 /// quoted fields with commas, Python-list strings for topics and tickers.
 pub fn read_stocknewsapi(file: &Path, vendor_ticker: &str) -> StageResult<Vec<Item>> {
-    let text = read_text(file)?;
-    let recs = csv_records(file, &text)?;
-    let Some((hline, header)) = recs.first() else {
-        return Err(StageError::file(file, "file is empty"));
-    };
-    expect_header(file, *hline, header, &STOCKNEWSAPI)?;
-    let mut out = Vec::with_capacity(recs.len());
-    for (line, r) in &recs[1..] {
-        let line = *line;
-        check_width(file, line, header, r)?;
+    let mut recs = CsvRecords::open(file)?;
+    let (hline, header) = csv_header(file, &mut recs)?;
+    expect_header(file, hline, &header, &STOCKNEWSAPI)?;
+    let mut out = Vec::new();
+    for r in recs {
+        let (line, r) = r?;
+        check_width(file, line, &header, &r)?;
         // Validated so a shifted or truncated row cannot pass as a good one; not output.
         parse_py_list(file, line, "topics", &r[6])?;
         parse_py_list(file, line, "tickers", &r[9])?;
@@ -155,16 +161,13 @@ const GNEWS: [&str; 6] = [
 /// column named `sentiment_score` holds labels (positive/negative/neutral), not scores; they
 /// go to `sentiment`, and a number there would go to `sentiment_score`.
 pub fn read_gnews(file: &Path) -> StageResult<Vec<Item>> {
-    let text = read_text(file)?;
-    let recs = csv_records(file, &text)?;
-    let Some((hline, header)) = recs.first() else {
-        return Err(StageError::file(file, "file is empty"));
-    };
-    expect_header(file, *hline, header, &GNEWS)?;
-    let mut out = Vec::with_capacity(recs.len());
-    for (line, r) in &recs[1..] {
-        let line = *line;
-        check_width(file, line, header, r)?;
+    let mut recs = CsvRecords::open(file)?;
+    let (hline, header) = csv_header(file, &mut recs)?;
+    expect_header(file, hline, &header, &GNEWS)?;
+    let mut out = Vec::new();
+    for r in recs {
+        let (line, r) = r?;
+        check_width(file, line, &header, &r)?;
         let day = parse_ymd(file, line, "published date", &r[0])?;
         let raw = r[4].trim();
         let (sentiment, sentiment_score) = match raw.parse::<f64>() {
@@ -209,6 +212,7 @@ fn line_of(text: &str, needle: &str, from: usize) -> (u64, usize) {
 }
 
 /// One CryptoTrade gnews file (`YYYY-MM-DD.json`): a list of `{id,url,time,title,content}`.
+/// One day's items: read whole, so capped at `util::MAX_WHOLE_FILE_BYTES`.
 /// The publisher is the suffix Google News appends to titles (" - Yahoo Finance").
 pub fn read_cryptotrade(file: &Path, vendor_ticker: &str) -> StageResult<Vec<Item>> {
     let text = read_text(file)?;
@@ -217,7 +221,7 @@ pub fn read_cryptotrade(file: &Path, vendor_ticker: &str) -> StageResult<Vec<Ite
             file,
             e.line() as u64,
             "(json)",
-            format!("malformed JSON: {e}"),
+            format!("malformed JSON: {}", cut_message(&e.to_string())),
         )
     })?;
     let mut out = Vec::with_capacity(items.len());

@@ -1,13 +1,15 @@
 //! Readers for the OHLCV file formats. Each turns one file into rows with their line numbers;
 //! validation that needs every file of a ticker (duplicates, gaps) is in `ohlcv.rs`.
+use std::io::Read;
+use std::iter::Peekable;
 use std::path::{Path, PathBuf};
 
 use chrono::{NaiveDate, NaiveDateTime, Timelike};
 use flag_core::{StageError, StageResult};
 
 use super::util::{
-    check_width, column_index, csv_records, expect_header, is_blank, parse_price, parse_volume,
-    parse_ymd, read_text,
+    CsvRecords, check_width, column_index, csv_header, expect_header, is_blank, parse_price,
+    parse_volume, parse_ymd, quote,
 };
 
 /// The OHLCV formats `ingest_ohlcv` reads.
@@ -132,24 +134,26 @@ pub struct ParsedFile {
     pub empty_rows: u64,
 }
 
+/// Reads one file, streamed (see `util`): memory is bounded by the rows kept, not the file.
 pub fn read_file(format: Format, file: &Path, ticker: &str) -> StageResult<ParsedFile> {
-    let text = read_text(file)?;
     match format {
-        Format::Investorbench => super::investorbench::read(file, &text),
-        _ => read_csv(format, file, &text, ticker),
+        Format::Investorbench => super::investorbench::read_file(file),
+        _ => read_csv(format, file, CsvRecords::open(file)?, ticker),
     }
 }
 
-fn read_csv(format: Format, file: &Path, text: &str, ticker: &str) -> StageResult<ParsedFile> {
-    let recs = csv_records(file, text)?;
-    let Some((hline, header)) = recs.first() else {
-        return Err(StageError::file(file, "file is empty"));
-    };
-    let (header, body) = (header.clone(), &recs[1..]);
+fn read_csv<R: Read>(
+    format: Format,
+    file: &Path,
+    mut recs: CsvRecords<R>,
+    ticker: &str,
+) -> StageResult<ParsedFile> {
+    let (hline, header) = csv_header(file, &mut recs)?;
+    let body = recs.peekable();
     let parsed = match format {
         Format::Tdqn => {
             let want = ["Timestamp", "Open", "High", "Low", "Close", "Volume"];
-            expect_header(file, *hline, &header, &want)?;
+            expect_header(file, hline, &header, &want)?;
             price_rows(file, &header, body, [0, 1, 2, 3, 4, 5], None)?
         }
         Format::Yahoo => {
@@ -162,13 +166,13 @@ fn read_csv(format: Format, file: &Path, text: &str, ticker: &str) -> StageResul
                 "Adj Close",
                 "Volume",
             ];
-            expect_header(file, *hline, &header, &want)?;
+            expect_header(file, hline, &header, &want)?;
             price_rows(file, &header, body, [0, 1, 2, 3, 4, 6], Some(5))?
         }
-        Format::Yfinance => yfinance(file, ticker, *hline, &header, body)?,
+        Format::Yfinance => yfinance(file, ticker, hline, &header, body)?,
         Format::Coingecko => {
             let want = ["snapped_at", "open", "market_cap", "total_volume"];
-            expect_header(file, *hline, &header, &want)?;
+            expect_header(file, hline, &header, &want)?;
             snapshots(file, &header, body)?
         }
         Format::Investorbench => {
@@ -184,14 +188,17 @@ fn read_csv(format: Format, file: &Path, text: &str, ticker: &str) -> StageResul
     Ok(parsed)
 }
 
+/// The data records after a header, streamed.
+type Body<R> = Peekable<CsvRecords<R>>;
+
 /// yfinance writes `Date,Close,...` (or `Price,Close,...`), then a row naming the ticker in
 /// every price column, then (newer versions) a `Date,,,,,` row. Columns are found by name.
-fn yfinance(
+fn yfinance<R: Read>(
     file: &Path,
     ticker: &str,
     hline: u64,
     header: &[String],
-    body: &[(u64, Vec<String>)],
+    mut body: Body<R>,
 ) -> StageResult<ParsedFile> {
     let first = header.first().map(|s| s.trim()).unwrap_or("");
     if first != "Date" && first != "Price" {
@@ -199,7 +206,10 @@ fn yfinance(
             file,
             hline,
             "Date",
-            format!("header column 1 is '{first}', expected 'Date' or 'Price'"),
+            format!(
+                "header column 1 is '{}', expected 'Date' or 'Price'",
+                quote(first)
+            ),
         ));
     }
     let idx = column_index(
@@ -209,21 +219,21 @@ fn yfinance(
         &["Open", "High", "Low", "Close", "Volume"],
     )?;
     let adj = header.iter().position(|h| h.trim() == "Adj Close");
-    let Some((tline, trow)) = body.first() else {
+    let Some((tline, trow)) = body.next().transpose()? else {
         return Err(StageError::file(
             file,
             "file has a header but no ticker row",
         ));
     };
-    check_width(file, *tline, header, trow)?;
+    check_width(file, tline, header, &trow)?;
     if !(trow[0].trim().is_empty() || trow[0].trim() == "Ticker") {
         return Err(StageError::data(
             file,
-            *tline,
-            header[0].clone(),
+            tline,
+            quote(&header[0]),
             format!(
                 "expected the ticker row (',{ticker},...'), found '{}'",
-                trow[0]
+                quote(&trow[0])
             ),
         ));
     }
@@ -231,42 +241,44 @@ fn yfinance(
         if cell.trim() != ticker {
             return Err(StageError::data(
                 file,
-                *tline,
-                header[i].clone(),
-                format!("ticker row says '{}', expected '{ticker}'", cell.trim()),
+                tline,
+                quote(&header[i]),
+                format!(
+                    "ticker row says '{}', expected '{ticker}'",
+                    quote(cell.trim())
+                ),
             ));
         }
     }
-    let mut rest = &body[1..];
-    if let Some((_, r)) = rest.first()
+    if let Some(Ok((_, r))) = body.peek()
         && r.first().is_some_and(|c| c.trim() == "Date")
         && r.iter().skip(1).all(|c| c.trim().is_empty())
     {
-        rest = &rest[1..];
+        body.next();
     }
     price_rows(
         file,
         header,
-        rest,
+        body,
         [0, idx[0], idx[1], idx[2], idx[3], idx[4]],
         adj,
     )
 }
 
 /// Rows of a stock CSV; `idx` = positions of (date, open, high, low, close, volume).
-fn price_rows(
+fn price_rows<R: Read>(
     file: &Path,
     header: &[String],
-    body: &[(u64, Vec<String>)],
+    body: Body<R>,
     idx: [usize; 6],
     adj: Option<usize>,
 ) -> StageResult<ParsedFile> {
     let mut out = ParsedFile::default();
-    let name = |i: usize| header[i].trim().to_string();
-    for (line, rec) in body {
-        let line = *line;
+    let name = |i: usize| quote(header[i].trim());
+    for rec in body {
+        let (line, rec) = rec?;
         out.rows_read += 1;
-        check_width(file, line, header, rec)?;
+        check_width(file, line, header, &rec)?;
         let date = parse_ymd(file, line, &name(idx[0]), &rec[idx[0]])?;
         let mut price_cols: Vec<usize> = idx[1..5].to_vec();
         price_cols.extend(adj);
@@ -294,23 +306,19 @@ fn price_rows(
 
 /// CoinGecko snapshots. `market_cap` is not read: it is not part of a bar (and the real file
 /// has one empty and one zero market cap, which would otherwise reject good prices).
-fn snapshots(
-    file: &Path,
-    header: &[String],
-    body: &[(u64, Vec<String>)],
-) -> StageResult<ParsedFile> {
+fn snapshots<R: Read>(file: &Path, header: &[String], body: Body<R>) -> StageResult<ParsedFile> {
     let mut out = ParsedFile::default();
-    for (line, rec) in body {
-        let line = *line;
+    for rec in body {
+        let (line, rec) = rec?;
         out.rows_read += 1;
-        check_width(file, line, header, rec)?;
+        check_width(file, line, header, &rec)?;
         let raw = rec[0].trim();
         let ts = NaiveDateTime::parse_from_str(raw, "%Y-%m-%d %H:%M:%S UTC").map_err(|_| {
             StageError::data(
                 file,
                 line,
                 "snapped_at",
-                format!("'{raw}' is not a 'YYYY-MM-DD HH:MM:SS UTC' time"),
+                format!("'{}' is not a 'YYYY-MM-DD HH:MM:SS UTC' time", quote(raw)),
             )
         })?;
         let price = parse_price(file, line, "open", &rec[1])?;

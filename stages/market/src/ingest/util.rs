@@ -1,7 +1,16 @@
 //! Small parsing helpers shared by the ingest stages. Every failure is a `StageError::Data`
 //! naming the file, the 1-based line and the column, so a user can open the file and look.
-use std::fs;
+//!
+//! Input files are streamed, never read whole (except the small per-day JSON news files,
+//! which are size-capped): CSV files through [`CsvFile`], whose reader refuses a physical
+//! line longer than [`MAX_LINE_BYTES`] before the CSV parser buffers it, so a 2 GB file
+//! without a newline costs about one megabyte. What an error quotes from the file is cut to
+//! [`QUOTE_MAX`] bytes by [`quote`], with a marker saying how long it was.
+use std::cell::RefCell;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use chrono::NaiveDate;
 use flag_core::{StageError, StageResult};
@@ -30,21 +39,46 @@ pub fn parse_f64(file: &Path, line: u64, column: &str, raw: &str) -> StageResult
     if t.is_empty() {
         return Err(StageError::data(file, line, column, "empty value"));
     }
-    let x: f64 = t
-        .parse()
-        .map_err(|_| StageError::data(file, line, column, format!("'{t}' is not a number")))?;
+    let x: f64 = t.parse().map_err(|_| {
+        StageError::data(
+            file,
+            line,
+            column,
+            format!("'{}' is not a number", quote(t)),
+        )
+    })?;
     if !x.is_finite() {
         return Err(StageError::data(
             file,
             line,
             column,
-            format!("'{t}' is not a finite number"),
+            format!("'{}' is not a finite number", quote(t)),
         ));
     }
     Ok(x)
 }
 
-/// A strictly positive price.
+/// Prices must lie strictly between these: below, a price is not one any market quotes and
+/// its returns under- or overflow (a close of 1e-320 is a subnormal whose ratios are NaN or
+/// inf); above, value = shares x price and the volatility of returns overflow to inf.
+pub const PRICE_MIN: f64 = 1e-6;
+pub const PRICE_MAX: f64 = 1e12;
+/// A day's volume must be below this (more than any market trades in a day, in shares or
+/// in currency); above it, volume-weighted sums overflow.
+pub const VOLUME_MAX: f64 = 1e15;
+
+/// `x` (already finite and > 0) is a price a market could quote: see [`PRICE_MIN`].
+pub fn check_price_range(x: f64) -> Result<f64, String> {
+    if x <= PRICE_MIN || x >= PRICE_MAX {
+        return Err(format!(
+            "price {x:e} is outside the sane range ({PRICE_MIN:e}, {PRICE_MAX:e}): no market \
+             quotes it, and returns and values computed from it under- or overflow"
+        ));
+    }
+    Ok(x)
+}
+
+/// A strictly positive price in the sane range ([`PRICE_MIN`], [`PRICE_MAX`]).
 pub fn parse_price(file: &Path, line: u64, column: &str, raw: &str) -> StageResult<f64> {
     let x = parse_f64(file, line, column, raw)?;
     if x <= 0.0 {
@@ -55,10 +89,11 @@ pub fn parse_price(file: &Path, line: u64, column: &str, raw: &str) -> StageResu
             format!("price must be > 0, got {x}"),
         ));
     }
-    Ok(x)
+    check_price_range(x).map_err(|m| StageError::data(file, line, column, m))
 }
 
-/// A volume >= 0 (zero-volume days are real and are counted by the caller).
+/// A volume >= 0 (zero-volume days are real and are counted by the caller), below
+/// [`VOLUME_MAX`].
 pub fn parse_volume(file: &Path, line: u64, column: &str, raw: &str) -> StageResult<f64> {
     let x = parse_f64(file, line, column, raw)?;
     if x < 0.0 {
@@ -67,6 +102,17 @@ pub fn parse_volume(file: &Path, line: u64, column: &str, raw: &str) -> StageRes
             line,
             column,
             format!("volume must be >= 0, got {x}"),
+        ));
+    }
+    if x >= VOLUME_MAX {
+        return Err(StageError::data(
+            file,
+            line,
+            column,
+            format!(
+                "volume {x:e} is outside the sane range [0, {VOLUME_MAX:e}): more than any \
+                 market trades in a day, and volume-weighted sums overflow"
+            ),
         ));
     }
     Ok(x)
@@ -80,15 +126,92 @@ pub fn parse_ymd(file: &Path, line: u64, column: &str, raw: &str) -> StageResult
             file,
             line,
             column,
-            format!("'{t}' is not a YYYY-MM-DD date"),
+            format!("'{}' is not a YYYY-MM-DD date", quote(t)),
         )
     })
 }
 
-/// Reads a whole file as UTF-8; a missing file and an empty one are whole-file errors.
+/// At most this many bytes of a value from an input file are quoted in an error.
+pub const QUOTE_MAX: usize = 200;
+
+/// `s` as an error quotes it: control characters escaped, cut to about [`QUOTE_MAX`] bytes
+/// (at a character boundary) with a marker giving the full length, so a 200 MB field gives
+/// a 250-byte message, not a 200 MB one.
+pub fn quote(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.char_indices() {
+        if out.len() >= QUOTE_MAX {
+            return format!("{out}...[cut: {} of {} bytes shown]", i, s.len());
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A library's error message (which may quote a whole value from the input) cut in the
+/// middle to about 2 x [`QUOTE_MAX`] bytes, keeping its end (serde_json's "at line L column
+/// C"), with a marker saying how much was left out.
+pub fn cut_message(m: &str) -> String {
+    if m.len() <= 2 * QUOTE_MAX {
+        return m.to_string();
+    }
+    let mut head = QUOTE_MAX;
+    while !m.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = m.len() - QUOTE_MAX / 2;
+    while !m.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!(
+        "{}...[cut: {} of {} bytes left out]...{}",
+        quote(&m[..head]),
+        tail - head,
+        m.len(),
+        quote(&m[tail..])
+    )
+}
+
+/// [`quote`] for raw bytes (invalid UTF-8 shown lossily).
+pub fn quote_bytes(b: &[u8]) -> String {
+    quote(&String::from_utf8_lossy(b))
+}
+
+/// A header as an error shows it: its fields quoted, the whole cut like [`quote`].
+pub fn quote_header(header: &[String]) -> String {
+    let fields: Vec<String> = header.iter().map(|h| format!("\"{}\"", quote(h))).collect();
+    quote(&format!("[{}]", fields.join(", ")))
+}
+
+/// The longest physical line a CSV input may have. Real rows are at most a few KB (the
+/// longest news row in the shared data is 5 KB); a longer line is refused when it is read,
+/// before the CSV parser buffers it.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// The largest file read whole (the per-day CryptoTrade JSON news files, tens of KB).
+pub const MAX_WHOLE_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a whole file as UTF-8; a missing file and an empty one are whole-file errors, and
+/// so is one over [`MAX_WHOLE_FILE_BYTES`] (only small files are read whole).
 pub fn read_text(file: &Path) -> StageResult<String> {
     if !file.is_file() {
         return Err(StageError::file(file, "file not found"));
+    }
+    let len = fs::metadata(file)
+        .map_err(|e| StageError::io(format!("reading {}", file.display()), e))?
+        .len();
+    if len > MAX_WHOLE_FILE_BYTES {
+        return Err(StageError::file(
+            file,
+            format!(
+                "file is {len} bytes; a file of this format is read whole and may be at most \
+                 {MAX_WHOLE_FILE_BYTES} bytes"
+            ),
+        ));
     }
     let bytes =
         fs::read(file).map_err(|e| StageError::io(format!("reading {}", file.display()), e))?;
@@ -107,27 +230,203 @@ pub fn read_text(file: &Path) -> StageResult<String> {
         .unwrap_or(text))
 }
 
-/// Parses a CSV text into records with their 1-based line numbers. Quoted fields may hold
-/// commas and newlines; the record's line is the line it starts on.
-pub fn csv_records(file: &Path, text: &str) -> StageResult<Vec<(u64, Vec<String>)>> {
-    let mut rd = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let mut out = Vec::new();
-    for rec in rd.records() {
-        let rec = rec.map_err(|e| {
-            let line = e.position().map_or(0, |p| p.line());
-            StageError::data(file, line, "(csv)", format!("malformed CSV: {e}"))
-        })?;
-        let line = rec.position().map_or(0, |p| p.line());
-        // A blank line in the middle of a file reads as one empty field; skip it.
-        if rec.len() == 1 && rec[0].trim().is_empty() {
-            continue;
+/// What [`LineCapped`] has seen: the line it is on, that line's length so far and its
+/// first bytes, and the field (commas outside quotes) it is in.
+#[derive(Default)]
+struct LineScan {
+    /// 1-based line being read.
+    line: u64,
+    len: usize,
+    head: Vec<u8>,
+    field: usize,
+    in_quote: bool,
+    /// Set when a line went over the cap: (line, field, first bytes of the line).
+    overflow: Option<(u64, usize, Vec<u8>)>,
+}
+
+/// A reader that fails as soon as a physical line is longer than `max` bytes, remembering
+/// where (shared with the caller through `scan`), so the CSV parser above it never buffers
+/// more than `max` bytes of one line.
+struct LineCapped<R> {
+    inner: R,
+    max: usize,
+    scan: Rc<RefCell<LineScan>>,
+}
+
+impl<R: Read> Read for LineCapped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut s = self.scan.borrow_mut();
+        if s.overflow.is_some() {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
         }
-        out.push((line, rec.iter().map(str::to_string).collect()));
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            if b == b'\n' {
+                s.line += 1;
+                s.len = 0;
+                s.field = 0;
+                s.in_quote = false;
+                s.head.clear();
+                continue;
+            }
+            s.len += 1;
+            if s.head.len() < QUOTE_MAX {
+                s.head.push(b);
+            }
+            match b {
+                b'"' => s.in_quote = !s.in_quote,
+                b',' if !s.in_quote => s.field += 1,
+                _ => {}
+            }
+            if s.len > self.max {
+                let over = (s.line, s.field, std::mem::take(&mut s.head));
+                s.overflow = Some(over);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+            }
+        }
+        Ok(n)
     }
-    Ok(out)
+}
+
+/// CSV records of one input, streamed with their 1-based line numbers (the line a record
+/// starts on; quoted fields may hold commas and newlines). Blank lines are skipped, a
+/// leading UTF-8 byte-order mark is dropped, and a line over [`MAX_LINE_BYTES`] or a field
+/// that is not UTF-8 is an error naming the line and field.
+pub struct CsvRecords<R: Read> {
+    file: PathBuf,
+    rd: csv::Reader<LineCapped<R>>,
+    scan: Rc<RefCell<LineScan>>,
+    rec: csv::ByteRecord,
+    done: bool,
+}
+
+impl CsvRecords<BufReader<File>> {
+    /// Opens `file`; a missing file is a whole-file error.
+    pub fn open(file: &Path) -> StageResult<Self> {
+        if !file.is_file() {
+            return Err(StageError::file(file, "file not found"));
+        }
+        let f = File::open(file)
+            .map_err(|e| StageError::io(format!("reading {}", file.display()), e))?;
+        let mut r = BufReader::with_capacity(64 << 10, f);
+        let start = r
+            .fill_buf()
+            .map_err(|e| StageError::io(format!("reading {}", file.display()), e))?;
+        if start.starts_with(b"\xEF\xBB\xBF") {
+            r.consume(3);
+        }
+        Ok(CsvRecords::new(file, r))
+    }
+}
+
+impl<R: Read> CsvRecords<R> {
+    pub fn new(file: &Path, reader: R) -> Self {
+        let scan = Rc::new(RefCell::new(LineScan {
+            line: 1,
+            ..LineScan::default()
+        }));
+        let capped = LineCapped {
+            inner: reader,
+            max: MAX_LINE_BYTES,
+            scan: scan.clone(),
+        };
+        let rd = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(capped);
+        CsvRecords {
+            file: file.to_path_buf(),
+            rd,
+            scan,
+            rec: csv::ByteRecord::new(),
+            done: false,
+        }
+    }
+
+    /// The next non-blank record, or `None` at the end of the file.
+    pub fn next_record(&mut self) -> StageResult<Option<(u64, Vec<String>)>> {
+        let file = self.file.as_path();
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            let more = self.rd.read_byte_record(&mut self.rec).map_err(|e| {
+                if let Some((line, field, head)) = self.scan.borrow_mut().overflow.take() {
+                    return StageError::data(
+                        file,
+                        line,
+                        format!("field {}", field + 1),
+                        format!(
+                            "line is longer than {MAX_LINE_BYTES} bytes, the most a CSV line \
+                             may be (not read further); it starts '{}'",
+                            quote_bytes(&head)
+                        ),
+                    );
+                }
+                let line = e.position().map_or(0, |p| p.line());
+                StageError::data(
+                    file,
+                    line,
+                    "(csv)",
+                    format!("malformed CSV: {}", cut_message(&e.to_string())),
+                )
+            });
+            let more = match more {
+                Ok(m) => m,
+                Err(e) => {
+                    self.done = true;
+                    return Err(e);
+                }
+            };
+            if !more {
+                self.done = true;
+                return Ok(None);
+            }
+            let line = self.rec.position().map_or(0, |p| p.line());
+            let mut fields = Vec::with_capacity(self.rec.len());
+            for (i, f) in self.rec.iter().enumerate() {
+                match std::str::from_utf8(f) {
+                    Ok(s) => fields.push(s.to_string()),
+                    Err(_) => {
+                        self.done = true;
+                        return Err(StageError::data(
+                            file,
+                            line,
+                            format!("field {}", i + 1),
+                            format!("invalid UTF-8: '{}'", quote_bytes(f)),
+                        ));
+                    }
+                }
+            }
+            // A blank line in the middle of a file reads as one empty field; skip it.
+            if fields.len() == 1 && fields[0].trim().is_empty() {
+                continue;
+            }
+            return Ok(Some((line, fields)));
+        }
+    }
+}
+
+impl<R: Read> Iterator for CsvRecords<R> {
+    type Item = StageResult<(u64, Vec<String>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
+    }
+}
+
+/// Parses a CSV text into records with their 1-based line numbers (see [`CsvRecords`]).
+pub fn csv_records(file: &Path, text: &str) -> StageResult<Vec<(u64, Vec<String>)>> {
+    CsvRecords::new(file, text.as_bytes()).collect()
+}
+
+/// The header record of a CSV file: its first non-blank record (none: "file is empty").
+pub fn csv_header<R: Read>(
+    file: &Path,
+    recs: &mut CsvRecords<R>,
+) -> StageResult<(u64, Vec<String>)> {
+    recs.next_record()?
+        .ok_or_else(|| StageError::file(file, "file is empty"))
 }
 
 /// Checks a record has exactly the header's field count, naming the first missing or extra field.
@@ -136,7 +435,7 @@ pub fn check_width(file: &Path, line: u64, header: &[String], rec: &[String]) ->
         return Err(StageError::data(
             file,
             line,
-            header[rec.len()].clone(),
+            quote(&header[rec.len()]),
             format!(
                 "missing field: {} fields, header has {}",
                 rec.len(),
@@ -174,7 +473,7 @@ pub fn column_index(
                     file,
                     line,
                     *w,
-                    format!("missing column (header is {:?})", header),
+                    format!("missing column (header is {})", quote_header(header)),
                 )
             })
         })
@@ -191,7 +490,11 @@ pub fn expect_header(file: &Path, line: u64, header: &[String], want: &[&str]) -
                 file,
                 line,
                 *w,
-                format!("header column {} is '{got}', expected '{w}'", i + 1),
+                format!(
+                    "header column {} is '{}', expected '{w}'",
+                    i + 1,
+                    quote(got)
+                ),
             ));
         }
     }
@@ -199,7 +502,7 @@ pub fn expect_header(file: &Path, line: u64, header: &[String], want: &[&str]) -
         return Err(StageError::data(
             file,
             line,
-            header[want.len()].clone(),
+            quote(&header[want.len()]),
             format!("unexpected extra header column (expected {:?})", want),
         ));
     }
@@ -208,7 +511,8 @@ pub fn expect_header(file: &Path, line: u64, header: &[String], want: &[&str]) -
 
 /// Parses a Python list literal of strings (`['a', "b"]`, `[]`), as the vendor exports write.
 pub fn parse_py_list(file: &Path, line: u64, column: &str, raw: &str) -> StageResult<Vec<String>> {
-    let err = |m: &str| StageError::data(file, line, column, format!("{m} in list '{raw}'"));
+    let err =
+        |m: &str| StageError::data(file, line, column, format!("{m} in list '{}'", quote(raw)));
     let t = raw.trim();
     let inner = t
         .strip_prefix('[')
@@ -294,12 +598,46 @@ mod tests {
     }
 
     #[test]
+    fn quotes_are_cut_and_say_so() {
+        assert_eq!(quote("a\tb"), "a\\tb");
+        let long = "é".repeat(1000);
+        let q = quote(&long);
+        assert!(q.len() < QUOTE_MAX + 50, "{q}");
+        assert!(q.ends_with("...[cut: 200 of 2000 bytes shown]"), "{q}");
+        let m = format!(
+            "invalid type: string \"{}\" at line 3 column 9",
+            "x".repeat(5000)
+        );
+        let c = cut_message(&m);
+        assert!(c.len() < 3 * QUOTE_MAX, "{c}");
+        assert!(c.ends_with("at line 3 column 9"), "{c}");
+        assert!(c.contains("bytes left out]"), "{c}");
+    }
+
+    #[test]
+    fn a_line_over_the_cap_is_refused_at_its_line_and_field() {
+        let text = format!("a,b\n1,{}\n", "x".repeat(MAX_LINE_BYTES + 1));
+        let e = csv_records(Path::new("x.csv"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.csv:2: column 'field 2': line is longer than 1048576 bytes"),
+            "{e}"
+        );
+        assert!(e.len() < 600, "{}", e.len());
+    }
+
+    #[test]
     fn numbers() {
         let f = Path::new("x.csv");
         assert_eq!(parse_f64(f, 2, "Open", " 1.13E+11 ").unwrap(), 1.13e11);
         assert!(parse_f64(f, 2, "Open", "NaN").is_err());
         assert!(parse_f64(f, 2, "Open", "inf").is_err());
         assert!(parse_price(f, 2, "Open", "0").is_err());
+        assert!(parse_price(f, 2, "Close", "1e-320").is_err());
+        assert!(parse_price(f, 2, "Close", "1e300").is_err());
+        assert_eq!(parse_price(f, 2, "Close", "0.0001").unwrap(), 0.0001);
+        assert!(parse_volume(f, 2, "Volume", "1e300").is_err());
         assert!(parse_volume(f, 2, "Volume", "-1").is_err());
         assert_eq!(parse_volume(f, 2, "Volume", "0").unwrap(), 0.0);
         assert_eq!(
