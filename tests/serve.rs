@@ -617,3 +617,222 @@ stages:
     let st = statuses(&run("sk-another-key"));
     assert_eq!(st["remote"], "cached");
 }
+
+/// The server's `host:port`.
+fn host_port(server: &Server) -> String {
+    server
+        .url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/v1"))
+        .unwrap()
+        .to_string()
+}
+
+/// Reads one HTTP response from `s`: (status, headers, body); every read waits at most 5 min.
+fn read_response(s: &mut std::net::TcpStream) -> (u16, String, String) {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).expect("reading the response head");
+        assert_eq!(
+            n, 1,
+            "the connection closed inside the response head: {buf:?}"
+        );
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8(buf).unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("a Content-Length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).expect("reading the response body");
+    (status, head, String::from_utf8(body).unwrap())
+}
+
+/// A raw POST of `body` to `path`, written by another thread (the server may answer before
+/// it has all of it), on a connection of its own; returns the connection (still open) and
+/// the writer.
+fn raw_post(
+    addr: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> (std::net::TcpStream, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let writer = std::thread::spawn(move || {
+        // The server may close after answering early: a failed write is expected then.
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(&body);
+    });
+    (s, writer)
+}
+
+/// The value of one counter of `GET /metrics`.
+fn metric(server: &Server, name: &str) -> u64 {
+    let url = format!("{}/metrics", server.url.strip_suffix("/v1").unwrap());
+    let mut resp = agent().get(&url).call().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.body_mut().read_to_string().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Polls `GET /metrics` until `name` reaches `want` (at most 5 minutes, then fails).
+fn wait_for_metric(server: &Server, name: &str, want: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let got = metric(server, name);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} stayed {got}, not {want}:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 15, items 4 and 5: a huge body is refused unread and a prompt that cannot fit is
+/// refused untokenized; max_tokens above the server's cap is refused; the in-flight limit
+/// answers 503; a client that goes away has its sequence dropped from the batch, so the
+/// next request is served.
+#[test]
+fn serve_bounds_requests_and_drops_abandoned_sequences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        tmp.path(),
+        &[],
+        &["--max-tokens-cap", "2000", "--max-pending", "1"],
+    );
+    let chat = format!("{}/chat/completions", server.url);
+    let addr = host_port(&server);
+    let short = json!({"messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2, "temperature": 0})
+    .to_string();
+
+    // (a) A 15 MB body: 413 from its Content-Length, the body never read nor parsed, and
+    // the answer reaches the client although it sends the whole body (lingering close).
+    let huge = json!({"messages": [{"role": "user", "content": "a".repeat(15_000_000)}]})
+        .to_string()
+        .into_bytes();
+    let n_huge = huge.len();
+    let (mut s, writer) = raw_post(&addr, "/v1/chat/completions", huge);
+    let (status, head, body) = read_response(&mut s);
+    writer.join().unwrap();
+    assert_eq!(status, 413, "{head}{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "the request body is {n_huge} bytes, over the limit of 8388608 bytes (flag serve --max-body-mb)"
+        )
+    );
+    drop(s);
+    assert_eq!(metric(&server, "flag_serve_rejected_too_large_total"), 1);
+
+    // (b) 3 MB of text fits the body limit but not the context: refused from its byte
+    // length, before tokenizing (only that check words its refusal "at least N tokens").
+    let (status, v) = post(
+        &chat,
+        &json!({"messages": [{"role": "user", "content": "word ".repeat(600_000)}]}).to_string(),
+        &[],
+    );
+    assert_eq!(status, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("the prompt is 3000") && msg.contains("bytes, so at least"),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("cannot fit in the model context of 8192 tokens"),
+        "{msg}"
+    );
+
+    // (c) max_tokens above the cap is refused (not clamped), under either name.
+    for (field, n) in [("max_tokens", 2001), ("max_completion_tokens", 100_000)] {
+        let (status, v) = post(
+            &chat,
+            &json!({"messages": [{"role": "user", "content": "hi"}], field: n}).to_string(),
+            &[],
+        );
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(
+            v["error"]["message"],
+            format!(
+                "'{field}' {n} exceeds this server's cap of 2000 tokens per answer (flag serve --max-tokens-cap)"
+            )
+        );
+    }
+    // The server still answers.
+    let (status, v) = post(&chat, &short, &[]);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(metric(&server, "flag_serve_chat_completions_total"), 1);
+
+    // (d) A long request (greedy counting goes on for far more than 1,500 tokens) ...
+    let long = json!({
+        "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."},
+                     {"role": "assistant", "content": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"}],
+        "max_tokens": 1500, "temperature": 0,
+    })
+    .to_string()
+    .into_bytes();
+    let (s, writer) = raw_post(&addr, "/v1/chat/completions", long);
+    writer.join().unwrap();
+    wait_for_metric(&server, "flag_serve_sequences_decoding", 1);
+    // ... holds the only admission slot (--max-pending 1): another model request is 503.
+    let mut resp = agent()
+        .post(&chat)
+        .header("Content-Type", "application/json")
+        .send(&short)
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("Retry-After")
+            .map(|h| h.to_str().unwrap()),
+        Some("1")
+    );
+    let v: Value = serde_json::from_str(&resp.body_mut().read_to_string().unwrap()).unwrap();
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.starts_with("the server is busy: 1 requests"), "{msg}");
+    assert_eq!(metric(&server, "flag_serve_rejected_busy_total"), 1);
+
+    // The client goes away: its sequence is dropped from the batch while being decoded ...
+    drop(s);
+    wait_for_metric(&server, "flag_serve_sequences_cancelled_total", 1);
+    assert_eq!(metric(&server, "flag_serve_clients_gone_total"), 1);
+    // ... so the next request is decoded and answered.
+    let (status, v) = post(&chat, &short, &[]);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+    assert_eq!(metric(&server, "flag_serve_chat_completions_total"), 2);
+    assert_eq!(metric(&server, "flag_serve_sequences_cancelled_total"), 1);
+    assert_eq!(metric(&server, "flag_serve_requests_in_flight"), 0);
+    let log = server.log();
+    assert!(
+        log.contains("dropped 1 sequence(s) whose client went away (while decoding)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("POST /v1/chat/completions -> client went away"),
+        "{log}"
+    );
+    assert!(log.contains("POST /v1/chat/completions -> 413"), "{log}");
+}

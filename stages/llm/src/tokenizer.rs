@@ -328,6 +328,20 @@ impl LlmTokenizer {
         piece.chars().map(byte_of_char).collect()
     }
 
+    /// The most bytes of text one token stands for (at least 1). Byte-level BPE tokens cover
+    /// exactly their bytes, so a text of `n` bytes is at least `ceil(n / max_token_bytes)`
+    /// tokens: a bound on a prompt's length known before tokenizing it.
+    pub fn max_token_bytes(&self) -> usize {
+        (0..self.tokens.len() as u32)
+            .map(|id| {
+                self.token_bytes(id)
+                    .map_or(self.tokens[id as usize].len(), |b| b.len())
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
     /// Whether `id` is a control or user-defined token (raw text in the vocabulary).
     pub fn is_added(&self, id: u32) -> bool {
         self.added.get(id as usize).copied().unwrap_or(false)

@@ -46,6 +46,9 @@ pub use types::{
     ConstrainedScores, FinishReason, GenerateOptions, Generation, MAX_ALTERNATIVES, TopLogprobs,
 };
 
+/// A generation and, per generated token, its step's most likely tokens.
+pub type Scored = (Generation, Vec<TopLogprobs>);
+
 pub struct Engine {
     model: LlamaModel,
     tok: LlmTokenizer,
@@ -75,6 +78,8 @@ struct SeqState {
     allowed: Vec<bool>,
     constrained: ConstrainedScores,
     error: Option<String>,
+    /// Given up by the caller (see [`Engine::generate_ids_cancellable`]).
+    cancelled: bool,
 }
 
 impl SeqState {
@@ -257,6 +262,25 @@ impl Engine {
         opts: &GenerateOptions,
         top_n: usize,
     ) -> Result<Vec<(Generation, Vec<TopLogprobs>)>> {
+        let out = self.generate_ids_cancellable(prompts, opts, top_n, &|_| false)?;
+        Ok(out
+            .into_iter()
+            .map(|g| g.expect("nothing is cancelled"))
+            .collect())
+    }
+
+    /// [`generate_ids_with_top`](Self::generate_ids_with_top) where a sequence can be given
+    /// up while it is decoded: before every decoding step `cancelled(i)` is asked for each
+    /// unfinished prompt `i`, and a `true` drops that row from the batch (its KV-cache row
+    /// is freed; the others go on unchanged). A dropped sequence's result is `None`. The
+    /// prefill is not interrupted (it is bounded by the context).
+    pub fn generate_ids_cancellable(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        top_n: usize,
+        cancelled: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Scored>>> {
         validate(opts)?;
         for (i, p) in prompts.iter().enumerate() {
             self.check_ids(p, &format!("prompt {}", i + 1))?;
@@ -297,6 +321,7 @@ impl Engine {
                     },
                     constrained: ConstrainedScores::default(),
                     error: None,
+                    cancelled: false,
                 }
             })
             .collect();
@@ -313,6 +338,12 @@ impl Engine {
             } else {
                 self.step(&logits, &active, &mut states, opts, top_n)?
             };
+            for &s in &active {
+                if states[s].finish.is_none() && cancelled(s) {
+                    states[s].cancelled = true;
+                    states[s].finish = Some(FinishReason::Length);
+                }
+            }
             let keep: Vec<usize> = (0..active.len())
                 .filter(|&r| states[active[r]].finish.is_none())
                 .collect();
@@ -336,6 +367,9 @@ impl Engine {
         states
             .into_iter()
             .map(|s| {
+                if s.cancelled {
+                    return Ok(None);
+                }
                 let text = match s.stop_text {
                     Some(t) => t,
                     None => self.tok.decode(&s.ids, true)?,
@@ -353,7 +387,7 @@ impl Engine {
                     constrained: s.matcher.is_some().then_some(s.constrained),
                     error: s.error,
                 };
-                Ok((g, s.top))
+                Ok(Some((g, s.top)))
             })
             .collect()
     }

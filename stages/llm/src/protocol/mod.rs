@@ -30,7 +30,7 @@ use crate::tokenizer::{ChatMessage, LlmTokenizer};
 
 mod service;
 
-pub use service::{Service, ServiceConfig};
+pub use service::{Metrics, Service, ServiceConfig};
 
 /// The OpenAI API's limit on top_logprobs.
 pub const MAX_TOP_LOGPROBS: usize = 20;
@@ -38,6 +38,39 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 pub const DEFAULT_MAX_TOKENS: usize = 512;
 /// Most inputs in one embeddings request (as the OpenAI API).
 pub const MAX_EMBED_INPUTS: usize = 2048;
+/// The server's cap on a request's max_tokens when none is configured.
+pub const DEFAULT_MAX_TOKENS_CAP: usize = 2048;
+
+/// What one chat request may ask of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChatLimits {
+    /// The model's context: prompt tokens + max_tokens must fit in it.
+    pub ctx_len: usize,
+    /// The most bytes of text one token stands for ([`LlmTokenizer::max_token_bytes`]): a
+    /// prompt of `n` bytes is at least `ceil(n / max_token_bytes)` tokens, so one that cannot
+    /// fit is refused before it is tokenized (tokenizing costs ~100 bytes of memory per byte).
+    pub max_token_bytes: usize,
+    /// The most `max_tokens` a request may ask for; more is refused (400), not clamped, so a
+    /// client never receives a shorter answer than it asked for without being told.
+    pub max_tokens_cap: usize,
+}
+
+impl ChatLimits {
+    /// The limits of `tok`'s model with context `ctx_len` and the default cap.
+    pub fn new(tok: &LlmTokenizer, ctx_len: usize) -> Self {
+        ChatLimits {
+            ctx_len,
+            max_token_bytes: tok.max_token_bytes(),
+            max_tokens_cap: DEFAULT_MAX_TOKENS_CAP,
+        }
+    }
+
+    /// The largest prompt (in bytes of rendered text) that could still fit with one token of
+    /// answer; longer ones are refused without tokenizing.
+    pub fn max_prompt_bytes(&self) -> usize {
+        self.ctx_len.saturating_sub(1) * self.max_token_bytes
+    }
+}
 
 /// An error answered to the client.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,8 +194,9 @@ pub fn response_format(v: &Value) -> ApiResult<Option<Constraint>> {
     Ok(Some(c))
 }
 
-/// Validates a chat request and renders its prompt (`ctx_len`: the model's context).
-pub fn parse_chat(tok: &LlmTokenizer, ctx_len: usize, v: &Value) -> ApiResult<ChatRequest> {
+/// Validates a chat request and renders its prompt, within `limits`.
+pub fn parse_chat(tok: &LlmTokenizer, limits: &ChatLimits, v: &Value) -> ApiResult<ChatRequest> {
+    let ctx_len = limits.ctx_len;
     let messages = v
         .get("messages")
         .and_then(Value::as_array)
@@ -216,12 +250,28 @@ pub fn parse_chat(tok: &LlmTokenizer, ctx_len: usize, v: &Value) -> ApiResult<Ch
             .or_else(|| x.as_u64())
             .ok_or_else(|| ApiError::bad(format!("'seed' must be an integer, got {x}")))?,
     };
-    let max_tokens = match opt_usize(v, "max_completion_tokens")? {
-        Some(n) => n,
-        None => opt_usize(v, "max_tokens")?.unwrap_or(DEFAULT_MAX_TOKENS),
+    let (max_tokens, max_name) = match opt_usize(v, "max_completion_tokens")? {
+        Some(n) => (n, "max_completion_tokens"),
+        None => match opt_usize(v, "max_tokens")? {
+            Some(n) => (n, "max_tokens"),
+            None => (DEFAULT_MAX_TOKENS.min(limits.max_tokens_cap), "max_tokens"),
+        },
     };
     if max_tokens == 0 {
-        return Err(ApiError::bad("'max_tokens' must be at least 1"));
+        return Err(ApiError::bad(format!("'{max_name}' must be at least 1")));
+    }
+    if max_tokens > limits.max_tokens_cap {
+        return Err(ApiError::bad(format!(
+            "'{max_name}' {max_tokens} exceeds this server's cap of {} tokens per answer \
+             (flag serve --max-tokens-cap)",
+            limits.max_tokens_cap
+        )));
+    }
+    if max_tokens >= ctx_len {
+        return Err(ApiError::bad(format!(
+            "'{max_name}' {max_tokens} leaves no room for a prompt in the model context of \
+             {ctx_len} tokens"
+        )));
     }
     let stop: Vec<String> = match v.get("stop") {
         None | Some(Value::Null) => Vec::new(),
@@ -286,6 +336,18 @@ pub fn parse_chat(tok: &LlmTokenizer, ctx_len: usize, v: &Value) -> ApiResult<Ch
     let text = tok
         .apply_chat_template(&chat, true)
         .map_err(|e| ApiError::bad(format!("applying the chat template: {e}")))?;
+    // Every token stands for at most `max_token_bytes` bytes: a prompt too long to fit is
+    // refused here, before tokenizing it (which costs far more memory and time than its bytes).
+    let n_bytes = text.len() + prefill.len();
+    let at_least = n_bytes.div_ceil(limits.max_token_bytes.max(1));
+    if at_least + max_tokens > ctx_len {
+        return Err(ApiError::bad(format!(
+            "the prompt is {n_bytes} bytes, so at least {at_least} tokens (no token of this \
+             model is longer than {} bytes); with max_tokens {max_tokens} it cannot fit in the \
+             model context of {ctx_len} tokens",
+            limits.max_token_bytes
+        )));
+    }
     let mut prompt = tok
         .encode(&text, true)
         .map_err(|e| ApiError::server(e.to_string()))?;
