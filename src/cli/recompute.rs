@@ -21,6 +21,9 @@ use crate::store::{Manifest, Store, short};
 pub struct OutputVerdict {
     pub output: String,
     pub identical: bool,
+    /// A measurement of the run (wall-clock): compared and reported, but not part of the
+    /// verdict, since no rerun reproduces a stopwatch.
+    pub measured: bool,
     /// Parquet outputs: the column comparison.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub table: Option<TableDiff>,
@@ -78,10 +81,10 @@ fn producer(
 fn compare_output(
     store: &Store,
     stored: &Manifest,
-    name: &str,
-    kind: &OutputKind,
+    spec: &flag_core::OutputSpec,
     scratch: &Path,
 ) -> anyhow::Result<OutputVerdict> {
+    let (name, kind) = (spec.name, &spec.kind);
     let rec = stored
         .outputs
         .get(name)
@@ -89,6 +92,7 @@ fn compare_output(
     let mut verdict = OutputVerdict {
         output: name.to_string(),
         identical: true,
+        measured: spec.measured,
         table: None,
         files_differing: Vec::new(),
     };
@@ -242,7 +246,7 @@ pub fn recompute(p: &Pipeline, store: &Store, stage_name: &str) -> anyhow::Resul
             .spec()
             .outputs
             .iter()
-            .map(|o| compare_output(store, &stored, o.name, &o.kind, &scratch))
+            .map(|o| compare_output(store, &stored, o, &scratch))
             .collect::<anyhow::Result<Vec<_>>>()
     });
     let _ = std::fs::remove_dir_all(&scratch);
@@ -254,6 +258,13 @@ pub fn recompute(p: &Pipeline, store: &Store, stage_name: &str) -> anyhow::Resul
         outputs: outputs?,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+impl Recomputed {
+    /// Every output that is a function of the key is byte-identical.
+    pub fn reproduced(&self) -> bool {
+        self.outputs.iter().all(|o| o.measured || o.identical)
+    }
 }
 
 fn print(r: &Recomputed) {
@@ -275,6 +286,18 @@ fn print(r: &Recomputed) {
         println!("  machine differs: {}", r.machine_changes.join(", "));
     }
     for o in &r.outputs {
+        if o.measured {
+            println!(
+                "  {}: measured (wall-clock), not compared{}",
+                o.output,
+                if o.identical {
+                    "; identical anyway"
+                } else {
+                    ""
+                }
+            );
+            continue;
+        }
         match (&o.table, o.identical) {
             (_, true) => println!("  {}: identical", o.output),
             (Some(TableDiff::SameValues), _) => println!(
@@ -310,15 +333,26 @@ fn print(r: &Recomputed) {
             ),
         }
     }
-    let same = r.outputs.iter().filter(|o| o.identical).count();
+    let compared = r.outputs.iter().filter(|o| !o.measured).count();
+    let same = r
+        .outputs
+        .iter()
+        .filter(|o| !o.measured && o.identical)
+        .count();
     println!(
-        "{}: {same} of {} outputs byte-identical",
-        if same == r.outputs.len() {
+        "{}: {same} of {compared} outputs byte-identical{}",
+        if r.reproduced() {
             "reproduced"
         } else {
             "NOT reproduced"
         },
-        r.outputs.len()
+        match r.outputs.len() - compared {
+            0 => String::new(),
+            n => format!(
+                " ({n} measured output{} not compared)",
+                if n == 1 { "" } else { "s" }
+            ),
+        }
     );
 }
 
@@ -343,7 +377,7 @@ pub fn run(
     } else {
         print(&r);
     }
-    Ok(if r.outputs.iter().all(|o| o.identical) {
+    Ok(if r.reproduced() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -51,7 +51,8 @@ pub fn describe(kind: &str, stage: &dyn Stage) -> Value {
                 OutputKind::Parquet { schema } => format!("parquet ({schema})"),
                 OutputKind::File { ext } => format!("file (.{ext})"),
                 OutputKind::Dir => "dir".to_string(),
-            },
+            } + if o.measured { ", measured" } else { "" },
+            "measured": o.measured,
             "doc": o.doc,
         })).collect::<Vec<_>>(),
         "params": spec.params.iter().map(|p| json!({

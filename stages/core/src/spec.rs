@@ -99,6 +99,10 @@ pub struct OutputSpec {
     pub name: &'static str,
     pub kind: OutputKind,
     pub doc: &'static str,
+    /// A measurement of the run itself (wall-clock time, throughput), not a function of the
+    /// key: stored and cached like any output, but `verify --recompute` and reproducibility
+    /// checks report it without comparing its bytes.
+    pub measured: bool,
 }
 
 impl OutputSpec {
@@ -107,6 +111,14 @@ impl OutputSpec {
             name,
             kind: OutputKind::Parquet { schema },
             doc,
+            measured: false,
+        }
+    }
+    /// A Parquet output that records measurements of the run (see [`OutputSpec::measured`]).
+    pub fn measured_parquet(name: &'static str, schema: &'static str, doc: &'static str) -> Self {
+        OutputSpec {
+            measured: true,
+            ..OutputSpec::parquet(name, schema, doc)
         }
     }
     pub fn dir(name: &'static str, doc: &'static str) -> Self {
@@ -114,6 +126,7 @@ impl OutputSpec {
             name,
             kind: OutputKind::Dir,
             doc,
+            measured: false,
         }
     }
     pub fn file(name: &'static str, ext: &'static str, doc: &'static str) -> Self {
@@ -121,6 +134,7 @@ impl OutputSpec {
             name,
             kind: OutputKind::File { ext },
             doc,
+            measured: false,
         }
     }
 }
