@@ -58,18 +58,21 @@ impl From<PathBuf> for PolicyBase {
 pub const HEAD_GROUP: usize = 1;
 
 /// How the policy head starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum HeadInit {
     /// Row a = the output-embedding row of token `ids[a]` (bias 0): the starting logits are
     /// the model's own next-token logits of those tokens, so the starting policy is the
     /// model's preference among the action words.
     TokenRows(Vec<u32>),
+    /// As `TokenRows`, with bias a = `bias[a]` (e.g. the log-probability of the rest of an
+    /// action's answer after its first token, so the head scores whole action strings).
+    TokenRowsWithBias(Vec<u32>, Vec<f64>),
     /// N(0, 0.01²) weights, zero bias (CleanRL's small-gain policy init).
     Random,
 }
 
 /// The shape of the trainable part.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyShape {
     /// Top blocks that train (M); the bottom n_layer - M stay frozen.
     pub trainable_blocks: usize,
@@ -277,8 +280,21 @@ impl TrainablePolicy {
         }
         let d = model.cfg.d_model as i64;
         let out_rows = model.lm_head.as_ref().unwrap_or(&model.embed);
-        let policy_init = match &shape.head_init {
-            HeadInit::TokenRows(ids) => {
+        let (row_ids, start_bias) = match &shape.head_init {
+            HeadInit::TokenRows(ids) => (Some(ids), None),
+            HeadInit::TokenRowsWithBias(ids, bias) => {
+                if bias.len() != shape.n_actions || bias.iter().any(|b| !b.is_finite()) {
+                    return Err(LlmError::Invalid(format!(
+                        "head-init bias {bias:?} must hold {} finite values",
+                        shape.n_actions
+                    )));
+                }
+                (Some(ids), Some(bias))
+            }
+            HeadInit::Random => (None, None),
+        };
+        let policy_init = match row_ids {
+            Some(ids) => {
                 if ids.len() != shape.n_actions {
                     return Err(LlmError::Invalid(format!(
                         "{} head-init tokens for {} actions",
@@ -308,7 +324,7 @@ impl TrainablePolicy {
                 });
                 Some(rows)
             }
-            HeadInit::Random => None,
+            None => None,
         };
         let n_frozen = n_layer - m;
         let top_src = model.blocks.split_off(n_frozen);
@@ -344,7 +360,13 @@ impl TrainablePolicy {
                 &seeded(&mut rng, &[n_act, d], Dist::Normal(0.01)).to_device(device),
             ),
         };
-        let policy_b = pol.zeros("bias", &[n_act]);
+        let policy_b = match start_bias {
+            Some(b) => {
+                let b: Vec<f32> = b.iter().map(|&x| x as f32).collect();
+                pol.var_copy("bias", &Tensor::from_slice(&b).to_device(device))
+            }
+            None => pol.zeros("bias", &[n_act]),
+        };
         let val = &heads / "value";
         let h = shape.value_hidden as i64;
         // Scaled like torch's Linear default (U(-1/sqrt(in), 1/sqrt(in)));

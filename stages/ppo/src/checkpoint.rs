@@ -46,8 +46,12 @@ impl CheckpointConfig {
         Ok(PolicyConfig {
             trainable_blocks: self.trainable_blocks,
             value_hidden: self.value_hidden,
-            head_start: HeadStart::parse(&self.head_init)
-                .ok_or_else(|| format!("unknown head_init '{}'", self.head_init))?,
+            head_start: match HeadStart::parse(&self.head_init) {
+                // The heads come from the checkpoint: the calibration is not needed to rebuild.
+                Some(HeadStart::ActionScores) => HeadStart::ActionWords,
+                Some(h) => h,
+                None => return Err(format!("unknown head_init '{}'", self.head_init)),
+            },
             max_prompt_tokens: self.max_prompt_tokens,
             init_seed: self.seed,
         })

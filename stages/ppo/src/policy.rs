@@ -18,6 +18,12 @@ pub enum HeadStart {
     /// From the output-embedding rows of the action words' first tokens after the answer
     /// prefix ("S"ell, "Hold", "Buy" for SmolLM2): the model's own preference.
     ActionWords,
+    /// As `ActionWords`, plus a bias per action: the log-probability the model gives the rest
+    /// of that action's answer after its first token (`ell"}` after `S`, `"}` after `Hold`),
+    /// scored on a calibration prompt (the stage uses the first training prompt). On that
+    /// prompt the starting policy is exactly the softmax of the whole answers' log-probs
+    /// (`Sell"}`, `Hold"}`, `Buy"}`); on other prompts the bias is the calibration prompt's.
+    ActionScores,
     /// Small random weights.
     Random,
 }
@@ -26,6 +32,7 @@ impl HeadStart {
     pub fn parse(s: &str) -> Option<HeadStart> {
         match s {
             "action_words" => Some(HeadStart::ActionWords),
+            "action_scores" => Some(HeadStart::ActionScores),
             "random" => Some(HeadStart::Random),
             _ => None,
         }
@@ -34,6 +41,7 @@ impl HeadStart {
     pub fn name(self) -> &'static str {
         match self {
             HeadStart::ActionWords => "action_words",
+            HeadStart::ActionScores => "action_scores",
             HeadStart::Random => "random",
         }
     }
@@ -86,6 +94,58 @@ pub fn action_tokens(tok: &LlmTokenizer, answer_prefix: &str) -> Result<Vec<u32>
     Ok(out)
 }
 
+/// The closing of an answer after the action word (`{"Action": "Hold"}`).
+pub const ANSWER_CLOSE: &str = "\"}";
+
+/// Per action, ln p(the answer's tokens after the action's first token | the prompt and that
+/// token): what `ActionScores` adds to the first token's logit so the head scores the whole
+/// answer on the calibration prompt.
+fn rest_of_answer_logprobs(
+    engine: &Engine,
+    tok: &LlmTokenizer,
+    p: &PromptText,
+    first: &[u32],
+) -> Result<Vec<f64>, String> {
+    let text = tok
+        .apply_chat_template(&[ChatMessage::user(p.user.as_str())], true)
+        .map_err(|e| e.to_string())?;
+    let prompt = tok
+        .encode(&format!("{text}{}", p.answer_prefix), true)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(ACTION_NAMES.len());
+    for (word, &first_id) in ACTION_NAMES.iter().zip(first) {
+        let whole = tok
+            .encode(
+                &format!("{text}{}{word}{ANSWER_CLOSE}", p.answer_prefix),
+                true,
+            )
+            .map_err(|e| e.to_string())?;
+        if !whole.starts_with(&prompt) || whole.get(prompt.len()) != Some(&first_id) {
+            return Err(format!(
+                "the answer '{}{word}{ANSWER_CLOSE}' does not tokenise as the prompt, then the \
+                 action word's first token",
+                p.answer_prefix
+            ));
+        }
+        let mut sum = 0.0f64;
+        for k in prompt.len() + 1..whole.len() {
+            let logits = engine
+                .next_token_logits_ids(&whole[..k])
+                .map_err(|e| e.to_string())?;
+            sum += log_softmax_at(&logits, whole[k] as usize);
+        }
+        out.push(sum);
+    }
+    Ok(out)
+}
+
+/// ln softmax(logits)[i], accumulated in f64.
+fn log_softmax_at(logits: &[f32], i: usize) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    logits[i] as f64 - max - z.ln()
+}
+
 impl LlmPolicy {
     /// Loads the GGUF (f32 on CPU, bf16 compute on CUDA with f32 trainable masters) and
     /// builds the actor-critic in `vs` (which must be empty: its variables are exactly the
@@ -95,6 +155,18 @@ impl LlmPolicy {
         cfg: PolicyConfig,
         answer_prefix: &str,
         vs: &nn::Path,
+    ) -> Result<Self, String> {
+        Self::load_calibrated(gguf, cfg, answer_prefix, vs, None)
+    }
+
+    /// [`LlmPolicy::load`] with the calibration prompt that `head_start: ActionScores` needs
+    /// (ignored by the other starts).
+    pub fn load_calibrated(
+        gguf: &Path,
+        cfg: PolicyConfig,
+        answer_prefix: &str,
+        vs: &nn::Path,
+        calibration: Option<&PromptText>,
     ) -> Result<Self, String> {
         let device = vs.device();
         let kind = if device.is_cuda() {
@@ -111,6 +183,14 @@ impl LlmPolicy {
             value_hidden: cfg.value_hidden,
             head_init: match cfg.head_start {
                 HeadStart::ActionWords => HeadInit::TokenRows(action_tokens.clone()),
+                HeadStart::ActionScores => {
+                    let p = calibration.ok_or(
+                        "head_init action_scores needs a calibration prompt (the first training \
+                         prompt)",
+                    )?;
+                    let bias = rest_of_answer_logprobs(&engine, &tok, p, &action_tokens)?;
+                    HeadInit::TokenRowsWithBias(action_tokens.clone(), bias)
+                }
                 HeadStart::Random => HeadInit::Random,
             },
             seed: cfg.init_seed,

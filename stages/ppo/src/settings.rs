@@ -152,7 +152,9 @@ pub fn param_specs() -> Vec<ParamSpec> {
             "head_init",
             Str,
             json!("action_words"),
-            "Policy head start: action_words (the model's own preference) or random",
+            "Policy head start: action_words (the action words' first-token rows: the model's own \
+             preference), action_scores (those rows plus a bias scoring the rest of each \
+             answer on the first training prompt) or random",
         ),
         spec(
             "max_prompt_tokens",
@@ -307,7 +309,7 @@ impl PpoSettings {
             head_start: HeadStart::parse(&head).ok_or_else(|| {
                 StageError::param(
                     "head_init",
-                    format!("'{head}' is not one of action_words, random"),
+                    format!("'{head}' is not one of action_words, action_scores, random"),
                 )
             })?,
             max_prompt_tokens: p.usize("max_prompt_tokens")?,

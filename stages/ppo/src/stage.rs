@@ -148,13 +148,26 @@ pub fn run_one(
         init_seed: seed,
         ..s.policy
     };
-    let policy = LlmPolicy::load(&s.model, policy_cfg, template.answer_prefix(), &vs.root())
-        .map_err(fail)?;
     let mut env = FlagMarketEnv::new(
         data.clone(),
         template.clone(),
         s.market.clone(),
         train_days.clone(),
+    )
+    .map_err(fail)?;
+    // head_init action_scores calibrates on the first training prompt (train resets again).
+    let calibration = match policy_cfg.head_start {
+        crate::policy::HeadStart::ActionScores => {
+            Some(crate::env::PromptEnv::reset(&mut env).map_err(fail)?.prompt)
+        }
+        _ => None,
+    };
+    let policy = LlmPolicy::load_calibrated(
+        &s.model,
+        policy_cfg,
+        template.answer_prefix(),
+        &vs.root(),
+        calibration.as_ref(),
     )
     .map_err(fail)?;
     let TrainOutput { log, steps } =
@@ -216,10 +229,11 @@ impl Stage for Ppo {
                 ),
                 OutputSpec::parquet("trades", "trades", "Executed trades of those paths"),
                 OutputSpec::parquet("log", "ppo_log", "Per-iteration PPO training log"),
-                OutputSpec::parquet(
+                OutputSpec::measured_parquet(
                     "timing",
                     "ppo_timing",
-                    "Per-iteration wall-clock throughput (not reproducible)",
+                    "Per-iteration wall-clock throughput (measured: not compared by verify \
+                     --recompute)",
                 ),
                 OutputSpec::parquet(
                     "decisions",
