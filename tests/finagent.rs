@@ -110,6 +110,7 @@ fn finagent_path_answers_validly_and_ablations_share_the_cache() {
         "finagent_MLHT",
         "## Retrieval",
         "## One day traced",
+        "prompt tokens / call",
     ] {
         assert!(md.contains(part), "report lacks {part}");
     }
@@ -131,6 +132,28 @@ fn finagent_path_answers_validly_and_ablations_share_the_cache() {
     assert!(
         bools(&intel, "called").iter().all(|c| *c),
         "MSFT has news every day"
+    );
+    // Usage: one row per call of each module, with counted tokens and a positive time.
+    for (name, module, calls) in [
+        ("fa_intel.usage", "latest_intel", 5),
+        ("fa_past.usage", "past_intel", bools(&past, "called").iter().filter(|c| **c).count()),
+        ("fa_low.usage", "low_reflection", low.num_rows()),
+    ] {
+        let u = table(&root, store.path(), name);
+        assert_eq!(u.num_rows(), calls, "{name}");
+        assert!(strs(&u, "module").iter().all(|m| m.as_deref() == Some(module)));
+        let prompt = col::<Int64Array>(&u, "prompt_tokens");
+        let answer = col::<Int64Array>(&u, "completion_tokens");
+        assert!((0..u.num_rows()).all(|i| prompt.is_valid(i) && prompt.value(i) > 100));
+        assert!((0..u.num_rows()).all(|i| answer.value(i) > 0));
+    }
+    let u = table(&root, store.path(), "finagent.usage");
+    let modules = strs(&u, "module");
+    let n = |m: &str| modules.iter().filter(|x| x.as_deref() == Some(m)).count();
+    assert_eq!(n("decision"), dec.num_rows());
+    assert_eq!(
+        n("high_reflection"),
+        bools(&dec, "high_called").iter().filter(|c| **c).count()
     );
     let high_failed = bools(&dec, "high_failed").iter().filter(|f| **f).count();
     assert_eq!(high_failed, 0, "high-level reflection failures");

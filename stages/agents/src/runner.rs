@@ -22,6 +22,21 @@ pub struct Outcome<T> {
     pub generation: Generation,
     /// The last answer when valid, else every attempt's answer.
     pub raw_text: String,
+    /// What the request cost over all its attempts.
+    pub usage: CallUsage,
+}
+
+/// What one request cost, summed over its attempts. A measurement: the time is wall-clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CallUsage {
+    /// Prompt tokens fed (chat template and answer prefill included); None when the backend
+    /// cannot count them without generating (the HTTP backend).
+    pub prompt_tokens: Option<u64>,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+    /// Wall time of the batches the request was in, each split evenly over its requests (a
+    /// batch runs until its longest answer ends, so each request shares its whole cost).
+    pub ms: f64,
 }
 
 /// Runs `requests` as one batch, then re-batches the malformed ones.
@@ -35,6 +50,7 @@ pub fn run_with_retries<T>(
     let mut out: Vec<Option<Outcome<T>>> = (0..requests.len()).map(|_| None).collect();
     let mut history: Vec<Vec<String>> = vec![Vec::new(); requests.len()];
     let mut errors: Vec<Option<String>> = vec![None; requests.len()];
+    let mut usage = vec![CallUsage::default(); requests.len()];
     let mut pending: Vec<usize> = (0..requests.len()).collect();
     for attempt in 0..=settings.retries {
         if pending.is_empty() {
@@ -57,7 +73,9 @@ pub fn run_with_retries<T>(
             .collect::<StageResult<Vec<_>>>()?;
         let mut opts = settings.opts.clone();
         opts.seed = opts.seed.wrapping_add(attempt as u64);
+        let started = std::time::Instant::now();
         let gens = backend.generate(&batch, &opts)?;
+        let share_ms = started.elapsed().as_secs_f64() * 1e3 / batch.len().max(1) as f64;
         if gens.len() != batch.len() {
             return Err(StageError::Invalid(format!(
                 "backend {} returned {} generations for {} prompts",
@@ -68,6 +86,14 @@ pub fn run_with_retries<T>(
         }
         let mut still = Vec::new();
         for ((&i, g), r) in pending.iter().zip(gens).zip(&batch) {
+            let u = &mut usage[i];
+            u.prompt_tokens = match (attempt, u.prompt_tokens, backend.prompt_tokens(r)) {
+                (0, _, Some(n)) => Some(n as u64),
+                (_, Some(sum), Some(n)) => Some(sum + n as u64),
+                _ => None,
+            };
+            u.completion_tokens += g.ids.len() as u64;
+            u.ms += share_ms;
             let answer = format!("{}{}", r.prefill, g.text);
             history[i].push(answer.clone());
             // A generation the backend flagged (the answer left its schema) is rejected with
@@ -84,6 +110,7 @@ pub fn run_with_retries<T>(
                         error: None,
                         generation: g,
                         raw_text: answer,
+                        usage: usage[i],
                     })
                 }
                 Err(e) => {
@@ -101,6 +128,7 @@ pub fn run_with_retries<T>(
                             error: errors[i].clone(),
                             generation: g,
                             raw_text: raw,
+                            usage: usage[i],
                         });
                     } else {
                         still.push(i);

@@ -507,7 +507,7 @@ fn finagent_report_module_counts_and_action_mix() {
         row(&md, h, "decision, finagent_T"),
         ["2", "2", "0", "0.0", "0", "2", "100.0"]
     );
-    assert!(md.contains("Tokens and time per module are not recorded"));
+    assert!(md.contains("Tokens and time per module: no `usage` input is bound"));
     assert!(md.contains(
         "Source: `finagent.decisions` (module rows); `fa_intel.intel` (module rows); \
          `fa_past.intel` (module rows); `fa_low.reflections` (module rows)."
@@ -521,6 +521,68 @@ fn finagent_report_module_counts_and_action_mix() {
         row(&md, h, "finagent_T (T)"),
         ["2", "1 (50.0 %)", "0 (0.0 %)", "1 (50.0 %)", "0", "1", "2"]
     );
+}
+
+fn usage_batch(module: &str, days: &[i32], rows: &[(i64, Option<i64>, i64, f64)]) -> RecordBatch {
+    let n = rows.len();
+    schema::schema("llm_usage")
+        .unwrap()
+        .batch(vec![
+            s(vec!["MSFT"; n]),
+            d(days[..n].to_vec()),
+            s(vec![module; n]),
+            i(rows.iter().map(|r| r.0).collect()),
+            Arc::new(Int64Array::from(
+                rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            )),
+            i(rows.iter().map(|r| r.2).collect()),
+            f(rows.iter().map(|r| r.3).collect()),
+        ])
+        .unwrap()
+}
+
+#[test]
+fn finagent_report_usage_per_module_by_hand() {
+    let fx = fixture();
+    let mut inputs = fx.inputs.clone();
+    let dir = fx.dir.path();
+    // (attempts, prompt tokens, answer tokens, ms); the decisions came over HTTP (uncounted).
+    let latest = usage_batch(
+        "latest_intel",
+        &fx.days,
+        &[
+            (1, Some(100), 10, 1000.0),
+            (2, Some(200), 20, 2000.0),
+            (1, Some(300), 30, 3000.0),
+        ],
+    );
+    let decision = usage_batch(
+        "decision",
+        &fx.days,
+        &[(1, None, 5, 500.0), (1, None, 7, 1500.0)],
+    );
+    for (reference, batch) in [("finagent.usage", decision), ("fa_intel.usage", latest)] {
+        inputs.entry("usage".into()).or_default().push(artifact(
+            dir,
+            reference,
+            &batch,
+            Some("llm_usage"),
+        ));
+    }
+    let (md, _, _) = run(&fx, &inputs, &[]).unwrap();
+    let h = "## Modules";
+    // calls, attempts, prompt tokens / call, answer tokens / call, time s, ms / call, time %
+    assert_eq!(
+        row(&md, h, "latest_intel"),
+        ["3", "4", "200", "20", "6.0", "2000", "75.0"]
+    );
+    assert_eq!(
+        row(&md, h, "decision"),
+        ["2", "2", "-", "6", "2.0", "1000", "25.0"]
+    );
+    // Pipeline order, whatever the binding order.
+    assert!(md.find("| latest_intel").unwrap() < md.find("| decision |").unwrap());
+    assert!(md.contains("Source: `finagent.usage` (usage rows); `fa_intel.usage` (usage rows)."));
 }
 
 #[test]

@@ -32,6 +32,7 @@ use super::module::{Call, ModuleForm, run_module};
 use super::reflect::intel_text;
 use super::text::{ChartDecision, trading_chart_text};
 use super::tools::ToolBoard;
+use super::usage::{UsageRow, usage_batch, usage_output};
 use crate::prompt::{prompt_path, render, schema_path};
 use crate::runner::Outcome;
 
@@ -195,6 +196,7 @@ impl Stage for FinAgentStage {
                     "json",
                     "Where the run stands after its last day: the next segment's `resume`",
                 ),
+                usage_output(),
             ],
             params: agent_params(),
         }
@@ -263,6 +265,7 @@ impl Stage for FinAgentStage {
             out.decisions.len(),
             cfg.modules.letters()
         ));
+        ctx.write_parquet("usage", &[usage_batch(out.usage())?])?;
         let paths: Vec<crate::llm_only::TickerPath> = out.paths;
         let (equity, trades) = crate::llm_only::batches(&cfg.strategy, "finagent", "test", &paths)?;
         ctx.write_parquet("equity", &[equity])?;
@@ -306,6 +309,30 @@ impl RunOutput {
     /// Actions in (ticker, date) order, failures as HOLD.
     pub fn actions(&self) -> Vec<&'static str> {
         self.decisions.iter().map(|d| d.action.as_str()).collect()
+    }
+
+    /// The `usage` rows: one per high-level reflection and per decision call.
+    pub fn usage(&self) -> Vec<UsageRow> {
+        let mut rows = Vec::new();
+        for d in &self.decisions {
+            if let Some((_, h)) = &d.high {
+                rows.push(UsageRow {
+                    ticker: d.ticker.clone(),
+                    date: d.date,
+                    module: "high_reflection",
+                    attempts: h.attempts,
+                    usage: h.usage,
+                });
+            }
+            rows.push(UsageRow {
+                ticker: d.ticker.clone(),
+                date: d.date,
+                module: "decision",
+                attempts: d.decision.attempts,
+                usage: d.decision.usage,
+            });
+        }
+        rows
     }
 
     pub fn failures(&self) -> usize {

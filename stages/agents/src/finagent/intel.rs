@@ -24,8 +24,9 @@ use super::config::{ModuleConfig, module_files, module_param_specs, positive};
 use super::data::{NewsItem, read_bars, read_items, read_kept_hits, todays_items};
 use super::module::{Call, ModuleForm, run_module};
 use super::text::todays_prices;
+use super::usage::{UsageRow, usage_batch, usage_output};
 use crate::prompt::{prompt_path, render};
-use crate::runner::Outcome;
+use crate::runner::{CallUsage, Outcome};
 use crate::util;
 
 const VERSION: &str = concat!(
@@ -50,6 +51,8 @@ pub struct IntelRow {
     pub failed: bool,
     pub error: Option<String>,
     pub raw_text: Option<String>,
+    /// The call's cost (None when the model was not asked).
+    pub usage: Option<CallUsage>,
 }
 
 impl IntelRow {
@@ -66,11 +69,13 @@ impl IntelRow {
             failed: false,
             error: None,
             raw_text: None,
+            usage: None,
         }
     }
 
     fn fill<T>(&mut self, o: Outcome<T>, f: impl FnOnce(&mut Self, T)) {
         self.attempts = o.attempts;
+        self.usage = Some(o.usage);
         self.error = o.error;
         self.raw_text = Some(o.raw_text);
         match o.value {
@@ -111,6 +116,23 @@ pub fn intel_batch(module: &str, rows: &[IntelRow]) -> StageResult<RecordBatch> 
         util::opt_utf8(rows.iter().map(|r| r.error.clone()).collect()),
         util::opt_utf8(rows.iter().map(|r| r.raw_text.clone()).collect()),
     ])
+}
+
+/// The `usage` rows of the days the model was asked about.
+pub fn intel_usage(module: &'static str, rows: &[IntelRow]) -> StageResult<RecordBatch> {
+    usage_batch(
+        rows.iter()
+            .filter_map(|r| {
+                r.usage.map(|usage| UsageRow {
+                    ticker: r.ticker.clone(),
+                    date: r.date,
+                    module,
+                    attempts: r.attempts,
+                    usage,
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The `memory_queries` rows of the latest module: three per answered day.
@@ -322,6 +344,7 @@ impl Stage for LatestIntel {
                     "memory_queries",
                     "Three queries per answered day",
                 ),
+                usage_output(),
             ],
             // The longest answer the schema allows at one token per character: a 300-character
             // summary, three 80-character queries, ~15 tokens per item analysis, JSON.
@@ -341,6 +364,7 @@ impl Stage for LatestIntel {
         ctx.write_parquet("intel", &[batch])?;
         let q = queries_batch(&rows)?;
         ctx.write_parquet("queries", &[q])?;
+        ctx.write_parquet("usage", &[intel_usage("latest_intel", &rows)?])?;
         Ok(())
     }
 }
@@ -365,11 +389,14 @@ impl Stage for PastIntel {
                 ),
                 InputSpec::one("bars", "ohlcv", "Daily bars: the decision days"),
             ],
-            outputs: vec![OutputSpec::parquet(
-                "intel",
-                "finagent_intel",
-                "One row per ticker and day (module past)",
-            )],
+            outputs: vec![
+                OutputSpec::parquet(
+                    "intel",
+                    "finagent_intel",
+                    "One row per ticker and day (module past)",
+                ),
+                usage_output(),
+            ],
             // A 300-character summary and up to 9 item analyses at one token per character.
             params: common_params("past_intel", 512),
         }
@@ -385,6 +412,7 @@ impl Stage for PastIntel {
         let rows = run_intel_module(ctx, "past_intel", true)?;
         let batch = intel_batch("past", &rows)?;
         ctx.write_parquet("intel", &[batch])?;
+        ctx.write_parquet("usage", &[intel_usage("past_intel", &rows)?])?;
         Ok(())
     }
 }

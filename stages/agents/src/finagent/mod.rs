@@ -39,6 +39,7 @@ pub mod module;
 pub mod reflect;
 pub mod text;
 pub mod tools;
+pub mod usage;
 
 use flag_core::Stage;
 

@@ -5,6 +5,8 @@
 //! shares it; retrieving earlier reflections happens in the agent stage, which embeds them.
 use std::collections::BTreeMap;
 
+use super::usage::{UsageRow, usage_batch, usage_output};
+use crate::runner::CallUsage;
 use flag_core::arrow::array::RecordBatch;
 use flag_core::schema::schema;
 use flag_core::{Fingerprint, InputSpec, OutputSpec, Stage, StageContext, StageResult, StageSpec};
@@ -50,6 +52,7 @@ pub struct LowRow {
     pub attempts: usize,
     pub error: Option<String>,
     pub raw_text: String,
+    pub usage: CallUsage,
 }
 
 pub fn low_batch(rows: &[LowRow]) -> StageResult<RecordBatch> {
@@ -88,11 +91,14 @@ impl Stage for LowLevelReflection {
                 InputSpec::one("latest", "finagent_intel", "Latest market intelligence"),
                 InputSpec::one("past", "finagent_intel", "Past market intelligence"),
             ],
-            outputs: vec![OutputSpec::parquet(
-                "reflections",
-                "finagent_low_reflection",
-                "One row per ticker and day",
-            )],
+            outputs: vec![
+                OutputSpec::parquet(
+                    "reflections",
+                    "finagent_low_reflection",
+                    "One row per ticker and day",
+                ),
+                usage_output(),
+            ],
             // Three 200-character texts and an 80-character query at one token per character.
             params: module_param_specs("low_reflection", 768),
         }
@@ -174,6 +180,7 @@ impl Stage for LowLevelReflection {
                     attempts: o.attempts,
                     error: o.error,
                     raw_text: o.raw_text,
+                    usage: o.usage,
                 });
             }
         }
@@ -181,6 +188,17 @@ impl Stage for LowLevelReflection {
         ctx.log(format!("{} days, {failed} failed", out.len()));
         let batch = low_batch(&out)?;
         ctx.write_parquet("reflections", &[batch])?;
+        let usage = out
+            .iter()
+            .map(|r| UsageRow {
+                ticker: r.ticker.clone(),
+                date: r.date,
+                module: "low_reflection",
+                attempts: r.attempts,
+                usage: r.usage,
+            })
+            .collect();
+        ctx.write_parquet("usage", &[usage_batch(usage)?])?;
         Ok(())
     }
 }

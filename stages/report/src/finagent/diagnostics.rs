@@ -287,12 +287,7 @@ pub fn modules(out: &mut Out, fa: &FinAgentInputs, configs: &[Config]) {
             .collect(),
         mark: "warn",
     });
-    out.blocks.push(Block::Para(
-        "Tokens and time per module are not recorded in these artifacts (the decisions, intel \
-         and low-reflection schemas have no token or timing columns), so this report shows \
-         none."
-            .into(),
-    ));
+    usage(out, fa);
 
     let rows: Vec<(String, Vec<Cell>)> = configs
         .iter()
@@ -343,4 +338,82 @@ pub fn modules(out: &mut Out, fa: &FinAgentInputs, configs: &[Config]) {
             mark: "best",
         });
     }
+}
+
+/// Calls, tokens and wall time per module, from the module stages' `usage` outputs.
+fn usage(out: &mut Out, fa: &FinAgentInputs) {
+    if !fa.has_usage {
+        out.blocks.push(Block::Para(
+            "Tokens and time per module: no `usage` input is bound (bind the module stages' \
+             usage outputs to show them)."
+                .into(),
+        ));
+        return;
+    }
+    const ORDER: [&str; 5] = [
+        "latest_intel",
+        "past_intel",
+        "low_reflection",
+        "high_reflection",
+        "decision",
+    ];
+    let rank = |m: &str| ORDER.iter().position(|o| *o == m).unwrap_or(ORDER.len());
+    let mut modules: Vec<(&String, &super::read::Usage)> = fa.usage.iter().collect();
+    modules.sort_by_key(|(m, _)| (rank(m), (*m).clone()));
+    let per = |x: u64, n: u64| {
+        if n == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}", x as f64 / n as f64)
+        }
+    };
+    let total_ms: f64 = modules.iter().map(|(_, u)| u.ms).sum();
+    out.table(Table {
+        caption: "Per module, over every bound usage artifact: calls = (ticker, day) calls; \
+                  attempts include retries; tokens are per call (prompt: chat template and \
+                  answer prefill included; '-' when the backend did not count them); time is \
+                  wall-clock, a batch's time split evenly over its calls (a measurement of that \
+                  run, not reproducible)."
+            .into(),
+        corner: "Module".into(),
+        groups: Vec::new(),
+        columns: [
+            "calls",
+            "attempts",
+            "prompt tokens / call",
+            "answer tokens / call",
+            "time s",
+            "ms / call",
+            "time %",
+        ]
+        .map(String::from)
+        .to_vec(),
+        rows: modules
+            .iter()
+            .map(|(m, u)| {
+                (
+                    (*m).clone(),
+                    vec![
+                        cell(u.calls.to_string()),
+                        cell(u.attempts.to_string()),
+                        cell(per(u.prompt_tokens, u.prompt_counted)),
+                        cell(per(u.completion_tokens, u.calls)),
+                        cell(format!("{:.1}", u.ms / 1e3)),
+                        cell(if u.calls == 0 {
+                            "-".into()
+                        } else {
+                            format!("{:.0}", u.ms / u.calls as f64)
+                        }),
+                        cell(if total_ms > 0.0 {
+                            format!("{:.1}", 100.0 * u.ms / total_ms)
+                        } else {
+                            "-".into()
+                        }),
+                    ],
+                )
+            })
+            .collect(),
+        provenance: fa.provenance("usage", "usage rows"),
+        mark: "warn",
+    });
 }

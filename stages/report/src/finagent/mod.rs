@@ -188,6 +188,12 @@ impl Stage for FinAgentReport {
                 )
                 .optional(),
                 InputSpec::many("bars", "ohlcv", "Daily bars for the trade charts").optional(),
+                InputSpec::many(
+                    "usage",
+                    "llm_usage",
+                    "Calls, tokens and time of the module stages (their `usage` outputs)",
+                )
+                .optional(),
             ],
             outputs: vec![OutputSpec::dir(
                 "report",

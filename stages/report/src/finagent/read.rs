@@ -99,6 +99,22 @@ pub struct FinAgentInputs {
     pub tools: BTreeMap<(String, String), ToolRecord>,
     /// Equity key -> the first row's daily_return (initial capital = value / (1 + r)).
     pub first_return: BTreeMap<Key, f64>,
+    /// Whether the usage input is bound.
+    pub has_usage: bool,
+    /// Module -> its calls' cost, summed over every usage artifact.
+    pub usage: BTreeMap<String, Usage>,
+}
+
+/// Calls, tokens and wall time of one module (from `llm_usage` tables).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Usage {
+    pub calls: u64,
+    pub attempts: u64,
+    /// Prompt tokens of the calls that counted them, and how many did.
+    pub prompt_tokens: u64,
+    pub prompt_counted: u64,
+    pub completion_tokens: u64,
+    pub ms: f64,
 }
 
 fn twice(input: &str, what: String, a: &str, b: &str) -> StageError {
@@ -205,6 +221,7 @@ impl FinAgentInputs {
         out.read_low(ctx)?;
         out.read_hits(ctx)?;
         out.read_tools(ctx)?;
+        out.read_usage(ctx)?;
         out.read_first_returns(ctx)?;
         Ok(out)
     }
@@ -345,6 +362,39 @@ impl FinAgentInputs {
                 });
             }
             self.hits.push((reference, rows));
+        }
+        Ok(())
+    }
+
+    fn read_usage(&mut self, ctx: &StageContext) -> StageResult<()> {
+        if !ctx.has_input("usage") {
+            return Ok(());
+        }
+        self.has_usage = true;
+        for (reference, batch, file) in read_all(ctx, "usage")? {
+            self.bind("usage", &reference);
+            let c = Cols {
+                batch: &batch,
+                file,
+            };
+            let (module, attempts, prompt, completion, ms) = (
+                c.str("module")?,
+                c.i64("attempts")?,
+                c.opt_i64("prompt_tokens")?,
+                c.i64("completion_tokens")?,
+                c.f64("ms")?,
+            );
+            for row in 0..batch.num_rows() {
+                let u = self.usage.entry(module(row)?.to_string()).or_default();
+                u.calls += 1;
+                u.attempts += attempts(row)?.max(0) as u64;
+                if let Some(n) = prompt(row) {
+                    u.prompt_tokens += n.max(0) as u64;
+                    u.prompt_counted += 1;
+                }
+                u.completion_tokens += completion(row)?.max(0) as u64;
+                u.ms += ms(row)?;
+            }
         }
         Ok(())
     }
