@@ -40,3 +40,10 @@ lint: setup
 # Benchmarks; results are written to artifacts/bench/*.json and printed.
 bench: build
     bash .ci/bench
+
+# Fuzz the pipeline loader, ingest formats and answer parsers for SECS seconds in all
+# (`just fuzz 600`; `just fuzz 60 pipeline,answers` for some targets). The seed is printed;
+# FLAG_FUZZ_SEED=<seed> FLAG_FUZZ_ITERS=<n> replays a run, FLAG_FUZZ_REPLAY=<file> one saved
+# input. Findings are written under artifacts/fuzz/<target>/.
+fuzz SECS="120" TARGETS="": setup
+    FLAG_FUZZ_SECS={{SECS}} FLAG_FUZZ_TARGETS="{{TARGETS}}" cargo test --release --workspace --bin flag fuzz::tests::fuzz_long -- --ignored --exact --nocapture

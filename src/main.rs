@@ -5,6 +5,8 @@
 mod cache;
 mod cli;
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod pipeline;
 mod registry;
 mod scheduler;
