@@ -311,8 +311,9 @@ fn read_from<R: Read>(
                     column(&w),
                     format!(
                         "{}a JSON string or value longer than {MAX_TOKEN_BYTES} bytes, the \
-                         most one may be (not read further); it starts '{}'",
+                         most one may be (not read further); its first {} bytes: '{}'",
                         day(&w),
+                        head.len(),
                         quote_bytes(&head)
                     ),
                 ));

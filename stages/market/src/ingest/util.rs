@@ -358,7 +358,8 @@ impl<R: Read> CsvRecords<R> {
                         format!("field {}", field + 1),
                         format!(
                             "line is longer than {MAX_LINE_BYTES} bytes, the most a CSV line \
-                             may be (not read further); it starts '{}'",
+                             may be (not read further); its first {} bytes: '{}'",
+                            head.len(),
                             quote_bytes(&head)
                         ),
                     );
