@@ -1,6 +1,6 @@
 //! What a running stage sees: its params, its inputs (already verified by the engine), a
 //! staging directory for its outputs, its log file, progress reporting and resources.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,10 +37,107 @@ pub struct StageContext {
     outputs: BTreeMap<String, OutputSpec>,
     staging: PathBuf,
     resources: BTreeMap<String, Vec<u8>>,
-    log: Mutex<Option<File>>,
+    log: Mutex<Option<StageLog>>,
     progress: Option<ProgressFn>,
     progress_log: Mutex<ProgressLog>,
     written: BTreeMap<String, u64>,
+}
+
+/// The most of a stage log kept from its start, and from its end: a stage that logs without
+/// bound (a huge error, a loop) gives a log of at most about the sum of the two, with a line
+/// where the middle was left out saying how much.
+pub const LOG_HEAD_BYTES: usize = 1 << 20;
+pub const LOG_TAIL_BYTES: usize = 1 << 20;
+
+/// A stage's log file, capped: lines go straight to the file until [`LOG_HEAD_BYTES`] are
+/// written; after that the latest lines (at most [`LOG_TAIL_BYTES`], one line at most a
+/// quarter of that) are held and written, after a line saying how much was dropped, when the
+/// log is closed (the context dropped). A log that never reaches the head cap is the plain
+/// sequence of its lines.
+struct StageLog {
+    file: File,
+    head_left: usize,
+    tail_max: usize,
+    tail: VecDeque<String>,
+    tail_bytes: usize,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    /// Lines were cut to fit (bytes left out of them).
+    cut_bytes: u64,
+}
+
+impl StageLog {
+    fn new(file: File, head_max: usize, tail_max: usize) -> StageLog {
+        StageLog {
+            file,
+            head_left: head_max,
+            tail_max,
+            tail: VecDeque::new(),
+            tail_bytes: 0,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+            cut_bytes: 0,
+        }
+    }
+
+    fn line(&mut self, msg: &str) {
+        let len = msg.len() + 1;
+        if len <= self.head_left {
+            self.head_left -= len;
+            let _ = writeln!(self.file, "{msg}");
+            return;
+        }
+        // From here on every line goes to the tail, so the order of lines is kept.
+        self.head_left = 0;
+        let most = (self.tail_max / 4).max(1);
+        let line = if msg.len() > most {
+            let mut end = most;
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.cut_bytes += (msg.len() - end) as u64;
+            format!(
+                "{}...[line cut: {end} of {} bytes kept]",
+                &msg[..end],
+                msg.len()
+            )
+        } else {
+            msg.to_string()
+        };
+        self.tail_bytes += line.len() + 1;
+        self.tail.push_back(line);
+        while self.tail_bytes > self.tail_max && self.tail.len() > 1 {
+            let Some(old) = self.tail.pop_front() else {
+                break;
+            };
+            self.tail_bytes -= old.len() + 1;
+            self.dropped_lines += 1;
+            self.dropped_bytes += old.len() as u64 + 1;
+        }
+    }
+}
+
+impl Drop for StageLog {
+    fn drop(&mut self) {
+        if self.dropped_lines > 0 {
+            let _ = writeln!(
+                self.file,
+                "[log cut: {} lines ({} bytes) dropped here; a stage log keeps its first {} \
+                 and last {} bytes]",
+                self.dropped_lines, self.dropped_bytes, LOG_HEAD_BYTES, LOG_TAIL_BYTES
+            );
+        }
+        for l in &self.tail {
+            let _ = writeln!(self.file, "{l}");
+        }
+        if self.cut_bytes > 0 {
+            let _ = writeln!(
+                self.file,
+                "[log: {} bytes cut out of overlong lines]",
+                self.cut_bytes
+            );
+        }
+    }
 }
 
 /// How often a long stage writes a progress line into its log: the log is what a user
@@ -112,7 +209,7 @@ impl StageContext {
                 .collect(),
             staging,
             resources,
-            log: Mutex::new(log),
+            log: Mutex::new(log.map(|f| StageLog::new(f, LOG_HEAD_BYTES, LOG_TAIL_BYTES))),
             progress,
             progress_log: Mutex::new(ProgressLog {
                 started: Instant::now(),
@@ -126,12 +223,12 @@ impl StageContext {
         &self.staging
     }
 
-    /// Appends a line to this stage's log file in the store.
+    /// Appends a line to this stage's log file in the store (capped: see [`LOG_HEAD_BYTES`]).
     pub fn log(&self, msg: impl AsRef<str>) {
         if let Ok(mut guard) = self.log.lock()
             && let Some(f) = guard.as_mut()
         {
-            let _ = writeln!(f, "{}", msg.as_ref());
+            f.line(msg.as_ref());
         }
     }
 
@@ -252,6 +349,7 @@ impl StageContext {
             });
         };
         let schema: &Schema = SchemaRegistry::global().get(schema)?;
+        let mut first_row = 0;
         for b in batches {
             schema
                 .check(&b.schema(), &format!("output '{name}'"))
@@ -259,6 +357,14 @@ impl StageContext {
                     output: name.into(),
                     message: e.to_string(),
                 })?;
+            // NaN or an infinity where the schema says finite: refused, nothing written.
+            schema
+                .check_finite(b, first_row)
+                .map_err(|message| StageError::Output {
+                    output: name.into(),
+                    message,
+                })?;
+            first_row += b.num_rows();
         }
         let path = self.output_file(name)?;
         let rows = write_parquet_file(&path, schema.arrow(), batches)?;
@@ -339,6 +445,45 @@ mod tests {
             .line(100, 100, "decisions", at + Duration::from_secs(1))
             .expect("the last update always logs");
         assert_eq!(last, "progress: 100/100 decisions (100.0%), 41s elapsed");
+    }
+
+    #[test]
+    fn a_log_keeps_its_head_and_tail_and_says_what_it_dropped() {
+        let path = std::env::temp_dir().join(format!("flag-log-test-{}", std::process::id()));
+        {
+            let mut log = StageLog::new(File::create(&path).unwrap(), 20, 40);
+            for i in 0..100 {
+                log.line(&format!("line {i:02}"));
+            }
+            log.line(&"x".repeat(1000));
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let _ = fs::remove_file(&path);
+        // Head: "line 00\nline 01\n" (16 bytes) fits in 20; the tail (40 bytes, lines of at
+        // most 10) ends with the long line cut to 10 bytes, which pushes out every other.
+        let cut_line = "xxxxxxxxxx...[line cut: 10 of 1000 bytes kept]";
+        assert_eq!(
+            text,
+            format!(
+                "line 00\nline 01\n[log cut: 98 lines (784 bytes) dropped here; a stage log keeps \
+                 its first {LOG_HEAD_BYTES} and last {LOG_TAIL_BYTES} bytes]\n{cut_line}\n\
+                 [log: 990 bytes cut out of overlong lines]\n"
+            )
+        );
+    }
+
+    #[test]
+    fn a_small_log_is_its_lines() {
+        let path = std::env::temp_dir().join(format!("flag-log-test2-{}", std::process::id()));
+        {
+            let mut log = StageLog::new(File::create(&path).unwrap(), 10, 100);
+            for i in 0..3 {
+                log.line(&format!("line {i}"));
+            }
+        }
+        let text = fs::read_to_string(&path).unwrap();
+        let _ = fs::remove_file(&path);
+        assert_eq!(text, "line 0\nline 1\nline 2\n");
     }
 
     #[test]

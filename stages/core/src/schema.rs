@@ -1,5 +1,12 @@
 //! The schema registry: every artifact column is defined once, in `schemas/*.yaml`.
 //! Writers build batches from it and readers check files against it.
+//!
+//! Finiteness: a float column is `finite` when its column says `finite: true`, or the schema
+//! says `finite: true` (every float column of it, unless a column says `finite: false`).
+//! A stage's output with NaN or an infinity in such a column is refused before it is written
+//! ([`Schema::check_finite`]): an overflowed price, equity or metric is no result. Prices,
+//! equity, trades and metrics are finite; training logs and model scores, where a NaN is
+//! itself the record (a diverged loss), are not.
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
@@ -69,6 +76,9 @@ pub struct Column {
     pub ty: ColumnType,
     #[serde(default)]
     pub nullable: bool,
+    /// NaN and infinities are refused (default: the schema's `finite`).
+    #[serde(default)]
+    pub finite: Option<bool>,
     #[serde(default)]
     pub doc: String,
 }
@@ -79,6 +89,9 @@ pub struct Schema {
     pub name: String,
     #[serde(default)]
     pub doc: String,
+    /// Every float column is finite unless it says `finite: false`.
+    #[serde(default)]
+    pub finite: bool,
     pub columns: Vec<Column>,
     /// Bytes of the YAML file, hashed into the key of every stage writing this schema.
     #[serde(skip)]
@@ -103,6 +116,79 @@ impl Schema {
 
     pub fn column(&self, name: &str) -> Option<&Column> {
         self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Whether `c` (a column of this schema) must hold only finite values: a float column
+    /// (scalar or list) that says so, or whose schema does.
+    pub fn is_finite_column(&self, c: &Column) -> bool {
+        let float = matches!(
+            c.ty,
+            ColumnType::Float64 | ColumnType::ListFloat64 | ColumnType::ListFloat32
+        );
+        float && c.finite.unwrap_or(self.finite)
+    }
+
+    /// Checks that no finite column of `batch` (already checked against this schema) holds
+    /// NaN or an infinity. `first_row` is the 0-based row of the batch's first row in the
+    /// whole output. The error names the column, the 1-based row, the value, and the row's
+    /// leading text/date columns (ticker, date, strategy, ...), which say which input row
+    /// produced it.
+    pub fn check_finite(&self, batch: &RecordBatch, first_row: usize) -> Result<(), String> {
+        for (ci, c) in self.columns.iter().enumerate() {
+            if !self.is_finite_column(c) {
+                continue;
+            }
+            let Some(col) = batch.columns().get(ci) else {
+                continue;
+            };
+            if let Some((row, v)) = first_non_finite(col.as_ref()) {
+                return Err(format!(
+                    "column '{}' row {}{} is {v}, but schema '{}' says the column is finite: a \
+                     value that over- or underflowed is no result (check the inputs and params \
+                     that give this row)",
+                    c.name,
+                    first_row + row + 1,
+                    self.row_keys(batch, row),
+                    self.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// " (ticker=AAPL, date=2019-12-31, ...)": the text and date columns of a row, the keys
+    /// a user finds the input row by (at most 6, each value cut to 60 characters).
+    fn row_keys(&self, batch: &RecordBatch, row: usize) -> String {
+        use arrow::array::{Array, Date32Array, StringArray};
+        let mut keys = Vec::new();
+        for (c, col) in self.columns.iter().zip(batch.columns()) {
+            if keys.len() == 6 {
+                break;
+            }
+            if col.is_null(row) {
+                continue;
+            }
+            let v = match c.ty {
+                ColumnType::Utf8 => col
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .map(|a| a.value(row).chars().take(60).collect::<String>()),
+                ColumnType::Date32 => col
+                    .as_any()
+                    .downcast_ref::<Date32Array>()
+                    .and_then(|a| a.value_as_date(row))
+                    .map(|d| d.to_string()),
+                _ => None,
+            };
+            if let Some(v) = v {
+                keys.push(format!("{}={v}", c.name));
+            }
+        }
+        if keys.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", keys.join(", "))
+        }
     }
 
     /// Builds a batch in this schema; a wrong type, count or a null in a non-null column
@@ -184,6 +270,32 @@ impl Schema {
     }
 }
 
+/// The 0-based row and value of the first NaN or infinity in a float array (a list array:
+/// in any of its row's items); nulls are not values.
+fn first_non_finite(col: &dyn arrow::array::Array) -> Option<(usize, String)> {
+    use arrow::array::{Array, Float32Array, Float64Array, ListArray};
+    if let Some(a) = col.as_any().downcast_ref::<Float64Array>() {
+        return (0..a.len())
+            .find(|&i| a.is_valid(i) && !a.value(i).is_finite())
+            .map(|i| (i, a.value(i).to_string()));
+    }
+    if let Some(a) = col.as_any().downcast_ref::<Float32Array>() {
+        return (0..a.len())
+            .find(|&i| a.is_valid(i) && !a.value(i).is_finite())
+            .map(|i| (i, a.value(i).to_string()));
+    }
+    if let Some(l) = col.as_any().downcast_ref::<ListArray>() {
+        for row in 0..l.len() {
+            if l.is_valid(row)
+                && let Some((k, v)) = first_non_finite(l.value(row).as_ref())
+            {
+                return Some((row, format!("{v} (item {})", k + 1)));
+            }
+        }
+    }
+    None
+}
+
 /// List fields may differ only in the inner field's nullability/name after a Parquet round trip.
 fn types_match(a: &DataType, b: &DataType) -> bool {
     match (a, b) {
@@ -253,6 +365,37 @@ mod tests {
     use arrow::array::{Float64Array, StringArray};
 
     use super::*;
+
+    #[test]
+    fn non_finite_values_in_finite_columns_are_named_with_their_row() {
+        let s: Schema = serde_yaml::from_str(
+            "name: x\nfinite: true\ncolumns:\n  - {name: ticker, type: utf8}\n  \
+             - {name: value, type: float64}\n  - {name: loss, type: float64, finite: false}\n",
+        )
+        .unwrap();
+        let batch = |value: Vec<f64>, loss: Vec<f64>| {
+            RecordBatch::try_new(
+                s.arrow(),
+                vec![
+                    Arc::new(StringArray::from(vec!["AAPL", "MSFT"])) as ArrayRef,
+                    Arc::new(Float64Array::from(value)),
+                    Arc::new(Float64Array::from(loss)),
+                ],
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            s.check_finite(&batch(vec![1.0, 2.0], vec![f64::NAN, 1.0]), 0),
+            Ok(())
+        );
+        assert_eq!(
+            s.check_finite(&batch(vec![1.0, f64::INFINITY], vec![0.0, 0.0]), 10)
+                .unwrap_err(),
+            "column 'value' row 12 (ticker=MSFT) is inf, but schema 'x' says the column is \
+             finite: a value that over- or underflowed is no result (check the inputs and \
+             params that give this row)"
+        );
+    }
 
     #[test]
     fn typed_column_names_a_missing_or_mistyped_column() {
