@@ -1,9 +1,15 @@
 //! `flag show STAGE.OUTPUT`: rows of an artifact, or a SQL query over it (DataFusion).
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Args;
-use datafusion::prelude::{ParquetReadOptions, SQLOptions, SessionContext};
+use datafusion::error::DataFusionError;
+use datafusion::execution::memory_pool::{
+    GreedyMemoryPool, MemoryConsumer, MemoryPool, TrackConsumersPool,
+};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{ParquetReadOptions, SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{DFParser, Statement as DfStatement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
@@ -23,6 +29,63 @@ pub struct ShowArgs {
     /// [default: the last pipeline run in this store]
     #[arg(long)]
     pub pipeline: Option<PathBuf>,
+    /// Memory the query may use (DataFusion's memory pool plus the result rows held for
+    /// printing), e.g. 512MiB, 4GiB, 1000000 (bytes). Sorts and aggregations spill to a
+    /// temporary directory; a query that still needs more (a large cross join) fails naming
+    /// the limit instead of growing without bound
+    #[arg(
+        long,
+        env = "FLAG_SHOW_MEMORY_LIMIT",
+        default_value = "1GiB",
+        value_parser = parse_size
+    )]
+    pub memory_limit: u64,
+}
+
+/// "1GiB", "512MiB", "64M", "10k", "1000000": a byte count (K/M/G/T are powers of 1024,
+/// with or without "i" and "B").
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512MiB, 4GiB, 1000000)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "'{other}' is not a size unit (B, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bytes = x * mult as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("'{s}' is not a size of at least one byte"));
+    }
+    Ok(bytes as u64)
+}
+
+/// 1073741824 -> "1.0 GiB".
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{x:.1} {}", units[u])
+    }
 }
 
 pub fn run(
@@ -57,8 +120,23 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let limit = args.memory_limit;
+    let over_limit = |what: String| {
+        anyhow::anyhow!(
+            "--sql: the query needs more memory than the limit of {} ({limit} bytes; set by \
+             --memory-limit or FLAG_SHOW_MEMORY_LIMIT): {what}",
+            human_bytes(limit)
+        )
+    };
+    let pool: Arc<dyn MemoryPool> = Arc::new(TrackConsumersPool::new(
+        GreedyMemoryPool::new(usize::try_from(limit).unwrap_or(usize::MAX)),
+        std::num::NonZeroUsize::new(5).expect("5 > 0"),
+    ));
     let batches = rt.block_on(async {
-        let ctx = SessionContext::new();
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(pool.clone())
+            .build_arc()?;
+        let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
         let p = path.to_string_lossy().to_string();
         ctx.register_parquet("t", &p, ParquetReadOptions::default())
             .await?;
@@ -70,8 +148,35 @@ pub fn run(
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false);
-        ctx.sql_with_options(&sql, read_only).await?.collect().await
-    })?;
+        let mut stream = ctx
+            .sql_with_options(&sql, read_only)
+            .await?
+            .execute_stream()
+            .await?;
+        // The rows held for printing count against the same pool: a cross join's output
+        // is what grows, not its operators' state.
+        let held = MemoryConsumer::new("flag show: result rows").register(&pool);
+        let mut batches = Vec::new();
+        // (Polled by hand: the crate does not depend on `futures` for StreamExt; the method
+        // comes with the stream's trait object.)
+        while let Some(b) = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)).await {
+            let b = b?;
+            held.try_grow(b.get_array_memory_size())?;
+            batches.push(b);
+        }
+        Ok::<_, DataFusionError>(batches)
+    });
+    let batches = match batches {
+        Ok(b) => b,
+        Err(e) => {
+            if matches!(e.find_root(), DataFusionError::ResourcesExhausted(_))
+                || e.to_string().contains("Resources exhausted")
+            {
+                return Err(over_limit(e.find_root().to_string()));
+            }
+            return Err(e.into());
+        }
+    };
     println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
     Ok(ExitCode::SUCCESS)
 }
