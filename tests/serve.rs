@@ -134,10 +134,7 @@ fn requests() -> Vec<LlmRequest> {
         "Name a colour.",
     ]
     .iter()
-    .map(|u| LlmRequest {
-        user: u.to_string(),
-        prefill: PREFILL.to_string(),
-    })
+    .map(|u| LlmRequest::text(*u, PREFILL))
     .collect()
 }
 
@@ -268,10 +265,7 @@ fn serve_answers_like_the_embedded_backend() {
     };
     let plain: Vec<LlmRequest> = reqs
         .iter()
-        .map(|r| LlmRequest {
-            user: r.user.clone(),
-            prefill: String::new(),
-        })
+        .map(|r| LlmRequest::text(r.user.clone(), ""))
         .collect();
     let want = embedded.generate(&plain, &constrained).unwrap();
     let got = http.generate(&plain, &constrained).unwrap();

@@ -183,10 +183,10 @@ pub fn analyse(
         let requests = chunk
             .iter()
             .map(|&i| {
-                Ok(LlmRequest {
-                    user: build_prompt(template, &file, &anons[days[i].ticker.as_str()], &days[i])?,
-                    prefill: prefill.to_string(),
-                })
+                Ok(LlmRequest::text(
+                    build_prompt(template, &file, &anons[days[i].ticker.as_str()], &days[i])?,
+                    prefill,
+                ))
             })
             .collect::<StageResult<Vec<_>>>()?;
         let outcomes = run_with_retries(backend, &cfg.llm, (&retry_file, retry), &requests, |a| {

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 #[derive(Default)]
 struct Recorder {
     prompts: Mutex<Vec<String>>,
+    /// Per request: (a high-level reflection?, its images).
+    images: Mutex<Vec<(bool, Vec<Vec<u8>>)>>,
 }
 
 fn field<'a>(prompt: &'a str, after: &str, until: char) -> &'a str {
@@ -43,6 +45,10 @@ impl LlmBackend for Recorder {
         let mut out = Vec::new();
         for r in reqs {
             self.prompts.lock().unwrap().push(r.user.clone());
+            self.images.lock().unwrap().push((
+                r.user.starts_with("You are a trading coach"),
+                r.images.clone(),
+            ));
             let text = if r.user.starts_with("You are a trading coach") {
                 let n: usize = field(&r.user, "The last ", ' ').parse().unwrap();
                 let v: Vec<&str> = (0..n)
@@ -391,4 +397,48 @@ fn chained_segments_equal_one_run() {
         .unwrap_err()
         .to_string();
     assert!(bad.contains("s.json"), "{bad}");
+}
+
+/// `chart_images` sends the trading chart as one PNG with each high-level reflection (and
+/// nothing with the decisions); the embedded backend cannot take it.
+#[test]
+fn chart_images_go_with_high_level_reflections_only() {
+    let window = json!({"modules": "MLHT", "start": "2023-05-20", "end": "2023-06-08",
+                        "history": 4, "top_k": 2, "chart_images": true});
+    let p = common::params(&FinAgentStage, window.clone());
+    let err = AgentConfig::from_params(&p)
+        .err()
+        .expect("embedded backend refused");
+    assert!(err.to_string().contains("chart_images"), "{err}");
+
+    let mut http = window;
+    http["backend"] = json!("openai");
+    http["base_url"] = json!("http://127.0.0.1:9/v1");
+    http["api_model"] = json!("a-vision-model");
+    let cfg = AgentConfig::from_params(&common::params(&FinAgentStage, http)).unwrap();
+    let backend = Recorder::default();
+    let up = upstream(&backend, i32::MAX);
+    backend.images.lock().unwrap().clear();
+    let files = PromptFiles::read();
+    let out = run_agent(
+        &cfg,
+        &bars(None),
+        &up,
+        &backend,
+        &files.prompts(),
+        None,
+        &|_, _| {},
+    )
+    .unwrap();
+    assert_eq!(out.failures(), 0);
+    let seen = backend.images.lock().unwrap();
+    let highs: Vec<&Vec<Vec<u8>>> = seen.iter().filter(|x| x.0).map(|x| &x.1).collect();
+    assert!(!highs.is_empty());
+    for imgs in &highs {
+        assert_eq!(imgs.len(), 1);
+        assert_eq!(&imgs[0][..8], b"\x89PNG\r\n\x1a\n");
+    }
+    assert!(seen.iter().filter(|x| !x.0).all(|x| x.1.is_empty()));
+    // The charts differ as the decisions accumulate.
+    assert_ne!(highs.first(), highs.last());
 }

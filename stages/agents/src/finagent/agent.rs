@@ -25,6 +25,7 @@ use super::agent_state::{AgentState, STATE_FORMAT, TickerState};
 use super::agent_tables::{DecisionRow, RetrievalRow, decisions_batch, retrievals_batch};
 use super::agent_text::{PastDecision, decisions_text, high_text, position_text, retrieved_text};
 use super::answer::{Action, HighReflection, parse_decision, parse_high_reflection};
+use super::chart_png::trading_png;
 use super::config::{AGENT, module_files, read_module_prompts};
 use super::data::{ModuleRow, read_bars, read_module_rows};
 use super::memory_view::{ReflectionMemory, Retrieved, embed_all};
@@ -495,6 +496,11 @@ pub fn run_agent(
                 calls.push(Call {
                     prompt,
                     list_len: shown.len(),
+                    images: if cfg.module.chart_images {
+                        vec![trading_png(&chart, cfg.initial_capital)?]
+                    } else {
+                        Vec::new()
+                    },
                 });
                 who.push(t);
             }
@@ -598,6 +604,7 @@ pub fn run_agent(
             calls.push(Call {
                 prompt: render(decision.0, &d_file, &vars)?,
                 list_len: 0,
+                images: Vec::new(),
             });
         }
         let form = ModuleForm {

@@ -3,7 +3,7 @@
 use flag_core::{ParamKind, ParamSpec, Params, StageError, StageResult};
 use serde_json::{Value, json};
 
-use super::config::{ModuleConfig, module_param_specs, positive};
+use super::config::{ModuleConfig, chart_images_param, module_param_specs, positive};
 
 /// Which modules feed the decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +117,7 @@ pub fn agent_params() -> Vec<ParamSpec> {
     // The longest high-level answer the schema allows, spelt one token per character (a looping
     // small model does): two 200-character texts, an 80-character query, 14 verdicts, JSON.
     let mut v = module_param_specs("decision", 640);
+    v.push(chart_images_param());
     v.extend([
         ParamSpec::with_default(
             "modules",

@@ -43,6 +43,8 @@ pub struct ModuleConfig {
     pub batch_size: usize,
     pub descriptions: BTreeMap<String, String>,
     pub llm: LlmSettings,
+    /// Send the module's charts as PNG images too (stages that declare `chart_images`).
+    pub chart_images: bool,
 }
 
 pub fn positive(p: &Params, name: &str) -> StageResult<usize> {
@@ -83,6 +85,7 @@ impl ModuleConfig {
             // Without constraints the answer is generated after a "{" prefill and ends
             // where that object closes.
             llm: LlmSettings::from_params(p, Vec::new())?.stopping_at_json("{"),
+            chart_images: chart_images(p)?,
         })
     }
 
@@ -152,6 +155,32 @@ pub fn module_param_specs(default_prompt: &str, max_tokens: u64) -> Vec<ParamSpe
     ];
     v.extend(llm_param_specs(max_tokens));
     v
+}
+
+/// The `chart_images` param of the stages that draw charts (low-level reflection: the Kline
+/// chart; the agent's high-level reflection: the trading chart).
+pub fn chart_images_param() -> ParamSpec {
+    ParamSpec::with_default(
+        "chart_images",
+        ParamKind::Bool,
+        json!(false),
+        "Also send the charts as PNG images (needs backend openai with a vision model); the text \
+         table of the same series stays in the prompt",
+    )
+}
+
+fn chart_images(p: &Params) -> StageResult<bool> {
+    if p.get("chart_images").is_none() {
+        return Ok(false);
+    }
+    let on = p.bool("chart_images")?;
+    if on && flag_llm::backend::backend_name(p)? != "openai" {
+        return Err(StageError::param(
+            "chart_images",
+            "needs backend openai with a vision model (the embedded SmolLM2 reads text only)",
+        ));
+    }
+    Ok(on)
 }
 
 /// The prompt files whose bytes key a module stage: its prompt, schema and the retry note.

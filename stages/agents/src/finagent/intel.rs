@@ -246,6 +246,7 @@ fn run_intel_module(
                 calls.push(Call {
                     prompt,
                     list_len: shown.len(),
+                    images: Vec::new(),
                 });
                 called.push(rows.len());
             }

@@ -31,6 +31,7 @@ pub mod agent_state;
 pub mod agent_tables;
 pub mod agent_text;
 pub mod answer;
+pub mod chart_png;
 pub mod config;
 pub mod data;
 pub mod intel;

@@ -17,6 +17,8 @@ use crate::runner::{Outcome, run_with_retries};
 pub struct Call {
     pub prompt: String,
     pub list_len: usize,
+    /// Chart PNGs sent with the prompt (only with `chart_images` on a vision backend).
+    pub images: Vec<Vec<u8>>,
 }
 
 /// The module's prompt files and form.
@@ -73,6 +75,7 @@ pub fn run_module<T>(
                 .map(|&i| LlmRequest {
                     user: calls[i].prompt.clone(),
                     prefill: prefill.clone(),
+                    images: calls[i].images.clone(),
                 })
                 .collect();
             let outcomes =

@@ -5,6 +5,7 @@
 //! shares it; retrieving earlier reflections happens in the agent stage, which embeds them.
 use std::collections::BTreeMap;
 
+use super::chart_png::kline_png;
 use super::usage::{UsageRow, usage_batch, usage_output};
 use crate::runner::CallUsage;
 use flag_core::arrow::array::RecordBatch;
@@ -13,7 +14,7 @@ use flag_core::{Fingerprint, InputSpec, OutputSpec, Stage, StageContext, StageRe
 use flag_trading::series::from_days;
 
 use super::answer::{LowReflection, parse_low_reflection};
-use super::config::{AGENT, ModuleConfig, module_files, module_param_specs};
+use super::config::{AGENT, ModuleConfig, chart_images_param, module_files, module_param_specs};
 use super::data::{ModuleRow, read_bars, read_module_rows};
 use super::module::{Call, ModuleForm, run_module};
 use super::text::{kline_text, price_moves};
@@ -100,7 +101,11 @@ impl Stage for LowLevelReflection {
                 usage_output(),
             ],
             // Three 200-character texts and an 80-character query at one token per character.
-            params: module_param_specs("low_reflection", 768),
+            params: {
+                let mut v = module_param_specs("low_reflection", 768);
+                v.push(chart_images_param());
+                v
+            },
         }
     }
 
@@ -142,6 +147,11 @@ impl Stage for LowLevelReflection {
                 calls.push(Call {
                     prompt: prompt.clone(),
                     list_len: 0,
+                    images: if cfg.chart_images {
+                        vec![kline_png(s, i)?]
+                    } else {
+                        Vec::new()
+                    },
                 });
                 rows.push((key, prompt));
             }

@@ -170,10 +170,10 @@ pub fn decide(
                     news: &inp.news[k],
                     news_days: cfg.news_days,
                 };
-                Ok(LlmRequest {
-                    user: build_prompt(inp.template, &file, &anons[k], &input)?,
-                    prefill: prefill.to_string(),
-                })
+                Ok(LlmRequest::text(
+                    build_prompt(inp.template, &file, &anons[k], &input)?,
+                    prefill,
+                ))
             })
             .collect::<StageResult<Vec<_>>>()?;
         let outcomes = run_with_retries(

@@ -29,6 +29,21 @@ pub use settings::{
 pub struct LlmRequest {
     pub user: String,
     pub prefill: String,
+    /// PNG images shown after the user text (FinAgent's charts for a vision model). Only the
+    /// HTTP backend sends them; the embedded model reads text only and refuses a request
+    /// with images.
+    pub images: Vec<Vec<u8>>,
+}
+
+impl LlmRequest {
+    /// A text-only request.
+    pub fn text(user: impl Into<String>, prefill: impl Into<String>) -> Self {
+        LlmRequest {
+            user: user.into(),
+            prefill: prefill.into(),
+            images: Vec::new(),
+        }
+    }
 }
 
 /// A batch text generator with token scores (logprobs, top-k entropies, perplexity). Only
@@ -151,6 +166,12 @@ impl LlmBackend for EmbeddedBackend {
         requests: &[LlmRequest],
         opts: &GenerateOptions,
     ) -> StageResult<Vec<Generation>> {
+        if requests.iter().any(|r| !r.images.is_empty()) {
+            return Err(StageError::Invalid(format!(
+                "{} reads text only: chart images need backend openai with a vision model",
+                self.name
+            )));
+        }
         let ids = requests
             .iter()
             .map(|r| self.prompt_ids(r))

@@ -188,7 +188,22 @@ impl OpenAiBackend {
 
     /// The JSON body of one request.
     pub fn request_body(&self, r: &LlmRequest, opts: &GenerateOptions) -> Value {
-        let mut messages = vec![json!({"role": "user", "content": r.user})];
+        let content = if r.images.is_empty() {
+            json!(r.user)
+        } else {
+            // OpenAI's vision form: the text, then each PNG as a base64 data URL.
+            use base64::Engine as _;
+            let mut parts = vec![json!({"type": "text", "text": r.user})];
+            for png in &r.images {
+                let url = format!(
+                    "data:image/png;base64,{}",
+                    base64::engine::general_purpose::STANDARD.encode(png)
+                );
+                parts.push(json!({"type": "image_url", "image_url": {"url": url}}));
+            }
+            Value::Array(parts)
+        };
+        let mut messages = vec![json!({"role": "user", "content": content})];
         if !r.prefill.is_empty() {
             messages.push(json!({"role": "assistant", "content": r.prefill}));
         }
@@ -749,10 +764,7 @@ mod tests {
     }
 
     fn req(prefill: &str) -> LlmRequest {
-        LlmRequest {
-            user: "u".into(),
-            prefill: prefill.into(),
-        }
+        LlmRequest::text("u", prefill)
     }
 
     fn entry(token: &str, lp: f64, top: &[f64]) -> Value {
@@ -777,6 +789,38 @@ mod tests {
         assert!(is_loopback("http://localhost/v1"));
         assert!(is_loopback("http://[::1]:9/v1"));
         assert!(!is_loopback("https://api.openai.com/v1"));
+    }
+
+    fn backend() -> OpenAiBackend {
+        OpenAiBackend::with_key(
+            OpenAiSettings {
+                base_url: "http://127.0.0.1:1/v1/".into(),
+                model: "m".into(),
+                api_key_env: "X".into(),
+                timeout: Duration::from_secs(1),
+            },
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn request_body_sends_images_as_data_urls_after_the_text() {
+        let b = backend();
+        let mut r = req("");
+        r.images = vec![vec![0x89, b'P', b'N', b'G'], vec![1, 2, 3]];
+        let body = b.request_body(&r, &GenerateOptions::default());
+        let parts = body["messages"][0]["content"].as_array().unwrap();
+        assert_eq!(parts[0], json!({"type": "text", "text": "u"}));
+        assert_eq!(
+            parts[1]["image_url"]["url"],
+            "data:image/png;base64,iVBORw=="
+        );
+        assert_eq!(parts[2]["image_url"]["url"], "data:image/png;base64,AQID");
+        assert_eq!(parts.len(), 3);
+        // Text-only requests keep the plain string form.
+        let plain = b.request_body(&req(""), &GenerateOptions::default());
+        assert_eq!(plain["messages"][0]["content"], "u");
     }
 
     #[test]
