@@ -52,6 +52,31 @@ fn encode(rgb: &[u8]) -> StageResult<Vec<u8>> {
     Ok(out)
 }
 
+/// A panel over x in [-0.5, n - 0.5] and y in `y`, with a y grid and no text.
+fn panel<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    n: f64,
+    y: (f64, f64),
+) -> StageResult<
+    ChartContext<
+        'a,
+        DB,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+> {
+    let mut c = ChartBuilder::on(area)
+        .margin(8)
+        .build_cartesian_2d(-0.5..n - 0.5, y.0..y.1)
+        .map_err(draw_err)?;
+    c.configure_mesh()
+        .disable_x_mesh()
+        .x_labels(0)
+        .y_labels(0)
+        .draw()
+        .map_err(draw_err)?;
+    Ok(c)
+}
+
 /// A line over x = 0.. of the values that are present.
 fn line(values: &[Option<f64>]) -> Vec<(f64, f64)> {
     values
@@ -72,21 +97,15 @@ pub fn kline_png(s: &Series, i: usize) -> StageResult<Vec<u8>> {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
         let (top, bottom) = root.split_vertically(HEIGHT * 2 / 3);
-        let (lo, hi) = range(rows.iter().flat_map(|r| {
-            [Some(r.close), r.ma5, r.boll_upper, r.boll_lower]
-                .into_iter()
-                .flatten()
-        }));
-        let mut c = ChartBuilder::on(&top)
-            .margin(8)
-            .build_cartesian_2d(-0.5..n - 0.5, lo..hi)
-            .map_err(draw_err)?;
-        c.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .draw()
-            .map_err(draw_err)?;
+        let mut c = panel(
+            &top,
+            n,
+            range(rows.iter().flat_map(|r| {
+                [Some(r.close), r.ma5, r.boll_upper, r.boll_lower]
+                    .into_iter()
+                    .flatten()
+            })),
+        )?;
         for (vals, color) in [
             (rows.iter().map(|r| r.boll_upper).collect::<Vec<_>>(), BAND),
             (rows.iter().map(|r| r.boll_lower).collect(), BAND),
@@ -96,17 +115,11 @@ pub fn kline_png(s: &Series, i: usize) -> StageResult<Vec<u8>> {
             c.draw_series(LineSeries::new(line(&vals), color.stroke_width(2)))
                 .map_err(draw_err)?;
         }
-        let (lo, hi) = range(rows.iter().flat_map(|r| [r.macd, r.macd_signal, 0.0]));
-        let mut m = ChartBuilder::on(&bottom)
-            .margin(8)
-            .build_cartesian_2d(-0.5..n - 0.5, lo..hi)
-            .map_err(draw_err)?;
-        m.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .draw()
-            .map_err(draw_err)?;
+        let mut m = panel(
+            &bottom,
+            n,
+            range(rows.iter().flat_map(|r| [r.macd, r.macd_signal, 0.0])),
+        )?;
         m.draw_series(rows.iter().enumerate().map(|(k, r)| {
             let h = r.macd - r.macd_signal;
             let color = if h >= 0.0 { SIGNAL } else { MACD };
@@ -139,17 +152,7 @@ pub fn trading_png(history: &[ChartDecision], initial_capital: f64) -> StageResu
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
         let (top, bottom) = root.split_vertically(HEIGHT * 2 / 3);
-        let (lo, hi) = range(h.iter().map(|d| d.close));
-        let mut c = ChartBuilder::on(&top)
-            .margin(8)
-            .build_cartesian_2d(-0.5..n - 0.5, lo..hi)
-            .map_err(draw_err)?;
-        c.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .draw()
-            .map_err(draw_err)?;
+        let mut c = panel(&top, n, range(h.iter().map(|d| d.close)))?;
         let closes: Vec<Option<f64>> = h.iter().map(|d| Some(d.close)).collect();
         c.draw_series(LineSeries::new(line(&closes), CLOSE.stroke_width(2)))
             .map_err(draw_err)?;
@@ -166,17 +169,11 @@ pub fn trading_png(history: &[ChartDecision], initial_capital: f64) -> StageResu
             .iter()
             .map(|d| Some(d.value / initial_capital - 1.0))
             .collect();
-        let (lo, hi) = range(ret.iter().flatten().copied().chain([0.0]));
-        let mut r = ChartBuilder::on(&bottom)
-            .margin(8)
-            .build_cartesian_2d(-0.5..n - 0.5, lo..hi)
-            .map_err(draw_err)?;
-        r.configure_mesh()
-            .disable_x_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .draw()
-            .map_err(draw_err)?;
+        let mut r = panel(
+            &bottom,
+            n,
+            range(ret.iter().flatten().copied().chain([0.0])),
+        )?;
         r.draw_series(LineSeries::new(line(&ret), MA5.stroke_width(2)))
             .map_err(draw_err)?;
         root.present().map_err(draw_err)?;
