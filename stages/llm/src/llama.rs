@@ -11,6 +11,8 @@
 //! count only valid tokens (row `b`'s first real token is at position 0, as transformers
 //! computes them from the attention mask), keys that are padding are masked out, and a pad
 //! query attends to itself only so its softmax is never empty (its output is never read).
+//! Padding may also sit in the middle of a row: with prefix caching (generate/prefix.rs) a
+//! row is [shared prefix][left padding][own suffix]; the same masks and positions apply.
 
 use std::path::Path;
 
@@ -369,6 +371,49 @@ impl LlamaModel {
             capacity: capacity as i64,
             batch: batch as i64,
         })
+    }
+
+    /// A cache for `batch` rows and up to `capacity` positions whose first `len` positions
+    /// hold, in every row, the first `len` positions of the one-row cache `prefix` (its keys,
+    /// values and validity; the RoPE position of each row continues after the prefix's valid
+    /// tokens). Prefix caching: a prompt head shared by a batch is run once and broadcast.
+    pub fn new_cache_with_prefix(
+        &self,
+        prefix: &KvCache,
+        len: usize,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<KvCache> {
+        if prefix.batch != 1 || len > prefix.len() || len > capacity {
+            return Err(LlmError::Invalid(format!(
+                "a prefix of {len} positions cannot come from a cache of {} rows x {} positions \
+                 into one of {capacity} positions",
+                prefix.batch,
+                prefix.len()
+            )));
+        }
+        let mut c = self.new_cache(batch, capacity)?;
+        let l = len as i64;
+        for (dst, src) in
+            c.k.iter_mut()
+                .chain(c.v.iter_mut())
+                .zip(prefix.k.iter().chain(prefix.v.iter()))
+        {
+            dst.narrow(2, 0, l).copy_(&src.narrow(2, 0, l));
+        }
+        let valid = prefix.key_valid.narrow(1, 0, l);
+        c.key_valid.narrow(1, 0, l).copy_(&valid);
+        let n = valid
+            .to_kind(Kind::Int64)
+            .sum_dim_intlist(1, false, Kind::Int64);
+        c.next_pos.copy_(&n);
+        c.len = l;
+        Ok(c)
+    }
+
+    /// Bytes one cached position takes over all layers (keys and values).
+    pub fn kv_bytes_per_position(&self) -> usize {
+        2 * self.cfg.n_layer * self.cfg.kv_dim() * self.kind.elt_size_in_bytes()
     }
 
     /// Token embeddings of ids [B, T] (i64).

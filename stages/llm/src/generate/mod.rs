@@ -29,7 +29,7 @@ use crate::constrain::{
 };
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
-use crate::llama::LlamaModel;
+use crate::llama::{KvCache, LlamaModel};
 pub use crate::sampling::{choose_tokens, json_object_end, restrict, sample, top_k_entropy};
 use crate::sampling::{gather_cpu, step_entropies};
 use crate::tokenizer::{ChatMessage, LlmTokenizer};
@@ -39,8 +39,11 @@ pub fn set_threads(n: usize) {
     tch::set_num_threads(n.max(1) as i32);
 }
 
+mod prefix;
 mod scoring;
 mod types;
+
+pub use prefix::{MIN_PREFIX, PrefixStats};
 
 pub use types::{
     ConstrainedScores, FinishReason, GenerateOptions, Generation, MAX_ALTERNATIVES, TopLogprobs,
@@ -55,6 +58,12 @@ pub struct Engine {
     eog: Vec<u32>,
     /// Built on first constrained use (the vocabulary trie costs ~0.1 s).
     constraints: std::cell::OnceCell<ConstraintCompiler>,
+    /// Prefix caching on (see [`prefix`]); from `FLAG_LLM_PREFIX_CACHE`, default on.
+    prefix_on: std::cell::Cell<bool>,
+    prefix_log: bool,
+    /// The prefix kept across calls.
+    prefix_store: std::cell::RefCell<Option<prefix::Stored>>,
+    prefix_stats: std::cell::Cell<PrefixStats>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,7 +156,38 @@ impl Engine {
             tok,
             eog,
             constraints: std::cell::OnceCell::new(),
+            prefix_on: std::cell::Cell::new(prefix::enabled_by_env()),
+            prefix_log: prefix::log_by_env(),
+            prefix_store: std::cell::RefCell::new(None),
+            prefix_stats: std::cell::Cell::new(PrefixStats::default()),
         })
+    }
+
+    /// Turns prefix caching on or off (the default comes from env `FLAG_LLM_PREFIX_CACHE`);
+    /// turning it off also drops the prefix kept across calls.
+    pub fn set_prefix_cache(&self, on: bool) {
+        self.prefix_on.set(on);
+        if !on {
+            self.prefix_store.replace(None);
+        }
+    }
+
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix_on.get()
+    }
+
+    /// Token counts of the prompt prefills since load (or the last reset).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.prefix_stats.get()
+    }
+
+    pub fn reset_prefix_stats(&self) {
+        self.prefix_stats.set(PrefixStats::default());
+    }
+
+    /// Drops the prefix kept across calls (the next call computes its head afresh).
+    pub fn clear_prefix_store(&self) {
+        self.prefix_store.replace(None);
     }
 
     pub fn tokenizer(&self) -> &LlmTokenizer {
@@ -296,11 +336,7 @@ impl Engine {
         let _g = tch::no_grad_guard();
         let n = prompts.len();
         let vocab = self.model.cfg.vocab;
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut cache = self.model.new_cache(n, longest + opts.max_tokens)?;
-        let (ids, valid) = self.left_pad(prompts);
-        let h = self.model.forward_cached(&ids, &valid, &mut cache)?;
-        let mut logits = self.model.logits(&h.select(1, -1));
+        let (mut cache, mut logits) = self.prefill(prompts, opts.max_tokens)?;
         let mut states: Vec<SeqState> = (0..n)
             .map(|i| {
                 let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
@@ -390,6 +426,117 @@ impl Engine {
                 Ok(Some((g, s.top)))
             })
             .collect()
+    }
+
+    /// Runs the prompts into a new cache with room for `extra` more positions; returns it and
+    /// the next-token logits [B, V] of every row. With prefix caching on, a head the prompts
+    /// share (or share with the prefix kept from an earlier call) is run once (see [`prefix`]).
+    fn prefill(&self, prompts: &[Vec<u32>], extra: usize) -> Result<(KvCache, Tensor)> {
+        let n = prompts.len();
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+        let mut stats = self.prefix_stats.get();
+        stats.prefills += 1;
+        stats.prompt_tokens += prompt_tokens as u64;
+        let p = if self.prefix_on.get() {
+            prefix::shared_len(prompts)
+        } else {
+            0
+        };
+        let reuse = match &*self.prefix_store.borrow() {
+            Some(st) if p > 0 => prefix::common_prefix(&st.ids, &prompts[0][..p]),
+            _ => 0,
+        };
+        if !(p >= prefix::MIN_PREFIX && (n > 1 || reuse >= prefix::MIN_PREFIX)) {
+            // Plain prefill: every prompt in full, left-padded to the longest.
+            let mut cache = self.model.new_cache(n, longest + extra)?;
+            let (ids, valid) = self.left_pad(prompts);
+            let h = self.model.forward_cached(&ids, &valid, &mut cache)?;
+            let logits = self.model.logits(&h.select(1, -1));
+            stats.computed_tokens += prompt_tokens as u64;
+            stats.computed_positions += (n * longest) as u64;
+            self.prefix_stats.set(stats);
+            if n == 1 && p >= prefix::MIN_PREFIX {
+                // Keep this prompt's head for the next call (a copy of its first p slots).
+                self.store_prefix(&prompts[0][..p], &cache)?;
+            }
+            self.log_prefill(n, prompt_tokens, 0, 0, prompt_tokens);
+            return Ok((cache, logits));
+        }
+        // The head: reuse what the store holds of it, run the rest at batch 1, keep it.
+        let head = &prompts[0][..p];
+        if reuse < p {
+            let mut c = {
+                let store = self.prefix_store.borrow();
+                match &*store {
+                    Some(st) if reuse > 0 => {
+                        self.model.new_cache_with_prefix(&st.kv, reuse, 1, p)?
+                    }
+                    _ => self.model.new_cache(1, p)?,
+                }
+            };
+            let rest: Vec<i64> = head[reuse..].iter().map(|&i| i64::from(i)).collect();
+            let dev = self.model.device();
+            let ids = Tensor::from_slice(&rest)
+                .view([1, rest.len() as i64])
+                .to_device(dev);
+            let valid = Tensor::ones([1, rest.len() as i64], (Kind::Bool, dev));
+            let _ = self.model.forward_cached(&ids, &valid, &mut c)?;
+            stats.computed_tokens += rest.len() as u64;
+            stats.computed_positions += rest.len() as u64;
+            self.prefix_store.replace(Some(prefix::Stored {
+                ids: head.to_vec(),
+                kv: c,
+            }));
+        }
+        stats.reused_tokens += reuse as u64;
+        // The suffixes, left-padded behind the broadcast head.
+        let suffixes: Vec<Vec<u32>> = prompts.iter().map(|r| r[p..].to_vec()).collect();
+        let longest_suffix = longest - p;
+        let mut cache = {
+            let store = self.prefix_store.borrow();
+            let st = store.as_ref().expect("the head was just stored");
+            self.model
+                .new_cache_with_prefix(&st.kv, p, n, longest + extra)?
+        };
+        if p * self.model.kv_bytes_per_position() > prefix::STORE_BYTES {
+            self.prefix_store.replace(None);
+        }
+        let (ids, valid) = self.left_pad(&suffixes);
+        let h = self.model.forward_cached(&ids, &valid, &mut cache)?;
+        let logits = self.model.logits(&h.select(1, -1));
+        let suffix_tokens = prompt_tokens - n * p;
+        stats.computed_tokens += suffix_tokens as u64;
+        stats.computed_positions += (n * longest_suffix) as u64;
+        stats.with_prefix += 1;
+        self.prefix_stats.set(stats);
+        self.log_prefill(n, prompt_tokens, p, reuse, (p - reuse) + suffix_tokens);
+        Ok((cache, logits))
+    }
+
+    /// Keeps a copy of the first `ids.len()` slots of row 0 of `cache` as the stored prefix
+    /// (if it fits [`prefix::STORE_BYTES`]).
+    fn store_prefix(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
+        if ids.len() * self.model.kv_bytes_per_position() > prefix::STORE_BYTES {
+            return Ok(());
+        }
+        let kv = self
+            .model
+            .new_cache_with_prefix(cache, ids.len(), 1, ids.len())?;
+        self.prefix_store.replace(Some(prefix::Stored {
+            ids: ids.to_vec(),
+            kv,
+        }));
+        Ok(())
+    }
+
+    fn log_prefill(&self, rows: usize, tokens: usize, shared: usize, reused: usize, run: usize) {
+        if self.prefix_log {
+            eprintln!(
+                "prefill: {rows} prompt(s), {tokens} tokens, shared head {shared} (reused {reused}), \
+                 {run} tokens run"
+            );
+        }
     }
 
     /// Picks the next token of every active row from `logits` [A, V], records its scores and

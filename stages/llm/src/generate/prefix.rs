@@ -1,0 +1,105 @@
+//! Prefix caching for the prompt prefill.
+//!
+//! When the prompts of a batch share a head of token ids (the chat template and the fixed
+//! opening of a prompt template), the head is run once at batch 1 and its keys/values are
+//! broadcast into every row of the batch's cache; only the differing suffixes are prefilled,
+//! left-padded to the longest suffix. Cache layout per row:
+//!
+//! ```text
+//! [shared prefix, positions 0..P][pad .. pad][suffix][generated tokens ...]
+//! ```
+//!
+//! The prefix sits at the same cache slots in every row; pad slots are marked invalid, so no
+//! query attends to them, and RoPE positions count valid tokens only (row r's first suffix
+//! token has position P whatever its padding), exactly as in the plain left-padded layout.
+//! The numbers therefore match the plain prefill up to floating-point summation order
+//! (different matmul shapes and attention masks).
+//!
+//! Across calls, the engine keeps the keys/values of the last prefix it ran (one entry, at
+//! most [`STORE_BYTES`]); a later batch (or a single prompt) whose head starts with the same
+//! tokens reuses that part and runs only the rest. Set `FLAG_LLM_PREFIX_CACHE=0` (or call
+//! [`Engine::set_prefix_cache`](super::Engine::set_prefix_cache)) to prefill every prompt in
+//! full instead; `FLAG_LLM_PREFIX_LOG=1` prints one line per prefill to stderr.
+
+use crate::llama::KvCache;
+
+/// A shared head shorter than this is not worth an extra forward pass.
+pub const MIN_PREFIX: usize = 32;
+
+/// Upper bound on the memory of the prefix kept across calls.
+pub const STORE_BYTES: usize = 64 << 20;
+
+/// Token counts of the prompt prefills so far (see [`Engine::prefix_stats`](super::Engine::prefix_stats)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PrefixStats {
+    /// Prefills (generation calls) counted.
+    pub prefills: u64,
+    /// Prefills that used a shared or stored prefix.
+    pub with_prefix: u64,
+    /// Prompt tokens over all rows.
+    pub prompt_tokens: u64,
+    /// Prompt tokens actually run through the model (prefix once, suffixes per row).
+    pub computed_tokens: u64,
+    /// Positions run through the model, padding included (rows x padded length per pass).
+    pub computed_positions: u64,
+    /// Prefix tokens taken from the store kept across calls (not recomputed).
+    pub reused_tokens: u64,
+}
+
+/// The prefix kept across calls: its token ids and its one-row cache (exactly their length).
+pub(super) struct Stored {
+    pub ids: Vec<u32>,
+    pub kv: KvCache,
+}
+
+/// Length of the longest common prefix of two id sequences.
+pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The head every prompt shares, capped so that each prompt keeps at least one token of its
+/// own (its last position gives the first next-token logits).
+pub fn shared_len(prompts: &[Vec<u32>]) -> usize {
+    let Some(first) = prompts.first() else {
+        return 0;
+    };
+    let lcp = prompts[1..]
+        .iter()
+        .fold(first.len(), |n, p| n.min(common_prefix(&first[..n], p)));
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    lcp.min(shortest.saturating_sub(1))
+}
+
+/// Whether `FLAG_LLM_PREFIX_CACHE` leaves prefix caching on (unset, or anything but
+/// 0/false/off/no).
+pub fn enabled_by_env() -> bool {
+    match std::env::var("FLAG_LLM_PREFIX_CACHE") {
+        Ok(v) => !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "0" | "false" | "off" | "no"
+        ),
+        Err(_) => true,
+    }
+}
+
+pub fn log_by_env() -> bool {
+    std::env::var("FLAG_LLM_PREFIX_LOG").is_ok_and(|v| v.trim() == "1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_len_leaves_every_prompt_a_token() {
+        assert_eq!(shared_len(&[]), 0);
+        assert_eq!(shared_len(&[vec![1, 2, 3]]), 2);
+        assert_eq!(shared_len(&[vec![1, 2, 3, 4], vec![1, 2, 3, 5, 6]]), 3);
+        assert_eq!(shared_len(&[vec![1, 2, 3], vec![1, 2, 3, 4, 5]]), 2);
+        assert_eq!(shared_len(&[vec![1, 2], vec![3, 2]]), 0);
+        assert_eq!(
+            shared_len(&[vec![1, 2, 3, 4], vec![1, 2, 9], vec![1, 2, 3, 4]]),
+            2
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! Prefix caching on the real SmolLM2 GGUF (CPU, f32): a batch of chat prompts that share a
+//! long head (chat template + the strategist's P3 instructions) and end in market data of
+//! different lengths generates the same tokens with prefix caching as with every prompt
+//! prefilled in full, free and constrained by the strategist's schema; per-token logprobs and
+//! entropies agree within 1e-3 (the tolerance decoder_batch.rs uses for batched vs single);
+//! a later call reuses the stored head; turning the cache off prefills everything.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use flag_llm::constrain::Constraint;
+use flag_llm::generate::{Engine, GenerateOptions, Generation, MIN_PREFIX};
+use tch::Device;
+
+const TOL: f32 = 1e-3;
+
+fn engine() -> MutexGuard<'static, Engine> {
+    static ENGINE: OnceLock<Mutex<Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            flag_llm::generate::set_threads(1);
+            let path =
+                flag_llm::models::smollm2_gguf(None).expect("SmolLM2 GGUF must be installed");
+            Mutex::new(Engine::load(path, Device::Cpu).unwrap())
+        })
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The P3 instructions first, then each stock's data: a long shared head, suffixes of
+/// different lengths.
+fn prompts() -> Vec<String> {
+    let p3 = std::fs::read_to_string(repo().join("prompts/strategist/P3.txt")).unwrap();
+    let at = p3.find("Weigh the feature groups").expect("P3 instructions");
+    let head = &p3[at..];
+    let days = [
+        "day t: close 100.0, volume 1.2M",
+        "day t-1: close 98.7, volume 1.5M",
+        "day t-2: close 97.9, volume 0.9M",
+        "day t-3: close 99.4, volume 1.1M",
+        "day t-4: close 101.2, volume 2.0M",
+    ];
+    [1, 5, 3, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            format!(
+                "{head}\nMarket data for stock {}:\n{}\nRSI(14): {}",
+                i + 1,
+                days[..n].join("\n"),
+                40 + 7 * i
+            )
+        })
+        .collect()
+}
+
+fn free() -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: 16,
+        chat: true,
+        ..GenerateOptions::default()
+    }
+}
+
+fn constrained() -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: 24,
+        chat: true,
+        constraint: Some(
+            Constraint::from_file(&repo().join("prompts/strategist/P3.schema.json")).unwrap(),
+        ),
+        ..GenerateOptions::default()
+    }
+}
+
+/// Same tokens, text and finish; scores within TOL. Returns the largest score difference.
+fn assert_same(what: &str, with: &[Generation], without: &[Generation]) -> f32 {
+    assert_eq!(with.len(), without.len());
+    let mut worst = 0f32;
+    for (i, (a, b)) in with.iter().zip(without).enumerate() {
+        assert_eq!(
+            a.ids,
+            b.ids,
+            "{what}, prompt {}: with prefix cache {:?}, without {:?}",
+            i + 1,
+            a.text,
+            b.text
+        );
+        assert_eq!(a.text, b.text, "{what}, prompt {}", i + 1);
+        assert_eq!(a.finish_reason, b.finish_reason, "{what}, prompt {}", i + 1);
+        let mut pairs: Vec<(f32, f32)> = a
+            .logprobs
+            .iter()
+            .zip(&b.logprobs)
+            .chain(a.entropies.iter().zip(&b.entropies))
+            .map(|(x, y)| (*x, *y))
+            .collect();
+        if let (Some(ca), Some(cb)) = (&a.constrained, &b.constrained) {
+            assert_eq!(ca.allowed, cb.allowed, "{what}, prompt {}", i + 1);
+            pairs.extend(ca.logprobs.iter().zip(&cb.logprobs).map(|(x, y)| (*x, *y)));
+        }
+        for (x, y) in pairs {
+            assert!(
+                (x - y).abs() < TOL,
+                "{what}, prompt {}: score {x} with prefix cache vs {y} without",
+                i + 1
+            );
+            worst = worst.max((x - y).abs());
+        }
+    }
+    worst
+}
+
+/// Length of the token head all prompts share (as generation sees them).
+fn shared_head(e: &Engine, prompts: &[String]) -> (usize, Vec<usize>) {
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| e.prompt_ids(p, true).unwrap())
+        .collect();
+    let lcp = ids[1..].iter().fold(ids[0].len(), |n, p| {
+        n.min(ids[0].iter().zip(p).take_while(|(x, y)| x == y).count())
+    });
+    (lcp, ids.iter().map(Vec::len).collect())
+}
+
+#[test]
+fn prefix_caching_equals_full_prefill_free_and_constrained() {
+    let e = engine();
+    let prompts = prompts();
+    let (head, lens) = shared_head(&e, &prompts);
+    assert!(head >= 4 * MIN_PREFIX, "shared head of {head} tokens");
+    let suffixes: Vec<usize> = lens.iter().map(|l| l - head).collect();
+    assert!(
+        suffixes.iter().max() > suffixes.iter().min(),
+        "suffixes must differ in length: {suffixes:?}"
+    );
+    let total: usize = lens.iter().sum();
+
+    e.set_prefix_cache(false);
+    e.reset_prefix_stats();
+    let off_free = e.generate(&prompts, &free()).unwrap();
+    let off_con = e.generate(&prompts, &constrained()).unwrap();
+    let s = e.prefix_stats();
+    assert_eq!(s.with_prefix, 0, "{s:?}");
+    assert_eq!(s.computed_tokens, 2 * total as u64, "{s:?}");
+
+    e.set_prefix_cache(true);
+    e.reset_prefix_stats();
+    let on_free = e.generate(&prompts, &free()).unwrap();
+    let s = e.prefix_stats();
+    // The head ran once, each suffix once.
+    assert_eq!(s.with_prefix, 1, "{s:?}");
+    assert_eq!(s.prompt_tokens, total as u64);
+    assert_eq!(s.computed_tokens, (total - 3 * head) as u64, "{s:?}");
+    assert_eq!(s.reused_tokens, 0);
+    let on_con = e.generate(&prompts, &constrained()).unwrap();
+    let s = e.prefix_stats();
+    // The second call takes the whole head from the store.
+    assert_eq!(s.with_prefix, 2, "{s:?}");
+    assert_eq!(s.reused_tokens, head as u64, "{s:?}");
+    assert_eq!(s.computed_tokens, 2 * (total - 4 * head) as u64 + head as u64);
+
+    let d1 = assert_same("free", &on_free, &off_free);
+    let d2 = assert_same("constrained", &on_con, &off_con);
+    eprintln!(
+        "head {head} tokens of {lens:?}; largest score difference: free {d1:e}, constrained {d2:e}"
+    );
+    assert!(on_con.iter().all(|g| g.text.starts_with("{\"direction\"")));
+}
+
+#[test]
+fn single_prompts_reuse_the_stored_head_and_match() {
+    let e = engine();
+    let prompts = prompts();
+    let (head, _) = shared_head(&e, &prompts);
+    let opts = free();
+
+    e.set_prefix_cache(false);
+    let off: Vec<Generation> = prompts[..2]
+        .iter()
+        .map(|p| e.generate(std::slice::from_ref(p), &opts).unwrap().remove(0))
+        .collect();
+    let other = "Name a fruit.".to_string();
+    let off_other = e.generate(std::slice::from_ref(&other), &opts).unwrap();
+
+    e.set_prefix_cache(true);
+    e.generate(&prompts[2..], &opts).unwrap();
+    e.reset_prefix_stats();
+    let on: Vec<Generation> = prompts[..2]
+        .iter()
+        .map(|p| e.generate(std::slice::from_ref(p), &opts).unwrap().remove(0))
+        .collect();
+    let s = e.prefix_stats();
+    assert_eq!(s.with_prefix, 2, "{s:?}");
+    assert!(s.reused_tokens >= 2 * head as u64, "{s:?}");
+    assert_same("single after a batch", &on, &off);
+
+    // A prompt that shares nothing long with the stored head is prefilled in full.
+    e.reset_prefix_stats();
+    let on_other = e.generate(std::slice::from_ref(&other), &opts).unwrap();
+    let s = e.prefix_stats();
+    assert_eq!((s.with_prefix, s.reused_tokens), (0, 0), "{s:?}");
+    assert_eq!(s.computed_tokens, s.prompt_tokens);
+    assert_same("unrelated single", &on_other, &off_other);
+}
