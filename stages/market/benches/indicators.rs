@@ -4,7 +4,11 @@
 //! (VmHWM) as JSON in `$FLAG_BENCH_OUT/indicators.json` (default `<repo>/artifacts/bench/`).
 //!
 //! Scale down with FLAG_BENCH_TICKERS and FLAG_BENCH_DAYS, e.g.
-//! `FLAG_BENCH_TICKERS=100 cargo bench -p flag-market --bench indicators`.
+//! `FLAG_BENCH_TICKERS=100 cargo bench --workspace --bench indicators`.
+//!
+//! `.ci/bench-indicators.sh` instead hands it a Parquet file in schema ohlcv
+//! (FLAG_BENCH_INPUT; no generation), keeps the output (FLAG_BENCH_OUTPUT) and takes the JSON
+//! at FLAG_BENCH_JSON, so the stage and the TA-Lib/polars anchors read the very same bytes.
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,6 +108,15 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Rows of an existing Parquet file (from its footer).
+fn parquet_rows(path: &Path) -> u64 {
+    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let reader = flag_core::parquet::file::reader::SerializedFileReader::new(f)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    use flag_core::parquet::file::reader::FileReader;
+    reader.metadata().file_metadata().num_rows() as u64
+}
+
 fn main() {
     let tickers = env_usize("FLAG_BENCH_TICKERS", 2_000);
     let days = env_usize("FLAG_BENCH_DAYS", 5_000);
@@ -112,10 +125,17 @@ fn main() {
     let sql = std::fs::read_to_string(repo.join(SQL_FILE)).expect("reading the indicators SQL");
     let work = std::env::temp_dir().join(format!("flag-bench-indicators-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
-    let (input, output) = (work.join("bars.parquet"), work.join("indicators.parquet"));
+    let given = std::env::var_os("FLAG_BENCH_INPUT").map(PathBuf::from);
+    let input = given.clone().unwrap_or_else(|| work.join("bars.parquet"));
+    let output = std::env::var_os("FLAG_BENCH_OUTPUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| work.join("indicators.parquet"));
 
     let gen_start = Instant::now();
-    let rows = generate(&input, tickers, days);
+    let rows = match &given {
+        Some(path) => parquet_rows(path),
+        None => generate(&input, tickers, days),
+    };
     let gen_s = gen_start.elapsed().as_secs_f64();
     let rss_before = peak_rss_mib();
 
@@ -137,8 +157,9 @@ fn main() {
     let report = serde_json::json!({
         "bench": "indicators",
         "rows": rows,
-        "tickers": tickers,
-        "days": days,
+        "input": given.as_ref().map(|p| p.display().to_string()),
+        "tickers": if given.is_some() { None } else { Some(tickers) },
+        "days": if given.is_some() { None } else { Some(days) },
         "groups": stats.groups,
         "chunk_rows": opts.chunk_rows,
         "threads": threads,
@@ -151,11 +172,18 @@ fn main() {
         "output_bytes": size(&output),
     });
     let _ = std::fs::remove_dir_all(&work);
-    let out_dir = std::env::var_os("FLAG_BENCH_OUT")
+    let json = std::env::var_os("FLAG_BENCH_JSON")
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo.join("artifacts/bench"));
-    std::fs::create_dir_all(&out_dir).unwrap();
+        .unwrap_or_else(|| {
+            std::env::var_os("FLAG_BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo.join("artifacts/bench"))
+                .join("indicators.json")
+        });
+    if let Some(dir) = json.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     let text = serde_json::to_string_pretty(&report).unwrap();
-    std::fs::write(out_dir.join("indicators.json"), format!("{text}\n")).unwrap();
+    std::fs::write(&json, format!("{text}\n")).unwrap();
     println!("{text}");
 }

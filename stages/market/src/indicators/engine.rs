@@ -8,19 +8,21 @@
 //! therefore a clear error naming the file, the 1-based row, the column, the ticker and the
 //! date ([`compute_parquet`]) or the row of the batch ([`IndicatorRunner::run_batch`]),
 //! raised before the SQL runs: nulls are never propagated into, or guessed by, the SQL.
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take};
 use datafusion::arrow::datatypes::{Date32Type, SchemaRef};
 use datafusion::datasource::MemTable;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::prelude::{SessionConfig, SessionContext, col};
 use flag_core::parquet::arrow::ArrowWriter;
 use flag_core::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use flag_core::parquet::basic::Compression;
 use flag_core::parquet::file::properties::WriterProperties;
+use flag_core::parquet::schema::types::ColumnPath;
 use flag_core::schema::schema;
 use flag_core::{Schema, StageError, StageResult};
 
@@ -45,21 +47,19 @@ pub struct IndicatorRunner {
 
 impl IndicatorRunner {
     /// `sql`: the text of `stages/market/sql/indicators.sql` (or a variant of it);
-    /// `threads`: DataFusion's partitions and worker threads (0: one per core).
+    /// `threads`: accepted for compatibility and unused: a batch runs as one sorted
+    /// partition (no repartition, no sort; the window functions are evaluated once per ticker
+    /// and partition), and [`compute_parquet`] runs groups of tickers on parallel runners.
     pub fn new(sql: &str, threads: usize) -> StageResult<Self> {
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            threads
-        };
+        let _ = threads;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
+            .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| StageError::io("indicators: starting the DataFusion runtime", e))?;
         let config = SessionConfig::new()
-            .with_target_partitions(threads)
-            .with_batch_size(8192);
+            .with_target_partitions(1)
+            .with_batch_size(64 * 1024);
         let ctx = SessionContext::new_with_config(config);
         udwf::register(&ctx);
         Ok(IndicatorRunner {
@@ -80,8 +80,16 @@ impl IndicatorRunner {
                 row + 1
             )));
         }
+        let bars = sorted(bars)?;
+        // Declared sorted by (ticker, date) (checked or made so above): DataFusion then
+        // plans no SortExec for the windows or the final ORDER BY.
+        let order = vec![vec![
+            col("ticker").sort(true, false),
+            col("date").sort(true, false),
+        ]];
         let table = MemTable::try_new(bars.schema(), vec![vec![bars]])
-            .map_err(|e| df_err("registering the input", e))?;
+            .map_err(|e| df_err("registering the input", e))?
+            .with_sort_order(order);
         let batches = self.runtime.block_on(async {
             self.ctx
                 .deregister_table(INPUT_TABLE)
@@ -112,13 +120,54 @@ impl IndicatorRunner {
     }
 }
 
+/// `bars` sorted by (ticker, date): as given when it already is (the stage's input always is),
+/// else sorted here, so callers may pass any order.
+fn sorted(bars: RecordBatch) -> StageResult<RecordBatch> {
+    let tickers = bars.column(0).as_string::<i32>();
+    let dates = bars.column(1).as_primitive::<Date32Type>();
+    let in_order = (1..bars.num_rows()).all(|i| {
+        let (a, b) = (tickers.value(i - 1), tickers.value(i));
+        a < b || (a == b && dates.value(i - 1) <= dates.value(i))
+    });
+    for (column, nulls) in [
+        ("ticker", tickers.null_count()),
+        ("date", dates.null_count()),
+    ] {
+        if nulls > 0 {
+            return Err(StageError::Invalid(format!(
+                "indicators input: column '{column}' has {nulls} null(s)"
+            )));
+        }
+    }
+    if in_order {
+        return Ok(bars);
+    }
+    let arrow = |e| StageError::Arrow {
+        context: "indicators: sorting the input by ticker, date".into(),
+        source: e,
+    };
+    let keys = [0, 1].map(|c| SortColumn {
+        values: bars.column(c).clone(),
+        options: None,
+    });
+    let idx = lexsort_to_indices(&keys, None).map_err(arrow)?;
+    let columns = bars
+        .columns()
+        .iter()
+        .map(|c| take(c, &idx, None))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(arrow)?;
+    RecordBatch::try_new(bars.schema(), columns).map_err(arrow)
+}
+
 /// How [`compute_parquet`] groups and runs the work.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
     /// A group of tickers is closed at the first ticker change after this many rows. Part of
     /// the output bytes (one row group per group), so the stage takes it as a param.
     pub chunk_rows: usize,
-    /// DataFusion threads (0: one per core). Does not change the output.
+    /// Groups computed at once, each on its own single-partition runner (0: one per core).
+    /// Does not change the output: groups are written in input order.
     pub threads: usize,
 }
 
@@ -141,6 +190,10 @@ pub struct RunStats {
 /// Reads bars (schema ohlcv, sorted by ticker then date, unique) from `inputs` in order,
 /// computes the indicators group by group and appends each group to the Parquet file
 /// `output` as it is done. `progress(done_rows, total_rows)` is called after each group.
+///
+/// Threads: one reads and groups the bars, `opts.threads` runners compute groups at once,
+/// and the calling thread writes them in input order (the output does not depend on the
+/// number of threads). At most about two groups per runner are in flight.
 pub fn compute_parquet(
     sql: &str,
     inputs: &[PathBuf],
@@ -148,14 +201,22 @@ pub fn compute_parquet(
     opts: &Options,
     progress: &dyn Fn(u64, u64),
 ) -> StageResult<RunStats> {
-    let runner = IndicatorRunner::new(sql, opts.threads)?;
+    let workers = if opts.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        opts.threads
+    };
     let out_schema = schema("indicators")?;
     let wctx = || format!("writing {}", output.display());
     let file = File::create(output).map_err(|e| StageError::io(wctx(), e))?;
-    // The same settings as flag_core's writer, so all artifacts look alike.
+    // flag_core's writer settings (snappy, created_by), except that dictionary encoding is
+    // on for the ticker only: the float columns are nearly all distinct values, so their
+    // dictionaries were built, hashed and then abandoned, a quarter of the stage's time.
     let props = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_created_by("flag".to_string())
+        .set_dictionary_enabled(false)
+        .set_column_dictionary_enabled(ColumnPath::from("ticker"), true)
         .build();
     let mut writer = ArrowWriter::try_new(file, out_schema.arrow(), Some(props)).map_err(|e| {
         StageError::Parquet {
@@ -178,51 +239,113 @@ pub fn compute_parquet(
         total += builder.metadata().file_metadata().num_rows().max(0) as u64;
         readers.push((path, builder));
     }
+    let chunk_rows = opts.chunk_rows;
 
-    let mut order = OrderCheck::default();
-    let mut grouper = Grouper::new(opts.chunk_rows);
     let mut stats = RunStats { rows: 0, groups: 0 };
-    let mut emit = |group: RecordBatch, stats: &mut RunStats| -> StageResult<()> {
-        let out = runner.run_batch(group)?;
-        writer.write(&out).map_err(|e| StageError::Parquet {
-            context: wctx(),
-            source: e,
-        })?;
-        // One row group per group of tickers: keeps the writer's buffer to one group.
-        writer.flush().map_err(|e| StageError::Parquet {
-            context: wctx(),
-            source: e,
-        })?;
-        stats.rows += out.num_rows() as u64;
-        stats.groups += 1;
-        progress(stats.rows, total);
-        Ok(())
-    };
-    for (path, builder) in readers {
-        let rctx = || format!("reading {}", path.display());
-        let reader =
-            builder
-                .with_batch_size(64 * 1024)
-                .build()
-                .map_err(|e| StageError::Parquet {
-                    context: rctx(),
+    let (job_tx, job_rx) = mpsc::sync_channel::<(u64, RecordBatch)>(workers);
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::sync_channel::<(u64, StageResult<RecordBatch>)>(workers);
+    let written = std::thread::scope(|s| -> StageResult<()> {
+        let reader = s.spawn(move || -> StageResult<()> {
+            let mut order = OrderCheck::default();
+            let mut grouper = Grouper::new(chunk_rows);
+            let mut seq = 0u64;
+            let mut send = |group: RecordBatch| {
+                let sent = job_tx.send((seq, group)).is_ok();
+                seq += 1;
+                sent
+            };
+            for (path, builder) in readers {
+                let rctx = || format!("reading {}", path.display());
+                let reader = builder.with_batch_size(64 * 1024).build().map_err(|e| {
+                    StageError::Parquet {
+                        context: rctx(),
+                        source: e,
+                    }
+                })?;
+                order.start_file(path);
+                for batch in reader {
+                    let batch = batch.map_err(|e| StageError::Arrow {
+                        context: rctx(),
+                        source: e,
+                    })?;
+                    order.check(&batch)?;
+                    for group in grouper.push(batch)? {
+                        if !send(group) {
+                            return Ok(()); // the writer stopped on an error of its own
+                        }
+                    }
+                }
+            }
+            if let Some(group) = grouper.finish()? {
+                send(group);
+            }
+            Ok(())
+        });
+        let mut runners = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
+            runners.push(s.spawn(move || {
+                let runner = match IndicatorRunner::new(sql, 1) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = done_tx.send((u64::MAX, Err(e)));
+                        return;
+                    }
+                };
+                loop {
+                    let job = job_rx.lock().map(|rx| rx.recv());
+                    let Ok(Ok((seq, group))) = job else { return };
+                    if done_tx.send((seq, runner.run_batch(group))).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(done_tx);
+        // Write in input order; stop at the first error (dropping the receiver stops the rest).
+        let mut pending = BTreeMap::new();
+        let mut next = 0u64;
+        let mut failed = None;
+        for (seq, result) in done_rx.iter() {
+            match result {
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+                Ok(out) => {
+                    pending.insert(seq, out);
+                }
+            }
+            while let Some(out) = pending.remove(&next) {
+                writer.write(&out).map_err(|e| StageError::Parquet {
+                    context: wctx(),
                     source: e,
                 })?;
-        order.start_file(path);
-        for batch in reader {
-            let batch = batch.map_err(|e| StageError::Arrow {
-                context: rctx(),
-                source: e,
-            })?;
-            order.check(&batch)?;
-            for group in grouper.push(batch)? {
-                emit(group, &mut stats)?;
+                // One row group per group of tickers: keeps the writer's buffer to one group.
+                writer.flush().map_err(|e| StageError::Parquet {
+                    context: wctx(),
+                    source: e,
+                })?;
+                stats.rows += out.num_rows() as u64;
+                stats.groups += 1;
+                progress(stats.rows, total);
+                next += 1;
             }
         }
-    }
-    if let Some(group) = grouper.finish()? {
-        emit(group, &mut stats)?;
-    }
+        drop(done_rx);
+        for r in runners {
+            r.join()
+                .map_err(|_| StageError::Invalid("indicators: a runner thread panicked".into()))?;
+        }
+        let read = reader
+            .join()
+            .map_err(|_| StageError::Invalid("indicators: the reader thread panicked".into()))?;
+        // A reading error comes first: it also explains groups that were never computed.
+        read?;
+        failed.map_or(Ok(()), Err)
+    });
+    written?;
     let file = writer.into_inner().map_err(|e| StageError::Parquet {
         context: wctx(),
         source: e,

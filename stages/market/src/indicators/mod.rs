@@ -8,6 +8,7 @@
 //! argument so tests and the benchmark run the very same code path on the file's contents.
 
 mod engine;
+mod rolling;
 mod talib;
 mod udwf;
 
@@ -26,7 +27,7 @@ use flag_core::{
 pub const SQL_FILE: &str = "stages/market/sql/indicators.sql";
 
 /// Bump when the Rust side (UDWFs, grouping, writer) changes behaviour.
-const REVISION: &str = "indicators-1";
+const REVISION: &str = "indicators-2";
 
 pub fn stages() -> Vec<Box<dyn Stage>> {
     vec![Box::new(Indicators)]

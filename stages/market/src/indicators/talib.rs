@@ -88,6 +88,52 @@ pub fn macd_line(x: &[Option<f64>], fast: usize, slow: usize) -> Vec<Option<f64>
     out
 }
 
+/// TA-Lib `TA_MACD(x, fast, slow, signal)` signal: the EMA of [`macd_line`], seeded on its
+/// first `signal` values.
+pub fn macd_signal(x: &[Option<f64>], fast: usize, slow: usize, signal: usize) -> Vec<Option<f64>> {
+    ema(&macd_line(x, fast, slow), signal)
+}
+
+/// TA-Lib `TA_STOCH(high, low, close, fastk, slowk, EMA, slowd, EMA)`: fast %K over the
+/// highest high and lowest low of the last `fastk` rows (0 when that range is flat), slow %K
+/// its EMA `slowk`, %D the EMA `slowd` of slow %K. Returns (%K, %D), both starting where %D
+/// starts, as TA-Lib outputs them.
+pub fn stoch(
+    high: &[Option<f64>],
+    low: &[Option<f64>],
+    close: &[Option<f64>],
+    fastk: usize,
+    slowk: usize,
+    slowd: usize,
+) -> (Vec<Option<f64>>, Vec<Option<f64>>) {
+    let mut fast = vec![None; close.len()];
+    let (s, e) = valid_run(&[high, low, close]);
+    if fastk > 0 && e - s >= fastk {
+        for i in s + fastk - 1..e {
+            let w = i + 1 - fastk..=i;
+            let hh = w
+                .clone()
+                .map(|j| at(high, j))
+                .fold(f64::NEG_INFINITY, f64::max);
+            let ll = w.map(|j| at(low, j)).fold(f64::INFINITY, f64::min);
+            let range = hh - ll;
+            fast[i] = Some(if range != 0.0 {
+                (at(close, i) - ll) / (range / 100.0)
+            } else {
+                0.0
+            });
+        }
+    }
+    let mut k = ema(&fast, slowk);
+    let d = ema(&k, slowd);
+    for (k, d) in k.iter_mut().zip(&d) {
+        if d.is_none() {
+            *k = None;
+        }
+    }
+    (k, d)
+}
+
 /// TA-Lib's `TA_IS_ZERO`.
 fn is_zero(v: f64) -> bool {
     -0.000_000_01 < v && v < 0.000_000_01
