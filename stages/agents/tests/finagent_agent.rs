@@ -406,9 +406,9 @@ fn chart_images_go_with_high_level_reflections_only() {
     let window = json!({"modules": "MLHT", "start": "2023-05-20", "end": "2023-06-08",
                         "history": 4, "top_k": 2, "chart_images": true});
     let p = common::params(&FinAgentStage, window.clone());
-    let err = AgentConfig::from_params(&p)
-        .err()
-        .expect("embedded backend refused");
+    let Err(err) = AgentConfig::from_params(&p) else {
+        panic!("chart_images on the embedded backend must be refused");
+    };
     assert!(err.to_string().contains("chart_images"), "{err}");
 
     let mut http = window;
