@@ -100,11 +100,11 @@ pub fn resolve_pipeline_name(
         {
             return Ok(name.to_string());
         }
-        let text = std::fs::read_to_string(p).map_err(|e| {
+        // A regular file only, of bounded size (a FIFO would block).
+        let text = crate::pipeline::read_file(p).map_err(|e| {
             anyhow::anyhow!(
-                "reading {}: {e} (--pipeline takes a pipeline file, or the name of one that has \
-                 run in this store)",
-                p.display()
+                "{e} (--pipeline takes a pipeline file, or the name of one that has run in \
+                 this store)"
             )
         })?;
         let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap_or(serde_yaml::Value::Null);

@@ -6,8 +6,10 @@
 mod interpolate;
 mod locate;
 mod validate;
+mod yaml;
 
 pub use validate::check_name;
+pub use yaml::read_file;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,7 @@ use std::sync::Arc;
 
 use flag_core::{Params, Stage};
 
-use crate::error::{EngineError, Result};
+use crate::error::Result;
 use crate::registry::Registry;
 
 /// `stage.output`, as bound to a stage input.
@@ -130,13 +132,11 @@ pub fn load(
     overrides: &[String],
     registry: &Registry,
 ) -> Result<Pipeline> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| EngineError::io(format!("reading pipeline {}", file.display()), e))?;
+    let text = yaml::read_file(file)?;
     load_text(file, &text, root, overrides, registry)
 }
 
-/// [`load`] of a pipeline text already read: `file` names it in messages (and gives the
-/// default root and name). The fuzz harness drives the loader through this.
+/// `load` of a pipeline file's text (`file` names it in errors and gives the default root).
 pub fn load_text(
     file: &Path,
     text: &str,
@@ -144,6 +144,8 @@ pub fn load_text(
     overrides: &[String],
     registry: &Registry,
 ) -> Result<Pipeline> {
+    let text = yaml::strip_bom(text);
+    yaml::check_size_and_depth(file, text)?;
     let root = root
         .map(Path::to_path_buf)
         .unwrap_or_else(|| default_root(file));

@@ -47,8 +47,19 @@ impl Errors<'_> {
     }
 }
 
-fn yaml_scalar(text: &str) -> Value {
-    serde_yaml::from_str::<Value>(text).unwrap_or_else(|_| Value::String(text.to_string()))
+/// A `--set` value as YAML, or as text when it is not YAML. `.nan` and `.inf` are refused.
+fn yaml_scalar(key: &str, text: &str) -> Result<Value> {
+    match super::yaml::parse(text) {
+        Ok(v) => Ok(v),
+        Err(super::yaml::YamlError::NonFinite { .. }) => Err(EngineError::Usage(format!(
+            "--set {key}={text}: not a finite number; a pipeline value must be finite (quote \
+             it for the text)"
+        ))),
+        Err(e @ super::yaml::YamlError::Duplicate { .. }) => {
+            Err(EngineError::Usage(format!("--set {key}={text}: {e}")))
+        }
+        Err(_) => Ok(Value::String(text.to_string())),
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -59,6 +70,14 @@ fn type_name(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "a map",
+    }
+}
+
+/// A value as an error message quotes it: its type, and the value when it says more.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "no value (null)".into(),
+        _ => format!("{} {v}", type_name(v)),
     }
 }
 
@@ -89,7 +108,7 @@ fn check_kind(kind: ParamKind, v: &Value) -> std::result::Result<(), String> {
             ParamKind::List => "a list",
             _ => "valid",
         };
-        Err(format!("must be {want}, got {} {v}", type_name(v)))
+        Err(format!("must be {want}, got {}", describe(v)))
     }
 }
 
@@ -180,10 +199,10 @@ pub(super) fn validate(
         return errs.finish().map(|_| unreachable!());
     }
 
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| EngineError::Pipeline {
+    let doc: Value = super::yaml::parse(text).map_err(|e| EngineError::Pipeline {
         file: file.to_path_buf(),
-        line: e.location().map(|l| l.line()).unwrap_or(1),
-        message: format!("invalid YAML: {e}"),
+        line: e.line(),
+        message: e.to_string(),
     })?;
     let Value::Object(top) = doc else {
         errs.push(
@@ -253,7 +272,8 @@ pub(super) fn validate(
                 "--set '{o}': expected KEY=VALUE"
             )));
         };
-        let (k, v) = (k.trim(), yaml_scalar(v.trim()));
+        let k = k.trim();
+        let v = yaml_scalar(k, v.trim())?;
         if let Some((stage, p)) = k.split_once('.') {
             stage_overrides
                 .entry(stage.into())
