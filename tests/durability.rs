@@ -85,6 +85,9 @@ fn a_flipped_byte_in_a_stored_object_is_detected_and_recomputed() {
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
+    // Objects are read-only (0444): a user who damages one makes it writable first.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::write(&path, &bytes).unwrap();
 
     // flag verify reports it without dropping it.

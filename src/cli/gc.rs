@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::store::{is_log_name, is_object_name};
+use crate::store::{ManifestRead, is_log_name, is_object_name};
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
@@ -26,27 +26,46 @@ pub fn run(
     let store = super::existing_store(cli_store, cli_root)?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
     let tmp = if args.dry_run { 0 } else { store.clean_tmp()? };
+    let temps = store.clean_write_temps(args.dry_run)?;
     let live_keys: BTreeSet<String> = store.refs()?.into_iter().map(|(_, _, k)| k).collect();
     let mut keep = BTreeSet::new();
     let mut keep_keys = BTreeSet::new();
     let (mut runs, mut objects, mut bytes) = (0usize, 0usize, 0u64);
-    for m in store.manifests()? {
+    // A manifest that does not parse may name any object: while there is one, no object is
+    // removed (`flag verify` reports and drops it).
+    let mut unreadable = Vec::new();
+    for (path, ours) in store.manifest_files()? {
+        if !ours {
+            continue;
+        }
+        let m = match store.read_manifest(&path)? {
+            ManifestRead::Ok(m) => m,
+            // Parsed but inconsistent: its objects stay until verify drops it.
+            ManifestRead::Damaged {
+                manifest: Some(m), ..
+            } => m,
+            ManifestRead::Damaged { manifest: None, .. } => {
+                // Its log is named by the key in its file name.
+                if let Some(k) = path.file_stem() {
+                    keep_keys.insert(k.to_string_lossy().to_string());
+                }
+                unreadable.push(path);
+                continue;
+            }
+        };
         if args.prune && !live_keys.contains(&m.key) {
             runs += 1;
             if !args.dry_run {
-                let p = store
-                    .root
-                    .join("manifests")
-                    .join(&m.key[..2])
-                    .join(format!("{}.json", m.key));
-                std::fs::remove_file(p)?;
+                store.drop_manifest(&path)?;
             }
             continue;
         }
         keep_keys.insert(m.key.clone());
         for o in m.outputs.values() {
             for f in &o.files {
-                keep.insert(store.object_path(f));
+                if f.hash.len() >= 2 {
+                    keep.insert(store.object_path(f));
+                }
             }
         }
     }
@@ -65,7 +84,7 @@ pub fn run(
                 foreign += 1;
                 continue;
             }
-            if !keep.contains(&p) {
+            if !keep.contains(&p) && unreadable.is_empty() {
                 objects += 1;
                 bytes += f.metadata().map(|m| m.len()).unwrap_or(0);
                 if !args.dry_run {
@@ -90,7 +109,8 @@ pub fn run(
         }
     }
     println!(
-        "{}{runs} runs, {objects} objects ({:.1} MB), {logs} logs, {tmp} staging dirs",
+        "{}{runs} runs, {objects} objects ({:.1} MB), {logs} logs, {tmp} staging dirs, \
+         {temps} temp files",
         if args.dry_run {
             "would remove "
         } else {
@@ -98,6 +118,15 @@ pub fn run(
         },
         bytes as f64 / 1e6
     );
+    if !unreadable.is_empty() {
+        eprintln!(
+            "removed no objects: {} manifests do not parse, so what they name is unknown \
+             ({}{}); `flag verify` reports and drops them",
+            unreadable.len(),
+            unreadable[0].display(),
+            if unreadable.len() > 1 { ", ..." } else { "" }
+        );
+    }
     if foreign > 0 {
         eprintln!(
             "left {foreign} files under {} and {} alone: the store did not name them",
@@ -105,5 +134,9 @@ pub fn run(
             store.root.join("logs").display()
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if unreadable.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -102,16 +102,17 @@ pub fn run(
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let waited = std::cell::Cell::new(false);
     let _lock = store.lock(!args.no_wait, |holder| {
-        if holder.is_empty() {
-            eprintln!("store lock acquired");
-        } else {
-            eprintln!(
-                "waiting for another flag run ({holder}) to release {}/.lock",
-                store.root.display()
-            );
-        }
+        waited.set(true);
+        eprintln!(
+            "waiting for another flag run ({holder}) to release {}/.lock",
+            store.root.display()
+        );
     })?;
+    if waited.get() {
+        eprintln!("store lock acquired");
+    }
     store.clean_tmp()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

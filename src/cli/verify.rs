@@ -1,11 +1,16 @@
-//! `flag verify`: re-hash every stored object; corrupted ones are reported and dropped
-//! (with the manifests that trusted them) so the next run recomputes them.
+//! `flag verify`: check every manifest and re-hash every stored object. A manifest that does
+//! not parse, was edited after it was written, is stored under another key, or names objects
+//! that are not its outputs' tables is reported as DAMAGED (with its path) and dropped;
+//! corrupted objects are reported and dropped with the manifests that trusted them. Either
+//! way the next run recomputes the stage, and verify exits 1.
 //! `flag verify --recompute STAGE --pipeline FILE`: rerun a stored stage here and compare its
 //! bytes (see `recompute`).
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
+
+use crate::store::{ManifestRead, Store};
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
@@ -38,47 +43,112 @@ pub fn run(
     }
     let store = super::existing_store(cli_store, cli_root)?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
-    let manifests = store.manifests()?;
-    let (mut files, mut bad_runs) = (0usize, 0usize);
-    for m in &manifests {
-        files += m.outputs.values().map(|o| o.files.len()).sum::<usize>();
-        let bad = store.verify(m)?;
-        if bad.is_empty() {
+    let (mut runs, mut files, mut bad_runs, mut damaged) = (0usize, 0usize, 0usize, 0usize);
+    for (path, ours) in store.manifest_files()? {
+        if !ours {
+            // Never removed: the store did not name it.
+            println!(
+                "DAMAGED {}: not a manifest (the store names them manifests/<ab>/<key>.json); \
+                 left alone",
+                path.display()
+            );
+            damaged += 1;
             continue;
         }
-        bad_runs += 1;
-        for c in &bad {
-            println!(
-                "CORRUPT {}.{}: {c}",
-                m.stage,
-                m.outputs
-                    .iter()
-                    .find(|(_, o)| o.files.iter().any(|f| store.object_path(f) == c.path))
-                    .map(|(n, _)| n.as_str())
-                    .unwrap_or("?")
-            );
+        runs += 1;
+        let m = match store.read_manifest(&path)? {
+            ManifestRead::Ok(m) => m,
+            ManifestRead::Damaged {
+                manifest,
+                mut problems,
+            } => {
+                damaged += 1;
+                // What it names, too (say, another run's table).
+                if let Some(m) = &manifest {
+                    problems.extend(store.check_objects(m));
+                }
+                let what = manifest
+                    .as_ref()
+                    .map(|m| format!(" (stage '{}' of '{}')", m.stage, m.pipeline))
+                    .unwrap_or_default();
+                for p in &problems {
+                    println!("DAMAGED {}{what}: {p}", path.display());
+                }
+                drop_manifest(&store, &path, args.report_only)?;
+                continue;
+            }
+        };
+        files += m.outputs.values().map(|o| o.files.len()).sum::<usize>();
+        let bad = store.verify(&m)?;
+        if !bad.is_empty() {
+            bad_runs += 1;
+            for c in &bad {
+                println!(
+                    "CORRUPT {}.{}: {c} (manifest {})",
+                    m.stage,
+                    m.outputs
+                        .iter()
+                        .find(|(_, o)| o.files.iter().any(|f| store.object_path(f) == c.path))
+                        .map(|(n, _)| n.as_str())
+                        .unwrap_or("?"),
+                    path.display()
+                );
+            }
+            if !args.report_only {
+                store.invalidate(&m, &bad)?;
+                println!(
+                    "        dropped run {} of stage '{}': it will be recomputed",
+                    crate::store::short(&m.key),
+                    m.stage
+                );
+            }
+            continue;
         }
-        if !args.report_only {
-            store.invalidate(m, &bad)?;
-            println!(
-                "        dropped run {} of stage '{}': it will be recomputed",
-                crate::store::short(&m.key),
-                m.stage
-            );
+        // Intact objects, but are they this run's? (A manifest pointed at another object.)
+        let problems = store.check_objects(&m);
+        if !problems.is_empty() {
+            damaged += 1;
+            for p in &problems {
+                println!(
+                    "DAMAGED {} (stage '{}' of '{}'): {p}",
+                    path.display(),
+                    m.stage,
+                    m.pipeline
+                );
+            }
+            // The objects are intact (another run may own them): only the manifest goes.
+            drop_manifest(&store, &path, args.report_only)?;
         }
     }
+    let mut verdict = Vec::new();
+    if bad_runs > 0 {
+        verdict.push(format!("{bad_runs} runs with corrupted objects"));
+    }
+    if damaged > 0 {
+        verdict.push(format!("{damaged} damaged manifests"));
+    }
     println!(
-        "verified {} runs, {files} files: {}",
-        manifests.len(),
-        if bad_runs == 0 {
+        "verified {runs} runs, {files} files: {}",
+        if verdict.is_empty() {
             "all intact".to_string()
         } else {
-            format!("{bad_runs} runs with corrupted objects")
+            verdict.join(", ")
         }
     );
-    Ok(if bad_runs == 0 {
+    Ok(if verdict.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn drop_manifest(store: &Store, path: &Path, report_only: bool) -> anyhow::Result<()> {
+    if !report_only {
+        store.drop_manifest(path)?;
+        println!(
+            "        dropped {}: its stage will be recomputed",
+            path.display()
+        );
+    }
+    Ok(())
 }

@@ -3,7 +3,6 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use crate::error::{EngineError, Result};
 
@@ -11,8 +10,43 @@ pub struct StoreLock {
     file: File,
 }
 
+/// What the lock file says about its holder, written when the lock is taken: pid, host,
+/// command line (shortened) and since when.
+fn holder_text() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let mut cmd = std::env::args()
+        .map(|a| {
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                format!("'{a}'")
+            } else {
+                a
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if cmd.chars().count() > 200 {
+        cmd = cmd.chars().take(200).collect::<String>() + "…";
+    }
+    // One line: the waiting run prints it inside a message.
+    let cmd = cmd.replace(['\n', '\r'], " ");
+    format!(
+        "pid {}{}, `{cmd}`, since {}",
+        std::process::id(),
+        if host.is_empty() {
+            String::new()
+        } else {
+            format!(" on {host}")
+        },
+        chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
+    )
+}
+
 impl StoreLock {
-    /// Takes the lock, waiting for another run to finish. `on_wait` is told who holds it.
+    /// Takes the lock, waiting for another run to finish. `on_wait` is told who holds it
+    /// (never empty), once, before waiting.
     pub fn acquire(store: &Path, wait: bool, on_wait: impl Fn(&str)) -> Result<StoreLock> {
         let path = store.join(".lock");
         let mut file = OpenOptions::new()
@@ -26,28 +60,27 @@ impl StoreLock {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim().to_string();
+                // At most a line's worth: the file is the store's, but anyone may write it.
+                let _ = (&mut file).take(1024).read_to_string(&mut holder);
+                let holder = holder.lines().next().unwrap_or("").trim().to_string();
+                let holder = if holder.is_empty() {
+                    // Taken a moment ago, its holder not yet written; or a flag that did not
+                    // record itself.
+                    "holder unknown: the lock file names no process".to_string()
+                } else {
+                    holder
+                };
                 if !wait {
                     return Err(EngineError::Store {
                         path: path.clone(),
                         message: format!(
-                            "locked by another flag run ({}); retry when it ends",
-                            if holder.is_empty() {
-                                "unknown process"
-                            } else {
-                                &holder
-                            }
+                            "locked by another flag run ({holder}); retry when it ends"
                         ),
                     });
                 }
                 on_wait(&holder);
-                let start = Instant::now();
                 file.lock()
                     .map_err(|e| EngineError::io(format!("locking {}", path.display()), e))?;
-                if start.elapsed() > Duration::from_millis(10) {
-                    on_wait("");
-                }
             }
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(EngineError::io(format!("locking {}", path.display()), e));
@@ -56,12 +89,7 @@ impl StoreLock {
         // Who holds it, for the message a waiting run prints.
         let _ = file.set_len(0);
         let _ = file.seek(SeekFrom::Start(0));
-        let _ = write!(
-            file,
-            "pid {} since {}",
-            std::process::id(),
-            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC")
-        );
+        let _ = write!(file, "{}", holder_text());
         let _ = file.flush();
         Ok(StoreLock { file })
     }

@@ -26,10 +26,12 @@ mod manifest;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use lock::StoreLock;
+use manifest::{DIGEST_FIELD, dir_hash};
 pub use manifest::{FileEntry, Manifest, OutputRecord};
 
 use crate::error::{EngineError, Result};
@@ -95,7 +97,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     })
 }
 
-/// Writes `bytes` to `path` so that readers see the old file or the whole new one.
+/// Writes `bytes` to `path` so that readers see the old file or the whole new one. The temp
+/// file beside the target (`.<name>.<pid>.<n>.tmp`) is removed when the write fails (a full
+/// disk); one left by a killed run is removed by `gc` (see `clean_write_temps`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("path has a parent");
     io(fs::create_dir_all(dir), || {
@@ -108,15 +112,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ));
-    {
+    let written = (|| {
         let mut f = io(File::create(&tmp), || format!("creating {}", tmp.display()))?;
         io(f.write_all(bytes), || format!("writing {}", tmp.display()))?;
         io(f.sync_all(), || format!("syncing {}", tmp.display()))?;
+        drop(f);
+        io(fs::rename(&tmp, path), || {
+            format!("renaming into {}", path.display())
+        })
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-    io(fs::rename(&tmp, path), || {
-        format!("renaming into {}", path.display())
-    })?;
+    written?;
     sync_dir(dir)
+}
+
+/// A temp file of `write_atomic`: `.<name>.<pid>.<n>.tmp`.
+fn is_write_temp(file: &str) -> bool {
+    let Some(inner) = file.strip_prefix('.').and_then(|f| f.strip_suffix(".tmp")) else {
+        return false;
+    };
+    let mut parts = inner.rsplitn(3, '.');
+    matches!(
+        (parts.next(), parts.next(), parts.next()),
+        (Some(n), Some(pid), Some(name))
+            if !name.is_empty()
+                && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+    )
 }
 
 /// Files of a staged output: (relative name, absolute path), sorted by name.
@@ -375,18 +399,209 @@ impl Store {
         self.root.join("logs").join(format!("{key}.log"))
     }
 
-    /// The manifest for a key, if a complete run with that key was committed.
+    /// The manifest for a key, if a complete run with that key was committed. A manifest that
+    /// is there but damaged (unparsable, edited, stored under another key, or naming tables
+    /// that are not its outputs') is an error naming its file: it must never read as a
+    /// complete run.
     pub fn lookup(&self, key: &str) -> Result<Option<Manifest>> {
         let p = self.manifest_path(key);
-        match fs::read(&p) {
-            Ok(bytes) => match serde_json::from_slice::<Manifest>(&bytes) {
-                Ok(m) if m.key == key => Ok(Some(m)),
-                // An unreadable manifest is treated as absent (and replaced by the rerun).
-                _ => Ok(None),
+        let read = match self.read_manifest(&p) {
+            // Its objects' tables too (footers only; their bytes are hashed by `verify`).
+            Ok(ManifestRead::Ok(m)) => match self.check_objects(&m) {
+                problems if problems.is_empty() => Ok(ManifestRead::Ok(m)),
+                problems => Ok(ManifestRead::Damaged {
+                    manifest: Some(m),
+                    problems,
+                }),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(EngineError::io(format!("reading {}", p.display()), e)),
+            other => other,
+        };
+        match read {
+            Ok(ManifestRead::Ok(m)) => Ok(Some(m)),
+            Ok(ManifestRead::Damaged { problems, .. }) => Err(EngineError::Store {
+                path: self.root.clone(),
+                message: format!(
+                    "damaged manifest {}: {}. `flag verify` reports and drops it; \
+                     `flag run --force` recomputes the stage",
+                    p.display(),
+                    problems.join("; ")
+                ),
+            }),
+            Err(EngineError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
+    }
+
+    /// Reads and checks one manifest file: it parses, its digest matches its contents, it is
+    /// stored under its own key, its key is the hash of its key parts, and its outputs are
+    /// consistent (each output's hash is its files' hash; names stay inside the output).
+    /// Objects are not read here (see `verify` and `check_objects`).
+    pub fn read_manifest(&self, path: &Path) -> Result<ManifestRead> {
+        let bytes = io(fs::read(path), || format!("reading {}", path.display()))?;
+        let damaged = |manifest: Option<Manifest>, problems: Vec<String>| {
+            Ok(ManifestRead::Damaged { manifest, problems })
+        };
+        let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => return damaged(None, vec![format!("not valid JSON ({e})")]),
+        };
+        let mut problems = Vec::new();
+        match value.get(DIGEST_FIELD) {
+            None => {} // written before manifests had a digest
+            Some(serde_json::Value::String(d)) if *d != manifest::digest(&value) => {
+                problems.push(
+                    "its contents do not match its digest (it was changed after it was written)"
+                        .to_string(),
+                );
+            }
+            Some(serde_json::Value::String(_)) => {}
+            Some(_) => problems.push("its digest is not a string".into()),
+        }
+        let m: Manifest = match serde_json::from_value(value) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(format!("not a manifest ({e})"));
+                return damaged(None, problems);
+            }
+        };
+        let stem = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let dir = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        if !is_hex(&m.key, 64) {
+            problems.push(format!("its key '{}' is not a key", m.key.escape_debug()));
+        } else if stem != format!("{}.json", m.key) || dir != m.key[..2] {
+            problems.push(format!(
+                "it records key {} but is stored as {dir}/{stem}",
+                short(&m.key)
+            ));
+        }
+        match serde_json::from_value::<crate::cache::KeyParts>(m.parts.clone()) {
+            Ok(parts) => {
+                let k = parts.key();
+                if k != m.key {
+                    problems.push(format!(
+                        "its key parts hash to {}, not to its key {}",
+                        short(&k),
+                        short(&m.key)
+                    ));
+                }
+                if parts.kind != m.kind {
+                    problems.push(format!(
+                        "it records kind '{}' but its key parts say '{}'",
+                        m.kind, parts.kind
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("its key parts do not parse ({e})")),
+        }
+        for (name, out) in &m.outputs {
+            problems.extend(
+                check_output(out)
+                    .into_iter()
+                    .map(|p| format!("output '{name}': {p}")),
+            );
+        }
+        if problems.is_empty() {
+            Ok(ManifestRead::Ok(m))
+        } else {
+            damaged(Some(m), problems)
+        }
+    }
+
+    /// Every file under `manifests/`, except `write_atomic`'s temp files: (path, named the
+    /// way the store names manifests).
+    pub fn manifest_files(&self) -> Result<Vec<(PathBuf, bool)>> {
+        let mut out = Vec::new();
+        let dir = self.root.join("manifests");
+        for sub in io(fs::read_dir(&dir), || format!("listing {}", dir.display()))?.flatten() {
+            let sub_name = sub.file_name().to_string_lossy().to_string();
+            if !sub.path().is_dir() {
+                out.push((sub.path(), false));
+                continue;
+            }
+            for f in io(fs::read_dir(sub.path()), || {
+                format!("listing {}", sub.path().display())
+            })?
+            .flatten()
+            {
+                let name = f.file_name().to_string_lossy().to_string();
+                if is_write_temp(&name) {
+                    continue;
+                }
+                let ours = name
+                    .strip_suffix(".json")
+                    .is_some_and(|k| is_hex(k, 64) && k.starts_with(&sub_name))
+                    && is_hex(&sub_name, 2)
+                    && f.path().is_file();
+                out.push((f.path(), ours));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes a manifest file (verify's repair: the stage is recomputed by the next run).
+    pub fn drop_manifest(&self, path: &Path) -> Result<()> {
+        io(fs::remove_file(path), || {
+            format!("removing {}", path.display())
+        })
+    }
+
+    /// Checks that each Parquet object a manifest names is the table its output records: the
+    /// footer's columns and types and row count equal the manifest's, and the columns match the
+    /// schema the stage declared for that output (found by the schema hash in its key parts;
+    /// skipped when this build has no schema of that hash). Objects that are missing or
+    /// unreadable are left to `verify`'s hash check.
+    pub fn check_objects(&self, m: &Manifest) -> Vec<String> {
+        let declared: BTreeMap<String, String> = m
+            .parts
+            .get("schemas")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .unwrap_or_default();
+        let registry = flag_core::SchemaRegistry::global();
+        let mut problems = Vec::new();
+        for (name, out) in &m.outputs {
+            if out.kind != "parquet" || out.files.len() != 1 || !is_hex(&out.files[0].hash, 64) {
+                continue;
+            }
+            let path = self.object_path(&out.files[0]);
+            if !path.is_file() {
+                continue;
+            }
+            let Ok((rows, schema, arrow)) = parquet_footer(&path) else {
+                continue;
+            };
+            let obj = format!("output '{name}': object {}", path.display());
+            if out.rows != Some(rows) {
+                problems.push(format!(
+                    "{obj} has {rows} rows, the manifest records {}",
+                    out.rows.map_or("none".into(), |r| r.to_string())
+                ));
+            }
+            if let Some(d) = columns_differ(&schema, out.schema.as_deref().unwrap_or_default()) {
+                problems.push(format!("{obj} {d}"));
+            }
+            if let Some(hash) = declared.get(name)
+                && let Some(s) = registry.names().find_map(|n| {
+                    let s = registry.get(n).ok()?;
+                    (blake3::hash(s.source.as_bytes()).to_hex().as_str() == hash).then_some(s)
+                })
+                && let Err(e) = s.check(&arrow, &obj)
+            {
+                problems.push(format!("{e} (declared schema '{}')", s.name));
+            }
+        }
+        problems
     }
 
     /// Re-hashes every object of a manifest.
@@ -533,6 +748,13 @@ impl Store {
                 // Same bytes already stored (an identical rerun, or another output).
                 let _ = fs::remove_file(&path);
             } else {
+                // Objects are immutable: read-only on disk, so a tool writing into the store by
+                // mistake (a `COPY ... TO`, an editor) is refused. Removing one (gc, verify)
+                // needs only the folder's write permission.
+                io(
+                    fs::set_permissions(&path, fs::Permissions::from_mode(0o444)),
+                    || format!("making {} read-only", path.display()),
+                )?;
                 io(fs::rename(&path, &dest), || {
                     format!("storing {}", dest.display())
                 })?;
@@ -546,14 +768,7 @@ impl Store {
             sync_dir(&d)?;
         }
         let hash = if kind_name == "dir" {
-            let mut h = blake3::Hasher::new();
-            for e in &entries {
-                h.update(e.name.as_bytes());
-                h.update(b"\0");
-                h.update(e.hash.as_bytes());
-                h.update(b"\n");
-            }
-            h.finalize().to_hex().to_string()
+            dir_hash(&entries)
         } else {
             entries[0].hash.clone()
         };
@@ -574,8 +789,7 @@ impl Store {
 
     /// Writes a manifest; from this moment the run is visible as complete.
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(m).expect("manifest serialises");
-        write_atomic(&self.manifest_path(&m.key), &bytes)
+        write_atomic(&self.manifest_path(&m.key), &manifest::to_file_bytes(m))
     }
 
     pub fn set_ref(&self, pipeline: &str, stage: &str, key: &str) -> Result<()> {
@@ -630,27 +844,48 @@ impl Store {
         Ok(out)
     }
 
-    /// Every committed manifest.
+    /// Every committed manifest that reads intact (see `read_manifest`; `flag verify` reports
+    /// the others).
     pub fn manifests(&self) -> Result<Vec<Manifest>> {
         let mut out = Vec::new();
-        let dir = self.root.join("manifests");
-        for sub in io(fs::read_dir(&dir), || format!("listing {}", dir.display()))?.flatten() {
-            for f in io(fs::read_dir(sub.path()), || {
-                format!("listing {}", sub.path().display())
-            })?
-            .flatten()
-            {
-                let p = f.path();
-                if p.extension().is_some_and(|e| e == "json")
-                    && let Ok(bytes) = fs::read(&p)
-                    && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
-                {
-                    out.push(m);
-                }
+        for (p, ours) in self.manifest_files()? {
+            if ours && let ManifestRead::Ok(m) = self.read_manifest(&p)? {
+                out.push(m);
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    /// Removes the temp files `write_atomic` leaves beside a manifest, a ref or the marker
+    /// when it is killed (a failed write removes its own). Called under the lock, when no
+    /// write is in flight. Returns how many were removed.
+    pub fn clean_write_temps(&self, dry_run: bool) -> Result<usize> {
+        let mut dirs = vec![self.root.clone(), self.root.join("refs")];
+        for top in ["manifests", "refs"] {
+            let d = self.root.join(top);
+            for e in io(fs::read_dir(&d), || format!("listing {}", d.display()))?.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        let mut n = 0;
+        for d in dirs {
+            for e in io(fs::read_dir(&d), || format!("listing {}", d.display()))?.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file())
+                    && is_write_temp(&e.file_name().to_string_lossy())
+                {
+                    if !dry_run {
+                        io(fs::remove_file(e.path()), || {
+                            format!("removing {}", e.path().display())
+                        })?;
+                    }
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Points `out/<path>` at the latest outputs (symlinks into objects/).
@@ -709,8 +944,106 @@ impl Store {
     }
 }
 
-/// Row count and (column, type) list of a Parquet file, from its footer.
-fn parquet_summary(path: &Path) -> Result<(u64, Vec<(String, String)>)> {
+/// What a manifest file holds.
+pub enum ManifestRead {
+    Ok(Manifest),
+    /// Unparsable (`manifest` None), or parsed but inconsistent; each problem in words.
+    Damaged {
+        manifest: Option<Manifest>,
+        problems: Vec<String>,
+    },
+}
+
+/// How a table's (column, type) list differs from the one a manifest records, in words.
+fn columns_differ(got: &[(String, String)], recorded: &[(String, String)]) -> Option<String> {
+    if got == recorded {
+        return None;
+    }
+    let show = |c: Option<&(String, String)>| {
+        c.map_or("nothing".to_string(), |(n, t)| format!("'{n}' ({t})"))
+    };
+    let i = got
+        .iter()
+        .zip(recorded)
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(recorded.len()));
+    Some(format!(
+        "has {} columns, the manifest records {}; column {} is {}, the manifest records {}",
+        got.len(),
+        recorded.len(),
+        i + 1,
+        show(got.get(i)),
+        show(recorded.get(i))
+    ))
+}
+
+/// The problems of one output record on its own (without reading objects).
+fn check_output(out: &OutputRecord) -> Vec<String> {
+    let mut problems = Vec::new();
+    for f in &out.files {
+        if !is_hex(&f.hash, 64) {
+            problems.push(format!(
+                "file '{}': '{}' is not a content hash",
+                f.name.escape_debug(),
+                f.hash.escape_debug()
+            ));
+        }
+        let path = Path::new(&f.name);
+        if f.name.is_empty()
+            || path.is_absolute()
+            || !path
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            problems.push(format!(
+                "file name '{}' is not a relative path inside the output",
+                f.name.escape_debug()
+            ));
+        }
+    }
+    match out.kind.as_str() {
+        "parquet" | "file" => {
+            if out.files.len() != 1 {
+                problems.push(format!(
+                    "a {} output has {} files, not 1",
+                    out.kind,
+                    out.files.len()
+                ));
+            } else if out.hash != out.files[0].hash {
+                problems.push(format!(
+                    "its hash {} is not its file's hash {}",
+                    short(&out.hash),
+                    short(&out.files[0].hash)
+                ));
+            }
+            if out.kind == "parquet" && (out.rows.is_none() || out.schema.is_none()) {
+                problems.push("a parquet output without rows and schema".into());
+            }
+        }
+        "dir" => {
+            let h = dir_hash(&out.files);
+            if out.hash != h {
+                problems.push(format!(
+                    "its hash {} is not the hash of its files' names and hashes ({})",
+                    short(&out.hash),
+                    short(&h)
+                ));
+            }
+        }
+        other => problems.push(format!("unknown output kind '{}'", other.escape_debug())),
+    }
+    problems
+}
+
+/// A Parquet footer's row count, (column, type) list and Arrow schema.
+type Footer = (
+    u64,
+    Vec<(String, String)>,
+    flag_core::arrow::datatypes::SchemaRef,
+);
+
+/// Row count, (column, type) list and Arrow schema of a Parquet file, from its footer.
+fn parquet_footer(path: &Path) -> Result<Footer> {
     use flag_core::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let f = io(File::open(path), || format!("reading {}", path.display()))?;
     let b = ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| EngineError::Store {
@@ -724,5 +1057,10 @@ fn parquet_summary(path: &Path) -> Result<(u64, Vec<(String, String)>)> {
         .iter()
         .map(|f| (f.name().clone(), f.data_type().to_string()))
         .collect();
-    Ok((rows, schema))
+    Ok((rows, schema, b.schema().clone()))
+}
+
+/// Row count and (column, type) list of a Parquet file, from its footer.
+fn parquet_summary(path: &Path) -> Result<(u64, Vec<(String, String)>)> {
+    parquet_footer(path).map(|(rows, schema, _)| (rows, schema))
 }
