@@ -423,3 +423,618 @@ fn new_and_empty_folders_become_stores_and_old_stores_get_the_marker() {
     assert_eq!(snap, snapshot(&store));
     assert!(store.join("tmp/keep.txt").is_file());
 }
+
+// ---- Issue 15 items 7 and 8, and read-only objects ----
+
+/// The manifest file of the latest run of `stage` in test-small.
+fn manifest_of(store: &Path, stage: &str) -> PathBuf {
+    let key = std::fs::read_to_string(store.join("refs/test-small").join(stage)).unwrap();
+    let key = key.trim();
+    store
+        .join("manifests")
+        .join(&key[..2])
+        .join(format!("{key}.json"))
+}
+
+fn run_only(f: &Fixture, stages: &[&str]) -> std::process::Output {
+    let mut c = flag(f.root(), &f.store());
+    c.args(["run", "pipelines/test-small.yaml", "--json"]);
+    for s in stages {
+        c.args(["--only", s]);
+    }
+    c.arg("--set")
+        .arg(format!("data_dir={}", data_dir().display()));
+    c.output().unwrap()
+}
+
+fn both(out: &std::process::Output) -> String {
+    format!("{}{}", stdout(out), stderr(out))
+}
+
+#[test]
+fn verify_reports_an_unparsable_manifest_and_run_does_not_trust_it() {
+    let f = Fixture::new();
+    let m = manifest_of(&f.store(), "ohlcv");
+    let text = std::fs::read(&m).unwrap();
+    std::fs::write(&m, &text[..text.len() / 2]).unwrap();
+    let before = snapshot(&f.store());
+
+    let out = flag(f.root(), &f.store())
+        .args(["verify", "--report-only"])
+        .output()
+        .unwrap();
+    let msg = both(&out);
+    assert!(!out.status.success(), "{msg}");
+    assert!(
+        msg.contains(&format!("DAMAGED {}", m.display())) && msg.contains("not valid JSON"),
+        "{msg}"
+    );
+    assert!(msg.contains("1 damaged manifests"), "{msg}");
+    assert!(!msg.contains("all intact"), "{msg}");
+    assert_eq!(
+        before,
+        snapshot(&f.store()),
+        "--report-only changed the store"
+    );
+
+    // A run does not read the stage as up to date: it fails, naming the manifest.
+    let out = run_only(&f, &["ohlcv"]);
+    let msg = both(&out);
+    assert!(!out.status.success(), "{msg}");
+    assert_eq!(statuses(&out)["ohlcv"], "failed", "{msg}");
+    assert!(
+        msg.contains(&format!("damaged manifest {}", m.display())) && msg.contains("--force"),
+        "{msg}"
+    );
+    assert_eq!(
+        before,
+        snapshot(&f.store()),
+        "the failed run changed the store"
+    );
+
+    // verify drops it; the next run recomputes the stage; then all is intact.
+    let out = flag(f.root(), &f.store()).arg("verify").output().unwrap();
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains(&format!("dropped {}", m.display())));
+    assert!(!m.exists());
+    let out = run_only(&f, &["ohlcv"]);
+    assert!(out.status.success(), "{}", both(&out));
+    assert_eq!(statuses(&out)["ohlcv"], "ran");
+    let out = run_ok(flag(f.root(), &f.store()).arg("verify"));
+    assert!(stdout(&out).contains("all intact"), "{}", stdout(&out));
+}
+
+#[test]
+fn verify_detects_a_manifest_pointed_at_another_intact_object() {
+    let f = Fixture::new();
+    assert!(run_only(&f, &["indicators"]).status.success());
+    let m = manifest_of(&f.store(), "ohlcv");
+    let original = std::fs::read_to_string(&m).unwrap();
+    let ind: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest_of(&f.store(), "indicators")).unwrap(),
+    )
+    .unwrap();
+    let other = ind["outputs"]["table"]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // (edit, expected problem): bars pointed at the indicators table, consistently (file and
+    // output hash), with the digest kept, then without it; key parts edited; another stage's
+    // manifest stored under this key.
+    let point = |v: &mut serde_json::Value| {
+        v["outputs"]["bars"]["files"][0]["hash"] = other.clone().into();
+        v["outputs"]["bars"]["hash"] = other.clone().into();
+    };
+    type Edit<'a> = Box<dyn Fn(&mut serde_json::Value) + 'a>;
+    let cases: Vec<(&str, Edit<'_>, Vec<&str>)> = vec![
+        (
+            "pointed",
+            Box::new(point),
+            vec!["do not match its digest", "output 'bars'", "has 47 columns"],
+        ),
+        (
+            "pointed_no_digest",
+            Box::new(move |v: &mut serde_json::Value| {
+                point(v);
+                v.as_object_mut().unwrap().remove("digest");
+            }),
+            vec![
+                "output 'bars': object",
+                "the manifest records 8",
+                "declared schema 'ohlcv'",
+            ],
+        ),
+        (
+            "parts",
+            Box::new(|v: &mut serde_json::Value| {
+                v["parts"]["params"]["tickers"] = serde_json::json!(["AAPL"]);
+                v.as_object_mut().unwrap().remove("digest");
+            }),
+            vec!["its key parts hash to"],
+        ),
+        (
+            "another_key",
+            Box::new(move |v: &mut serde_json::Value| *v = ind.clone()),
+            vec!["it records key", "but is stored as"],
+        ),
+    ];
+    for (case, edit, wants) in cases {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        edit(&mut v);
+        std::fs::write(&m, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+        let before = snapshot(&f.store());
+        let out = flag(f.root(), &f.store())
+            .args(["verify", "--report-only"])
+            .output()
+            .unwrap();
+        let msg = both(&out);
+        assert!(!out.status.success(), "{case}: {msg}");
+        assert!(
+            msg.contains(&format!("DAMAGED {}", m.display())),
+            "{case}: {msg}"
+        );
+        for w in wants {
+            assert!(msg.contains(w), "{case}: expected '{w}' in\n{msg}");
+        }
+        // Not up to date for a run either; nothing changes.
+        let out = run_only(&f, &["ohlcv"]);
+        assert_eq!(statuses(&out)["ohlcv"], "failed", "{case}: {}", both(&out));
+        assert!(both(&out).contains("damaged manifest"), "{case}");
+        assert_eq!(before, snapshot(&f.store()), "{case}: the store changed");
+    }
+    // verify drops the manifest but not the object (intact, and the indicators run's own).
+    let out = flag(f.root(), &f.store()).arg("verify").output().unwrap();
+    assert!(!out.status.success());
+    assert!(!m.exists());
+    let out = run_ok(flag(f.root(), &f.store()).arg("verify"));
+    assert!(stdout(&out).contains("all intact"), "{}", stdout(&out));
+    let out = run_only(&f, &["indicators"]);
+    let st = statuses(&out);
+    assert_eq!(
+        (st["ohlcv"].as_str(), st["indicators"].as_str()),
+        ("ran", "cached")
+    );
+}
+
+/// A pipeline file in the fixture's project: test-small with `edit` applied.
+fn variant(f: &Fixture, name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("pipelines/test-small.yaml")).unwrap();
+    let file = f.root().join("pipelines").join(format!("{name}.yaml"));
+    std::fs::write(&file, edit(&text)).unwrap();
+    file
+}
+
+/// Runs `flag run FILE ARGS`, expects failure with every one of `wants`, and an unchanged
+/// store.
+fn refused(f: &Fixture, file: &Path, args: &[&str], wants: &[&str]) {
+    let before = snapshot(&f.store());
+    let out = flag(f.root(), &f.store())
+        .arg("run")
+        .arg(file)
+        .args(args)
+        .arg("--set")
+        .arg(format!("data_dir={}", data_dir().display()))
+        .output()
+        .unwrap();
+    let msg = both(&out);
+    assert!(!out.status.success(), "{}: {msg}", file.display());
+    for w in wants {
+        assert!(
+            msg.contains(w),
+            "{}: expected '{w}' in\n{msg}",
+            file.display()
+        );
+    }
+    assert_eq!(
+        before,
+        snapshot(&f.store()),
+        "{}: the store changed",
+        file.display()
+    );
+}
+
+#[test]
+fn duplicate_yaml_keys_are_refused_with_both_lines() {
+    let f = Fixture::new();
+    // test-small: line 18 is `    uses: indicators`, line 14 `      source: ...`, line 10
+    // `stages:`, and the file has 45 lines.
+    let file = variant(&f, "dup-uses", |t| {
+        t.replace(
+            "    uses: indicators\n",
+            "    uses: indicators\n    uses: baselines\n",
+        )
+    });
+    let loc = format!("{}:19:", file.display());
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            &loc,
+            "duplicate key 'uses' in 'stages.indicators'",
+            "first at line 18, again at line 19",
+        ],
+    );
+
+    let file = variant(&f, "dup-param", |t| {
+        t.replace(
+            "      format: tdqn\n",
+            "      format: tdqn\n      source: /tmp\n",
+        )
+    });
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            "duplicate key 'source' in 'stages.ohlcv.params'",
+            "first at line 14, again at line 16",
+        ],
+    );
+
+    let file = variant(&f, "dup-top-params", |t| {
+        format!("{t}params:\n  tickers: [AAPL]\n")
+    });
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            "duplicate top-level key 'params'",
+            "first at line 3, again at line 46",
+        ],
+    );
+
+    let file = variant(&f, "dup-stages", |t| {
+        format!("{t}stages:\n  other:\n    uses: indicators\n")
+    });
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            "duplicate top-level key 'stages'",
+            "first at line 10, again at line 46",
+        ],
+    );
+
+    // Flow style too, and the same key in different maps is fine.
+    let file = variant(&f, "dup-flow", |t| {
+        t.replace(
+            "  tickers: [AAPL, MSFT]\n",
+            "  tickers: [AAPL, MSFT]\n  x: {a: 1,\n      a: 2}\n",
+        )
+    });
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            "duplicate key 'a' in 'params.x'",
+            "first at line 6, again at line 7",
+        ],
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let f = Fixture::new();
+    let file = variant(&f, "bom", |t| format!("\u{feff}{t}"));
+    let out = run_ok(
+        flag(f.root(), &f.store())
+            .arg("run")
+            .arg(&file)
+            .args(["--only", "ohlcv", "--json", "--set"])
+            .arg(format!("data_dir={}", data_dir().display())),
+    );
+    assert_eq!(statuses(&out)["ohlcv"], "cached");
+}
+
+#[test]
+fn deep_big_and_special_pipeline_files_are_refused_before_parsing() {
+    let f = Fixture::new();
+    // 200 KB of nested flow collections (the YAML parser took 37 s on this).
+    let file = f.root().join("pipelines/deep.yaml");
+    let n = 100_000;
+    std::fs::write(
+        &file,
+        format!(
+            "name: deep\nparams:\n  x: {}{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        ),
+    )
+    .unwrap();
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            &format!("{}:3:", file.display()),
+            "nested more than 32 deep",
+        ],
+    );
+    // Over the size cap.
+    let file = variant(&f, "big", |t| {
+        format!("{t}{}", "# padding\n".repeat(120_000))
+    });
+    refused(&f, &file, &[], &["larger than 1024 KB"]);
+    // A directory.
+    let dir = f.root().join("pipelines/adir.yaml");
+    std::fs::create_dir_all(&dir).unwrap();
+    refused(
+        &f,
+        &dir,
+        &[],
+        &["is a directory; a pipeline must be a regular file"],
+    );
+    // A FIFO: opening it for reading would block until a writer came.
+    let fifo = f.root().join("pipelines/fifo.yaml");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let before = snapshot(&f.store());
+    let mut child = flag(f.root(), &f.store())
+        .arg("run")
+        .arg(&fifo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Not a timing assertion: only a bound on a hang.
+    let mut waited = 0;
+    while child.try_wait().unwrap().is_none() {
+        if waited > 600 {
+            child.kill().unwrap();
+            panic!("flag blocked on a FIFO pipeline file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        both(&out).contains("is a FIFO (named pipe)"),
+        "{}",
+        both(&out)
+    );
+    assert_eq!(before, snapshot(&f.store()));
+    // show --pipeline reads pipeline files the same way.
+    let out = flag(f.root(), &f.store())
+        .args(["show", "ohlcv.bars", "--pipeline"])
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    assert!(both(&out).contains("is a FIFO"), "{}", both(&out));
+}
+
+#[test]
+fn non_finite_params_say_so() {
+    let f = Fixture::new();
+    let file = variant(&f, "nan", |t| {
+        t.replace("      env: tdqn\n", "      env: tdqn\n      cost: .nan\n")
+    });
+    refused(
+        &f,
+        &file,
+        &[],
+        &[
+            &format!("{}:27:", file.display()),
+            "'stages.baselines.params.cost' is .nan, which is not a finite number",
+        ],
+    );
+    let file = variant(&f, "inf", |t| {
+        t.replace("tickers: [AAPL, MSFT]", "tickers: [AAPL, -.inf]")
+    });
+    refused(&f, &file, &[], &["'params.tickers.[1]' is -.inf"]);
+    let plain = f.root().join("pipelines/test-small.yaml");
+    refused(
+        &f,
+        &plain,
+        &["--set", "baselines.cost=.nan"],
+        &["--set baselines.cost=.nan: not a finite number"],
+    );
+    // A missing value says so, not "null null".
+    let file = variant(&f, "null", |t| {
+        t.replace("      env: tdqn\n", "      env: tdqn\n      cost:\n")
+    });
+    refused(
+        &f,
+        &file,
+        &[],
+        &["param 'cost' must be a number, got no value (null)"],
+    );
+}
+
+#[test]
+fn the_lock_wait_names_the_holder() {
+    let f = Fixture::new();
+    let lock = f.store().join(".lock");
+    std::fs::write(
+        &lock,
+        "pid 4242 on host-x, `flag run other.yaml`, since then",
+    )
+    .unwrap();
+    // Hold the lock from another process (flock(1) takes the same flock as flag).
+    let mut holder = std::process::Command::new("flock")
+        // --no-fork: the lock is held by this very process (sh execs sleep), so killing it
+        // releases the lock.
+        .arg("--no-fork")
+        .arg(&lock)
+        .args(["-c", "echo held; exec sleep 600"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    let out = run_only_no_wait(&f);
+    let msg = both(&out);
+    assert!(!out.status.success(), "{msg}");
+    assert!(
+        msg.contains(
+            "locked by another flag run (pid 4242 on host-x, `flag run other.yaml`, since then)"
+        ),
+        "{msg}"
+    );
+    // A waiting gc says who it waits for, once, and never an empty holder.
+    let mut gc = flag(f.root(), &f.store())
+        .arg("gc")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(gc.stderr.take().unwrap());
+    let mut first = String::new();
+    err.read_line(&mut first).unwrap();
+    assert!(
+        first.contains("waiting for another flag run (pid 4242 on host-x"),
+        "{first}"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(gc.wait().unwrap().success(), "{rest}");
+    assert!(!rest.contains("()"), "{rest}");
+    // An unnamed holder is said to be unknown.
+    std::fs::write(&lock, "").unwrap();
+    let mut holder = std::process::Command::new("flock")
+        // --no-fork: the lock is held by this very process (sh execs sleep), so killing it
+        // releases the lock.
+        .arg("--no-fork")
+        .arg(&lock)
+        .args(["-c", "echo held; exec sleep 600"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let out = run_only_no_wait(&f);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(both(&out).contains("holder unknown"), "{}", both(&out));
+}
+
+fn run_only_no_wait(f: &Fixture) -> std::process::Output {
+    flag(f.root(), &f.store())
+        .args([
+            "run",
+            "pipelines/test-small.yaml",
+            "--only",
+            "ohlcv",
+            "--no-wait",
+            "--set",
+        ])
+        .arg(format!("data_dir={}", data_dir().display()))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn gc_removes_temp_files_of_interrupted_writes_and_nothing_else() {
+    let f = Fixture::new();
+    let before = snapshot(&f.store());
+    let m = manifest_of(&f.store(), "ohlcv");
+    let name = m.file_name().unwrap().to_string_lossy().to_string();
+    let temps = [
+        m.parent().unwrap().join(format!(".{name}.999999.0.tmp")),
+        f.store().join("refs/test-small/.ohlcv.999999.1.tmp"),
+        f.store().join("refs/.LAST.999999.2.tmp"),
+        f.store().join(".flag-store.999999.3.tmp"),
+    ];
+    for t in &temps {
+        std::fs::write(t, "half").unwrap();
+    }
+    // Not named like the store's temp files: left alone.
+    let mine = f.store().join("refs/test-small/.notes.tmp");
+    std::fs::write(&mine, "mine").unwrap();
+    // verify and runs skip them.
+    run_ok(flag(f.root(), &f.store()).arg("verify"));
+    let out = run_ok(flag(f.root(), &f.store()).arg("gc"));
+    assert!(stdout(&out).contains("4 temp files"), "{}", stdout(&out));
+    for t in &temps {
+        assert!(!t.exists(), "{} kept", t.display());
+    }
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
+    std::fs::remove_file(&mine).unwrap();
+    assert_eq!(before, snapshot(&f.store()));
+}
+
+#[test]
+fn gc_removes_no_object_while_a_manifest_does_not_parse() {
+    let f = Fixture::new();
+    let m = manifest_of(&f.store(), "ohlcv");
+    std::fs::write(&m, "{ not json").unwrap();
+    let before = snapshot(&f.store());
+    let out = flag(f.root(), &f.store())
+        .args(["gc", "--prune"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("removed no objects: 1 manifests do not parse"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(before, snapshot(&f.store()));
+}
+
+#[test]
+fn stored_objects_are_read_only_and_gc_still_removes_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let mut objects = Vec::new();
+    for sub in std::fs::read_dir(f.store().join("objects"))
+        .unwrap()
+        .flatten()
+    {
+        for o in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            objects.push(o.path());
+        }
+    }
+    assert!(!objects.is_empty());
+    for o in &objects {
+        let mode = std::fs::metadata(o).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o444, "{}", o.display());
+    }
+    // Another run of ohlcv replaces the ref; gc --prune removes the old, read-only objects.
+    let out = flag(f.root(), &f.store())
+        .args([
+            "run",
+            "pipelines/test-small.yaml",
+            "--only",
+            "ohlcv",
+            "--set",
+            "tickers=[AAPL]",
+            "--set",
+        ])
+        .arg(format!("data_dir={}", data_dir().display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", both(&out));
+    run_ok(flag(f.root(), &f.store()).args(["gc", "--prune"]));
+    assert!(objects.iter().all(|o| !o.exists()), "old objects kept");
+    run_ok(flag(f.root(), &f.store()).arg("verify"));
+}
+
+#[test]
+fn os_errors_are_printed_once() {
+    let f = Fixture::new();
+    let out = flag(f.root(), &f.store())
+        .args(["run", "pipelines/missing.yaml"])
+        .output()
+        .unwrap();
+    let msg = stderr(&out);
+    assert!(!out.status.success());
+    assert_eq!(msg.matches("No such file or directory").count(), 1, "{msg}");
+    assert!(msg.contains("pipelines/missing.yaml"), "{msg}");
+}
