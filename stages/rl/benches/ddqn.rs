@@ -5,7 +5,8 @@
 //! Reports environment (= gradient) steps per second, episodes per second (including the
 //! per-episode greedy evaluation on both splits that feeds the training curve), and the time
 //! of one evaluation, as JSON in `$FLAG_BENCH_OUT/ddqn.json` (default `<repo>/artifacts/bench/`).
-//! `FLAG_BENCH_EPISODES` (default 3) sets the episodes; `FLAG_DATA_DIR` the data;
+//! `FLAG_BENCH_EPISODES` (default 3) sets the episodes; `FLAG_BENCH_SEED` (default 0) the seed;
+//! `FLAG_DATA_DIR` the data;
 //! `FLAG_BENCH_DEVICE=cuda` runs the networks on the GPU (default cpu).
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +27,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let seed: u64 = std::env::var("FLAG_BENCH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     tch::set_num_threads(1);
     let device = match std::env::var("FLAG_BENCH_DEVICE").as_deref() {
         Ok("cuda") => {
@@ -53,7 +58,7 @@ fn main() {
     };
     let data = TickerData::new("AAPL", bars, 0..n, n..total, &cfg, None).expect("prepare AAPL");
     let mut agent =
-        flag_rl::agent::Agent::new(cfg, &data.features, device, ChaCha8Rng::seed_from_u64(0))
+        flag_rl::agent::Agent::new(cfg, &data.features, device, ChaCha8Rng::seed_from_u64(seed))
             .expect("agent");
 
     let mut steps = 0usize;
@@ -86,6 +91,7 @@ fn main() {
         "test_days": total - n,
         "observation_size": agent.inputs(),
         "episodes": episodes,
+        "seed": seed,
         "env_steps": steps,
         "gradient_steps": agent.learn_steps,
         "train_s": train_s,

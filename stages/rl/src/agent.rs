@@ -84,6 +84,12 @@ pub struct Agent {
     /// Feature matrix of the training data, on the device.
     features: Tensor,
     inputs: usize,
+    /// The target network's Q-values of every day from both next positions, `[2 rows, 2]`
+    /// (row `2 t` short, `2 t + 1` long), filled on the first gradient step after each copy.
+    /// A next position is always -1 or 1, and the target network changes only when it is
+    /// copied, so one batched pass per copy replaces a 32-row pass per gradient step; in
+    /// evaluation mode rows are independent, and the tests pin that the values are the same.
+    target_q: Option<Tensor>,
 }
 
 impl Agent {
@@ -117,6 +123,7 @@ impl Agent {
             learn_steps: 0,
             features: feats,
             inputs,
+            target_q: None,
         })
     }
 
@@ -143,6 +150,23 @@ impl Agent {
         let mut flat = vec![0f32; ts.len() * 2];
         q.view([-1]).copy_data(&mut flat, ts.len() * 2);
         flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect()
+    }
+
+    /// The target network's Q-values of every (day, next position), `[2 rows, 2]`.
+    fn target_table(&mut self) -> &Tensor {
+        if self.target_q.is_none() {
+            let rows = self.features.size()[0];
+            let ts: Vec<i64> = (0..rows).flat_map(|t| [t, t]).collect();
+            let pos: Vec<f32> = (0..rows).flat_map(|_| [-1.0, 1.0]).collect();
+            let parts: Vec<Tensor> = tch::no_grad(|| {
+                ts.chunks(4096)
+                    .zip(pos.chunks(4096))
+                    .map(|(t, p)| self.target.forward(&self.observations(t, p), false, None))
+                    .collect()
+            });
+            self.target_q = Some(Tensor::cat(&parts, 0));
+        }
+        self.target_q.as_ref().expect("filled above")
     }
 
     /// Greedy action (ties go to SHORT, action 0).
@@ -188,27 +212,34 @@ impl Agent {
         let dev = self.device;
         let state = self.observations(&ts, &pos);
         let next_state = self.observations(&next_ts, &next_pos);
+        let next_rows: Vec<i64> = batch
+            .iter()
+            .map(|b| 2 * (b.t as i64 + 1) + i64::from(b.next_position > 0.0))
+            .collect();
         let actions = Tensor::from_slice(&actions).to_device(dev).unsqueeze(1);
         let q = self
             .policy
             .forward(&state, true, Some(&mut self.rng))
             .gather(1, &actions, false)
             .squeeze_dim(1);
-        let expected = tch::no_grad(|| {
+        let next_a = tch::no_grad(|| {
             // Double DQN: the policy network picks the next action (in training mode, as the
             // reference), the target network values it.
-            let next_a = self
-                .policy
+            self.policy
                 .forward(&next_state, true, Some(&mut self.rng))
-                .argmax(1, true);
-            let next_q = self
-                .target
-                .forward(&next_state, false, None)
+                .argmax(1, true)
+        });
+        let next_rows = Tensor::from_slice(&next_rows).to_device(dev);
+        let gamma = self.cfg.gamma;
+        let table = self.target_table();
+        let expected = tch::no_grad(|| {
+            let next_q = table
+                .index_select(0, &next_rows)
                 .gather(1, &next_a, false)
                 .squeeze_dim(1);
             let r = Tensor::from_slice(&rewards).to_device(dev);
             let nd = Tensor::from_slice(&not_done).to_device(dev);
-            r + next_q * nd * self.cfg.gamma
+            r + next_q * nd * gamma
         });
         let loss = q.huber_loss(&expected, Reduction::Mean, 1.0);
         self.opt.zero_grad();
@@ -219,6 +250,7 @@ impl Agent {
         if self.iterations.is_multiple_of(self.cfg.target_update) {
             // Same names on both sides by construction, so the copy cannot fail.
             let _ = self.target.vs.copy(&self.policy.vs);
+            self.target_q = None;
         }
         Some(loss.double_value(&[]))
     }
