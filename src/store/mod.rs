@@ -72,20 +72,41 @@ pub fn short(hash: &str) -> &str {
 }
 
 pub fn hash_file(path: &Path) -> Result<String> {
+    use std::io::Read;
     let mut h = blake3::Hasher::new();
-    let meta = fs::metadata(path)
-        .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
-    // Small files: plain read (mmap setup costs more than it saves).
-    if meta.len() < 1 << 20 {
-        let bytes = fs::read(path)
-            .map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
-        h.update(&bytes);
-    } else {
-        h.update_mmap_rayon(path)
-            .map_err(|e| EngineError::io(format!("hashing {}", path.display()), e))?;
+    let mut f =
+        File::open(path).map_err(|e| EngineError::io(format!("reading {}", path.display()), e))?;
+    // Read in bounded chunks, each hashed on all cores: memory stays at one chunk whatever the
+    // file's size (a mapping of the whole file would count every page of it as resident).
+    let len = f.metadata().map(|m| m.len()).unwrap_or(HASH_CHUNK as u64);
+    let mut buf = vec![0u8; (len as usize).saturating_add(1).min(HASH_CHUNK)];
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(EngineError::io(format!("hashing {}", path.display()), e)),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        if n >= 1 << 20 {
+            h.update_rayon(&buf[..n]);
+        } else {
+            h.update(&buf[..n]);
+        }
+        if n < buf.len() {
+            break;
+        }
     }
     Ok(h.finalize().to_hex().to_string())
 }
+
+/// Bytes read and hashed at a time by [`hash_file`].
+const HASH_CHUNK: usize = 16 << 20;
 
 fn io<T>(r: std::io::Result<T>, what: impl FnOnce() -> String) -> Result<T> {
     r.map_err(|e| EngineError::io(what(), e))
