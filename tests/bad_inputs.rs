@@ -226,6 +226,40 @@ fn pipeline_file_errors_name_file_line_and_stage() {
     );
 }
 
+/// A bad param value in a downstream stage fails when the pipeline loads, at the param's line,
+/// before its upstream stages run (indicators has never run in the fixture's store, so a run
+/// that started would have committed it).
+#[test]
+fn param_values_fail_at_load_before_any_stage_runs() {
+    let f = Fixture::new();
+    let text = std::fs::read_to_string(repo_root().join("pipelines/test-small.yaml")).unwrap();
+    let anchor = "      env: tdqn\n";
+    assert!(text.contains(anchor));
+    let line = text[..text.find(anchor).unwrap()].lines().count() + 1;
+    let bad = text.replacen(anchor, "      env: tdqn\n      cost: -1\n", 1);
+    let data = format!("data_dir={}", data_dir().display());
+    let out = f.fails("bad_cost", &bad, &["--set", &data]);
+    let file = f.root().join("pipelines/bad_cost.yaml");
+    has(
+        &out,
+        &format!(
+            "{}:{}: stage 'baselines': param 'cost': must be in [0, 1), got -1",
+            file.display(),
+            line + 1
+        ),
+    );
+    // From --set: the stage's line.
+    let out = f.fails(
+        "set_cost",
+        &text,
+        &["--set", &data, "--set", "baselines.cost=2"],
+    );
+    has(
+        &out,
+        "stage 'baselines': param 'cost': must be in [0, 1), got 2",
+    );
+}
+
 /// Bad data files through the real binary: the run fails naming file, line and column, and
 /// the store (which holds a good earlier run) is unchanged.
 #[test]

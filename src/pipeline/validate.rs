@@ -394,6 +394,7 @@ pub(super) fn validate(
         if let Some(ov) = stage_overrides.get(sname) {
             given.extend(ov.clone());
         }
+        let errs_before_params = errs.list.len();
         let mut resolved = BTreeMap::new();
         for (pname, pval) in &given {
             let pline = loc.stage_key(sname, Some("params"), pname);
@@ -619,11 +620,37 @@ pub(super) fn validate(
             });
         }
 
+        // Values, by the stage's own parser: `period: 0` fails here, not after upstream stages
+        // ran. Skipped when a param already failed its type check (reported once), and for path
+        // params (whether a file exists is the cache key's question, asked when it runs).
+        let imp = registry.get(&kinds[sname]).expect("kind checked above");
+        let params = Params::new(resolved);
+        if errs.list.len() == errs_before_params {
+            let bound: Vec<&str> = inputs.keys().map(String::as_str).collect();
+            if let Err(e) = imp.check_params(&params, &bound) {
+                let (at, path_param) = match &e {
+                    flag_core::StageError::Param { name: pname, .. } => (
+                        if given.contains_key(pname) {
+                            loc.stage_key(sname, Some("params"), pname)
+                        } else {
+                            line
+                        },
+                        spec.params
+                            .iter()
+                            .any(|p| p.name == pname && p.kind == ParamKind::Path),
+                    ),
+                    _ => (line, false),
+                };
+                if !path_param {
+                    errs.push(at, format!("stage '{sname}': {e}"));
+                }
+            }
+        }
         stages.push(PipelineStage {
             name: sname.clone(),
             kind,
-            imp: registry.get(&kinds[sname]).expect("kind checked above"),
-            params: Params::new(resolved),
+            imp,
+            params,
             inputs,
             publish,
             line,

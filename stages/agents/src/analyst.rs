@@ -238,6 +238,10 @@ impl Stage for Analyst {
         "analyst"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        AnalystConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let mut params = vec![
             ParamSpec::with_default(

@@ -38,6 +38,14 @@ pub trait Stage: Send + Sync {
         Numerics::Portable
     }
 
+    /// Checks the param values (ranges, choices, combinations) with the same parser `run`
+    /// uses, without reading inputs or files: the engine calls it when it loads a pipeline, so
+    /// a bad value fails with its file:line before any stage runs. `bound_inputs` names the
+    /// inputs the pipeline binds.
+    fn check_params(&self, _params: &Params, _bound_inputs: &[&str]) -> StageResult<()> {
+        Ok(())
+    }
+
     /// Does the work: reads inputs and writes every declared output through `ctx`.
     /// Runs on a blocking thread; a stage may start its own runtime or threads inside.
     fn run(&self, ctx: &mut StageContext) -> StageResult<()>;

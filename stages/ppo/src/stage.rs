@@ -207,6 +207,10 @@ impl Stage for Ppo {
         "ppo"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        PpoSettings::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "FLAG-Trader (Xiong et al. 2025): PPO fine-tuning of SmolLM2-135M (bottom blocks \

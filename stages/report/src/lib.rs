@@ -82,6 +82,10 @@ impl Stage for ReportStage {
         "report"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        ReportParams::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "Markdown + self-contained HTML report: FinAgent Table 4 and TDQN Table 6 style \

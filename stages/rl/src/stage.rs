@@ -389,6 +389,10 @@ impl Stage for Ddqn {
         "ddqn"
     }
 
+    fn check_params(&self, p: &Params, bound: &[&str]) -> StageResult<()> {
+        DdqnSettings::from_params(p, bound.contains(&"signals")).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "TDQN agent (Théate & Ernst 2021; double DQN, 30-day window, 117 inputs) trained \

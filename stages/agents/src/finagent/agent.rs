@@ -138,6 +138,10 @@ impl Stage for FinAgentStage {
         "finagent"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        AgentConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "FinAgent agent: day by day, high-level reflection on its own recent decisions, then \

@@ -326,6 +326,10 @@ impl Stage for LatestIntel {
         "finagent_intel"
     }
 
+    fn check_params(&self, p: &flag_core::Params, _bound: &[&str]) -> StageResult<()> {
+        ModuleConfig::from_params(p, "intel").map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "FinAgent latest market intelligence: per ticker and decision day, the day's news -> per-item \
@@ -375,6 +379,10 @@ pub struct PastIntel;
 impl Stage for PastIntel {
     fn kind(&self) -> &'static str {
         "finagent_past_intel"
+    }
+
+    fn check_params(&self, p: &flag_core::Params, _bound: &[&str]) -> StageResult<()> {
+        ModuleConfig::from_params(p, "past_intel").map(drop)
     }
 
     fn spec(&self) -> StageSpec {

@@ -83,6 +83,10 @@ impl Stage for LowLevelReflection {
         "finagent_low_reflection"
     }
 
+    fn check_params(&self, p: &flag_core::Params, _bound: &[&str]) -> StageResult<()> {
+        ModuleConfig::from_params(p, "low_reflection").map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "FinAgent low-level reflection: per ticker and decision day, market intelligence + the 14-day \

@@ -182,6 +182,10 @@ impl Stage for NewsEmbed {
         "news_embed"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        NewsEmbedConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let mut params = vec![
             ParamSpec::with_default(

@@ -283,6 +283,10 @@ impl Stage for MemorySearch {
         "memory_search"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        SearchConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let mut params = vec![
             ParamSpec::with_default(

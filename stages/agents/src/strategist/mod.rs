@@ -356,6 +356,10 @@ impl Stage for Strategist {
         "strategist"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        StrategistConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let mut params = vec![
             ParamSpec::with_default(

@@ -198,6 +198,10 @@ impl Stage for IngestNews {
         "ingest_news"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        config(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "Reads vendor news (stocknewsapi, gnews, cryptotrade) and tags each item with the first trading date it may influence",

@@ -138,6 +138,10 @@ impl Stage for IngestOhlcv {
         "ingest_ohlcv"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        config(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "Reads daily OHLCV files (tdqn, yfinance, yahoo, coingecko; investorbench: close only, \

@@ -104,6 +104,10 @@ impl Stage for GuidedReport {
         "guided_report"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        GuidedParams::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let str_param = |name: &'static str, default: &str, doc: &'static str| {
             ParamSpec::with_default(name, ParamKind::Str, json!(default), doc)

@@ -159,6 +159,10 @@ impl Stage for Baselines {
         "baselines"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        BaselineConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let all: Vec<_> = Strategy::ALL.iter().map(|s| s.name()).collect();
         StageSpec {

@@ -264,6 +264,10 @@ impl Stage for FinAgentTools {
         "finagent_tools"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        ToolsConfig::from_params(p).map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         let all: Vec<_> = Tool::ALL.iter().map(|t| t.name()).collect();
         StageSpec {

@@ -214,6 +214,10 @@ impl Stage for MetricsStage {
         "metrics"
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        PeriodsPerYear::from_params(p, "periods_per_year").map(drop)
+    }
+
     fn spec(&self) -> StageSpec {
         StageSpec {
             doc: "FinAgent metrics (ARR, SR, CR, SoR, MDD, VOL, total return, P&L, trades) and \
