@@ -43,11 +43,19 @@ pub struct BenchArgs {
     /// the grammar mask
     #[arg(long)]
     pub schema: Option<PathBuf>,
+    /// Also time the prompt prefill (whole `generate_ids` calls of one token) of a batch whose
+    /// rows share their first N tokens and differ after them, with prefix caching off, on
+    /// (within the batch), and on with the head kept from the previous call
+    #[arg(long)]
+    pub shared_prefix: Option<usize>,
     #[command(flatten)]
     pub common: Common,
 }
 
 pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
+    if a.shared_prefix.is_some_and(|n| n >= a.prompt_tokens) {
+        bail!("--shared-prefix must be below --prompt-tokens");
+    }
     if a.prompt_tokens == 0 || a.decode_tokens == 0 || a.repeats == 0 || a.batches.contains(&0) {
         bail!("--prompt-tokens, --decode-tokens, --repeats and every batch size must be >= 1");
     }
@@ -102,7 +110,12 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
             Some(c) => Some(mask_cost(&engine, &ids, b, a.decode_tokens, a.repeats, c)?),
             None => None,
         };
+        let prefix = match a.shared_prefix {
+            Some(n) => Some(prefix_cost(&engine, &ids, b, n, a.repeats)?),
+            None => None,
+        };
         results.push(json!({
+            "shared_prefix": prefix,
             "constrained_vs_free": mask,
             "batch": b,
             "prefill_tok_s": round2(p),
@@ -184,6 +197,79 @@ fn mask_cost(
         "constrained_tokens": tokens[1],
         "overhead_pct_per_token": round2(overhead),
     }))
+}
+
+/// Prefill of `b` prompts that share `ids[..n]` and differ from token n on (row r's token n
+/// is shifted by r): median seconds per call and tokens run through the model, with prefix
+/// caching off, on with an empty store (the head once per batch), and on with the head
+/// stored by the previous call (the head not run at all).
+fn prefix_cost(
+    engine: &Engine,
+    ids: &[u32],
+    b: usize,
+    n: usize,
+    repeats: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let vocab = engine.model().cfg.vocab as u32;
+    let prompts: Vec<Vec<u32>> = (0..b as u32)
+        .map(|r| {
+            let mut p = ids.to_vec();
+            p[n] = (p[n] + r) % vocab;
+            p
+        })
+        .collect();
+    let opts = GenerateOptions {
+        max_tokens: 1,
+        ..GenerateOptions::default()
+    };
+    let was = engine.prefix_cache();
+    let mut out = serde_json::Map::new();
+    let mut first: Option<Vec<u32>> = None;
+    for (name, on, warm) in [
+        ("off", false, false),
+        ("on", true, false),
+        ("on_stored", true, true),
+    ] {
+        engine.set_prefix_cache(on);
+        let mut secs = Vec::new();
+        let mut stats = Default::default();
+        for _ in 0..repeats {
+            if !warm {
+                engine.clear_prefix_store();
+            }
+            engine.reset_prefix_stats();
+            let t = Instant::now();
+            let g = engine.generate_ids(&prompts, &opts)?;
+            secs.push(t.elapsed().as_secs_f64());
+            stats = engine.prefix_stats();
+            // The first token must not depend on the prefill path.
+            let tokens: Vec<u32> = g.iter().map(|g| g.ids[0]).collect();
+            match &first {
+                None => first = Some(tokens),
+                Some(f) if *f != tokens => {
+                    bail!("prefix caching {name} changed the first tokens: {tokens:?} vs {f:?}")
+                }
+                Some(_) => {}
+            }
+        }
+        let s = median(&mut secs);
+        eprintln!(
+            "batch {b:>3}: prefill with a {n}-token shared head, prefix cache {name:<9}: {s:>8.4} s, {} of {} prompt tokens run",
+            stats.computed_tokens, stats.prompt_tokens
+        );
+        out.insert(
+            name.into(),
+            json!({
+                "seconds": round4(s),
+                "seconds_all": secs.iter().map(|x| round4(*x)).collect::<Vec<_>>(),
+                "prompt_tokens": stats.prompt_tokens,
+                "computed_tokens": stats.computed_tokens,
+            }),
+        );
+    }
+    engine.set_prefix_cache(was);
+    out.insert("shared_tokens".into(), json!(n));
+    Ok(serde_json::Value::Object(out))
 }
 
 struct Round {

@@ -432,6 +432,7 @@ impl Engine {
     /// the next-token logits [B, V] of every row. With prefix caching on, a head the prompts
     /// share (or share with the prefix kept from an earlier call) is run once (see [`prefix`]).
     fn prefill(&self, prompts: &[Vec<u32>], extra: usize) -> Result<(KvCache, Tensor)> {
+        let t0 = std::time::Instant::now();
         let n = prompts.len();
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
@@ -460,7 +461,7 @@ impl Engine {
                 // Keep this prompt's head for the next call (a copy of its first p slots).
                 self.store_prefix(&prompts[0][..p], &cache)?;
             }
-            self.log_prefill(n, prompt_tokens, 0, 0, prompt_tokens);
+            self.log_prefill(t0, n, prompt_tokens, 0, 0, prompt_tokens);
             return Ok((cache, logits));
         }
         // The head: reuse what the store holds of it, run the rest at batch 1, keep it.
@@ -510,7 +511,7 @@ impl Engine {
         stats.computed_positions += (n * longest_suffix) as u64;
         stats.with_prefix += 1;
         self.prefix_stats.set(stats);
-        self.log_prefill(n, prompt_tokens, p, reuse, (p - reuse) + suffix_tokens);
+        self.log_prefill(t0, n, prompt_tokens, p, reuse, (p - reuse) + suffix_tokens);
         Ok((cache, logits))
     }
 
@@ -530,11 +531,22 @@ impl Engine {
         Ok(())
     }
 
-    fn log_prefill(&self, rows: usize, tokens: usize, shared: usize, reused: usize, run: usize) {
+    /// One stderr line per prefill with `FLAG_LLM_PREFIX_LOG=1` (the time is wall time up to
+    /// the logits; on CUDA kernels may still be running).
+    fn log_prefill(
+        &self,
+        t0: std::time::Instant,
+        rows: usize,
+        tokens: usize,
+        shared: usize,
+        reused: usize,
+        run: usize,
+    ) {
         if self.prefix_log {
             eprintln!(
                 "prefill: {rows} prompt(s), {tokens} tokens, shared head {shared} (reused {reused}), \
-                 {run} tokens run"
+                 {run} tokens run, {:.0} ms",
+                t0.elapsed().as_secs_f64() * 1e3
             );
         }
     }
