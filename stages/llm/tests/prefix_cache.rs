@@ -3,7 +3,8 @@
 //! different lengths generates the same tokens with prefix caching as with every prompt
 //! prefilled in full, free and constrained by the strategist's schema; per-token logprobs and
 //! entropies agree within 1e-3 (the tolerance decoder_batch.rs uses for batched vs single);
-//! a later call reuses the stored head; turning the cache off prefills everything.
+//! later calls reuse stored heads (several kept at once); turning the cache off prefills
+//! everything.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -35,7 +36,9 @@ fn repo() -> PathBuf {
 /// different lengths.
 fn prompts() -> Vec<String> {
     let p3 = std::fs::read_to_string(repo().join("prompts/strategist/P3.txt")).unwrap();
-    let at = p3.find("Weigh the feature groups").expect("P3 instructions");
+    let at = p3
+        .find("Weigh the feature groups")
+        .expect("P3 instructions");
     let head = &p3[at..];
     let days = [
         "day t: close 100.0, volume 1.2M",
@@ -162,7 +165,10 @@ fn prefix_caching_equals_full_prefill_free_and_constrained() {
     // The second call takes the whole head from the store.
     assert_eq!(s.with_prefix, 2, "{s:?}");
     assert_eq!(s.reused_tokens, head as u64, "{s:?}");
-    assert_eq!(s.computed_tokens, 2 * (total - 4 * head) as u64 + head as u64);
+    assert_eq!(
+        s.computed_tokens,
+        2 * (total - 4 * head) as u64 + head as u64
+    );
 
     let d1 = assert_same("free", &on_free, &off_free);
     let d2 = assert_same("constrained", &on_con, &off_con);
@@ -182,9 +188,15 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     e.set_prefix_cache(false);
     let off: Vec<Generation> = prompts[..2]
         .iter()
-        .map(|p| e.generate(std::slice::from_ref(p), &opts).unwrap().remove(0))
+        .map(|p| {
+            e.generate(std::slice::from_ref(p), &opts)
+                .unwrap()
+                .remove(0)
+        })
         .collect();
-    let other = "Name a fruit.".to_string();
+    let other = "Name three fruits that are red and three that are yellow, then say which of \
+                 them keeps longest at room temperature."
+        .to_string();
     let off_other = e.generate(std::slice::from_ref(&other), &opts).unwrap();
 
     e.set_prefix_cache(true);
@@ -192,7 +204,11 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     e.reset_prefix_stats();
     let on: Vec<Generation> = prompts[..2]
         .iter()
-        .map(|p| e.generate(std::slice::from_ref(p), &opts).unwrap().remove(0))
+        .map(|p| {
+            e.generate(std::slice::from_ref(p), &opts)
+                .unwrap()
+                .remove(0)
+        })
         .collect();
     let s = e.prefix_stats();
     assert_eq!(s.with_prefix, 2, "{s:?}");
@@ -206,4 +222,18 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     assert_eq!((s.with_prefix, s.reused_tokens), (0, 0), "{s:?}");
     assert_eq!(s.computed_tokens, s.prompt_tokens);
     assert_same("unrelated single", &on_other, &off_other);
+
+    // Several heads are kept: the unrelated prompt's head did not push out the P3 one.
+    e.reset_prefix_stats();
+    let again = e
+        .generate(std::slice::from_ref(&prompts[0]), &opts)
+        .unwrap();
+    let s = e.prefix_stats();
+    assert_eq!(s.with_prefix, 1, "{s:?}");
+    assert!(s.reused_tokens >= head as u64, "{s:?}");
+    assert_same("single after an unrelated one", &again, &off[..1]);
+    let s0 = e.prefix_stats();
+    e.generate(std::slice::from_ref(&other), &opts).unwrap();
+    let s = e.prefix_stats();
+    assert!(s.reused_tokens > s0.reused_tokens, "{s:?}");
 }

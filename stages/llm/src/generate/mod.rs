@@ -62,7 +62,7 @@ pub struct Engine {
     prefix_on: std::cell::Cell<bool>,
     prefix_log: bool,
     /// The prefix kept across calls.
-    prefix_store: std::cell::RefCell<Option<prefix::Stored>>,
+    prefix_store: std::cell::RefCell<prefix::Store>,
     prefix_stats: std::cell::Cell<PrefixStats>,
 }
 
@@ -158,7 +158,7 @@ impl Engine {
             constraints: std::cell::OnceCell::new(),
             prefix_on: std::cell::Cell::new(prefix::enabled_by_env()),
             prefix_log: prefix::log_by_env(),
-            prefix_store: std::cell::RefCell::new(None),
+            prefix_store: std::cell::RefCell::new(prefix::Store::default()),
             prefix_stats: std::cell::Cell::new(PrefixStats::default()),
         })
     }
@@ -168,7 +168,7 @@ impl Engine {
     pub fn set_prefix_cache(&self, on: bool) {
         self.prefix_on.set(on);
         if !on {
-            self.prefix_store.replace(None);
+            self.clear_prefix_store();
         }
     }
 
@@ -187,7 +187,7 @@ impl Engine {
 
     /// Drops the prefix kept across calls (the next call computes its head afresh).
     pub fn clear_prefix_store(&self) {
-        self.prefix_store.replace(None);
+        self.prefix_store.borrow_mut().clear();
     }
 
     pub fn tokenizer(&self) -> &LlmTokenizer {
@@ -444,10 +444,7 @@ impl Engine {
         } else {
             0
         };
-        let reuse = match &*self.prefix_store.borrow() {
-            Some(st) if p > 0 => prefix::common_prefix(&st.ids, &prompts[0][..p]),
-            _ => 0,
-        };
+        let (entry, reuse) = self.prefix_store.borrow().best(&prompts[0][..p]);
         if !(p >= prefix::MIN_PREFIX && (n > 1 || reuse >= prefix::MIN_PREFIX)) {
             // Plain prefill: every prompt in full, left-padded to the longest.
             let mut cache = self.model.new_cache(n, longest + extra)?;
@@ -466,15 +463,14 @@ impl Engine {
         }
         // The head: reuse what the store holds of it, run the rest at batch 1, keep it.
         let head = &prompts[0][..p];
-        if reuse < p {
-            let mut c = {
+        let cap = longest + extra;
+        let mut cache = if reuse < p {
+            let mut c = if reuse > 0 {
                 let store = self.prefix_store.borrow();
-                match &*store {
-                    Some(st) if reuse > 0 => {
-                        self.model.new_cache_with_prefix(&st.kv, reuse, 1, p)?
-                    }
-                    _ => self.model.new_cache(1, p)?,
-                }
+                self.model
+                    .new_cache_with_prefix(&store.get(entry).kv, reuse, 1, p)?
+            } else {
+                self.model.new_cache(1, p)?
             };
             let rest: Vec<i64> = head[reuse..].iter().map(|&i| i64::from(i)).collect();
             let dev = self.model.device();
@@ -485,24 +481,25 @@ impl Engine {
             let _ = self.model.forward_cached(&ids, &valid, &mut c)?;
             stats.computed_tokens += rest.len() as u64;
             stats.computed_positions += rest.len() as u64;
-            self.prefix_store.replace(Some(prefix::Stored {
+            let cache = self.model.new_cache_with_prefix(&c, p, n, cap)?;
+            let stored = prefix::Stored {
                 ids: head.to_vec(),
                 kv: c,
-            }));
-        }
+            };
+            let bpp = self.model.kv_bytes_per_position();
+            self.prefix_store.borrow_mut().insert(stored, bpp);
+            cache
+        } else {
+            let mut store = self.prefix_store.borrow_mut();
+            store.touch(entry);
+            let last = store.best(head).0;
+            self.model
+                .new_cache_with_prefix(&store.get(last).kv, p, n, cap)?
+        };
         stats.reused_tokens += reuse as u64;
         // The suffixes, left-padded behind the broadcast head.
         let suffixes: Vec<Vec<u32>> = prompts.iter().map(|r| r[p..].to_vec()).collect();
         let longest_suffix = longest - p;
-        let mut cache = {
-            let store = self.prefix_store.borrow();
-            let st = store.as_ref().expect("the head was just stored");
-            self.model
-                .new_cache_with_prefix(&st.kv, p, n, longest + extra)?
-        };
-        if p * self.model.kv_bytes_per_position() > prefix::STORE_BYTES {
-            self.prefix_store.replace(None);
-        }
         let (ids, valid) = self.left_pad(&suffixes);
         let h = self.model.forward_cached(&ids, &valid, &mut cache)?;
         let logits = self.model.logits(&h.select(1, -1));
@@ -515,19 +512,21 @@ impl Engine {
         Ok((cache, logits))
     }
 
-    /// Keeps a copy of the first `ids.len()` slots of row 0 of `cache` as the stored prefix
-    /// (if it fits [`prefix::STORE_BYTES`]).
+    /// Keeps a copy of the first `ids.len()` slots of row 0 of `cache` as a stored head (if
+    /// it fits [`prefix::STORE_BYTES`]).
     fn store_prefix(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
-        if ids.len() * self.model.kv_bytes_per_position() > prefix::STORE_BYTES {
+        let bpp = self.model.kv_bytes_per_position();
+        if ids.len() * bpp > prefix::STORE_BYTES {
             return Ok(());
         }
         let kv = self
             .model
             .new_cache_with_prefix(cache, ids.len(), 1, ids.len())?;
-        self.prefix_store.replace(Some(prefix::Stored {
+        let stored = prefix::Stored {
             ids: ids.to_vec(),
             kv,
-        }));
+        };
+        self.prefix_store.borrow_mut().insert(stored, bpp);
         Ok(())
     }
 

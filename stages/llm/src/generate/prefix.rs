@@ -15,9 +15,12 @@
 //! The numbers therefore match the plain prefill up to floating-point summation order
 //! (different matmul shapes and attention masks).
 //!
-//! Across calls, the engine keeps the keys/values of the last prefix it ran (one entry, at
-//! most [`STORE_BYTES`]); a later batch (or a single prompt) whose head starts with the same
-//! tokens reuses that part and runs only the rest. Set `FLAG_LLM_PREFIX_CACHE=0` (or call
+//! Across calls, the engine keeps the keys/values of the last heads it ran (at most
+//! [`MAX_ENTRIES`] of them and [`STORE_BYTES`] together, least recently used dropped first;
+//! a single prompt's head is its whole prompt but the last token); a later batch or single
+//! prompt whose head starts with the same tokens as one of them reuses that part and runs
+//! only the rest. Several entries let agents that alternate templates (FinAgent's intel,
+//! reflection and decision prompts) each find their own head. Set `FLAG_LLM_PREFIX_CACHE=0` (or call
 //! [`Engine::set_prefix_cache`](super::Engine::set_prefix_cache)) to prefill every prompt in
 //! full instead; `FLAG_LLM_PREFIX_LOG=1` prints one line per prefill to stderr.
 
@@ -26,8 +29,11 @@ use crate::llama::KvCache;
 /// A shared head shorter than this is not worth an extra forward pass.
 pub const MIN_PREFIX: usize = 32;
 
-/// Upper bound on the memory of the prefix kept across calls.
+/// Upper bound on the memory of the heads kept across calls.
 pub const STORE_BYTES: usize = 64 << 20;
+
+/// Upper bound on the number of heads kept across calls.
+pub const MAX_ENTRIES: usize = 8;
 
 /// Token counts of the prompt prefills so far (see [`Engine::prefix_stats`](super::Engine::prefix_stats)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -46,10 +52,57 @@ pub struct PrefixStats {
     pub reused_tokens: u64,
 }
 
-/// The prefix kept across calls: its token ids and its one-row cache (exactly their length).
+/// A head kept across calls: its token ids and its one-row cache (exactly their length).
 pub(super) struct Stored {
     pub ids: Vec<u32>,
     pub kv: KvCache,
+}
+
+/// The heads kept across calls, least recently used first.
+#[derive(Default)]
+pub(super) struct Store {
+    entries: Vec<Stored>,
+}
+
+impl Store {
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// The entry sharing the longest head with `ids`, and that length (0 = none).
+    pub fn best(&self, ids: &[u32]) -> (usize, usize) {
+        self.entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, common_prefix(&e.ids, ids)))
+            .max_by_key(|&(i, n)| (n, i))
+            .unwrap_or((0, 0))
+    }
+
+    pub fn get(&self, i: usize) -> &Stored {
+        &self.entries[i]
+    }
+
+    /// Marks entry `i` as just used.
+    pub fn touch(&mut self, i: usize) {
+        let e = self.entries.remove(i);
+        self.entries.push(e);
+    }
+
+    /// Adds a head (dropping entries it extends), then evicts the least recently used until
+    /// the bounds hold; `bytes_per_position` is the cache's size of one position.
+    pub fn insert(&mut self, e: Stored, bytes_per_position: usize) {
+        self.entries
+            .retain(|old| common_prefix(&old.ids, &e.ids) < old.ids.len());
+        self.entries.push(e);
+        let bytes =
+            |es: &[Stored]| es.iter().map(|e| e.ids.len()).sum::<usize>() * bytes_per_position;
+        while !self.entries.is_empty()
+            && (self.entries.len() > MAX_ENTRIES || bytes(&self.entries) > STORE_BYTES)
+        {
+            self.entries.remove(0);
+        }
+    }
 }
 
 /// Length of the longest common prefix of two id sequences.
