@@ -196,6 +196,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let gguf = models::smollm2_gguf(args.model.as_deref())?;
     let engine =
         Engine::load(&gguf, device).with_context(|| format!("loading {}", gguf.display()))?;
+    // One warm model for many clients: heads (chat template, a client's fixed instructions)
+    // are kept across requests.
+    engine.set_prefix_store(true);
     let model_id = gguf
         .file_stem()
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());

@@ -231,6 +231,7 @@ fn prefix_cost(
         ("on_stored", true, true),
     ] {
         engine.set_prefix_cache(on);
+        engine.set_prefix_store(warm);
         let mut secs = Vec::new();
         let mut stats = Default::default();
         for _ in 0..repeats {

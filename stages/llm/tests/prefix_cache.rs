@@ -152,6 +152,7 @@ fn prefix_caching_equals_full_prefill_free_and_constrained() {
     assert_eq!(s.computed_tokens, 2 * total as u64, "{s:?}");
 
     e.set_prefix_cache(true);
+    e.set_prefix_store(true);
     e.reset_prefix_stats();
     let on_free = e.generate(&prompts, &free()).unwrap();
     let s = e.prefix_stats();
@@ -200,6 +201,7 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     let off_other = e.generate(std::slice::from_ref(&other), &opts).unwrap();
 
     e.set_prefix_cache(true);
+    e.set_prefix_store(true);
     e.generate(&prompts[2..], &opts).unwrap();
     e.reset_prefix_stats();
     let on: Vec<Generation> = prompts[..2]
@@ -236,4 +238,38 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     e.generate(std::slice::from_ref(&other), &opts).unwrap();
     let s = e.prefix_stats();
     assert!(s.reused_tokens > s0.reused_tokens, "{s:?}");
+}
+
+/// Without the store (the default, what stages use), a call's numbers depend on its own
+/// prompts only: the same batch before and after other calls gives identical bits, and a
+/// single prompt is prefilled in full.
+#[test]
+fn without_the_store_a_call_does_not_depend_on_earlier_calls() {
+    let e = engine();
+    let prompts = prompts();
+    let opts = free();
+    // The engine is shared by this file's tests: set the defaults stages run with.
+    e.set_prefix_cache(true);
+    e.set_prefix_store(false);
+    let first = e.generate(&prompts[..2], &opts).unwrap();
+    e.generate(&prompts[1..], &opts).unwrap();
+    e.generate(std::slice::from_ref(&prompts[0]), &opts)
+        .unwrap();
+    e.reset_prefix_stats();
+    let again = e.generate(&prompts[..2], &opts).unwrap();
+    let s = e.prefix_stats();
+    assert_eq!((s.with_prefix, s.reused_tokens), (1, 0), "{s:?}");
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(a.ids, b.ids);
+        assert_eq!(a.logprobs, b.logprobs, "bit-identical scores");
+    }
+    e.reset_prefix_stats();
+    e.generate(std::slice::from_ref(&prompts[0]), &opts)
+        .unwrap();
+    let s = e.prefix_stats();
+    assert_eq!(
+        (s.with_prefix, s.computed_tokens),
+        (0, s.prompt_tokens),
+        "{s:?}"
+    );
 }

@@ -63,6 +63,8 @@ pub struct Engine {
     prefix_log: bool,
     /// The prefix kept across calls.
     prefix_store: std::cell::RefCell<prefix::Store>,
+    /// Whether heads are kept across calls (off by default: see [`Engine::set_prefix_store`]).
+    prefix_store_on: std::cell::Cell<bool>,
     prefix_stats: std::cell::Cell<PrefixStats>,
 }
 
@@ -159,6 +161,7 @@ impl Engine {
             prefix_on: std::cell::Cell::new(prefix::enabled_by_env()),
             prefix_log: prefix::log_by_env(),
             prefix_store: std::cell::RefCell::new(prefix::Store::default()),
+            prefix_store_on: std::cell::Cell::new(false),
             prefix_stats: std::cell::Cell::new(PrefixStats::default()),
         })
     }
@@ -167,6 +170,17 @@ impl Engine {
     /// turning it off also drops the prefix kept across calls.
     pub fn set_prefix_cache(&self, on: bool) {
         self.prefix_on.set(on);
+        if !on {
+            self.clear_prefix_store();
+        }
+    }
+
+    /// Keeps heads across calls and reuses them (a long-lived server: `flag serve`). Off by
+    /// default, so a call's numbers depend only on that call's prompts, never on which calls
+    /// came before (a stage rerun on a subset, or resumed in segments, gives the same bytes);
+    /// within a batch the shared head is still run once.
+    pub fn set_prefix_store(&self, on: bool) {
+        self.prefix_store_on.set(on);
         if !on {
             self.clear_prefix_store();
         }
@@ -444,8 +458,18 @@ impl Engine {
         } else {
             0
         };
-        let (entry, reuse) = self.prefix_store.borrow().best(&prompts[0][..p]);
-        if !(p >= prefix::MIN_PREFIX && (n > 1 || reuse >= prefix::MIN_PREFIX)) {
+        let store_on = self.prefix_store_on.get();
+        let (entry, reuse) = if store_on {
+            self.prefix_store.borrow().best(&prompts[0][..p])
+        } else {
+            (0, 0)
+        };
+        // A single prompt takes the prefix path only when a stored head covers at least half
+        // of it: the rest then runs under an explicit attention mask (past keys), which costs
+        // more than the causal kernel of a plain prefill saves on a short head (measured:
+        // strategist prompts of ~1,300 tokens reusing 95 prefilled slower).
+        let single_pays = reuse >= prefix::MIN_PREFIX && 2 * reuse >= prompts[0].len();
+        if !(p >= prefix::MIN_PREFIX && (n > 1 || single_pays)) {
             // Plain prefill: every prompt in full, left-padded to the longest.
             let mut cache = self.model.new_cache(n, longest + extra)?;
             let (ids, valid) = self.left_pad(prompts);
@@ -454,7 +478,7 @@ impl Engine {
             stats.computed_tokens += prompt_tokens as u64;
             stats.computed_positions += (n * longest) as u64;
             self.prefix_stats.set(stats);
-            if n == 1 && p >= prefix::MIN_PREFIX {
+            if store_on && n == 1 && p >= prefix::MIN_PREFIX {
                 // Keep this prompt's head for the next call (a copy of its first p slots).
                 self.store_prefix(&prompts[0][..p], &cache)?;
             }
@@ -482,12 +506,14 @@ impl Engine {
             stats.computed_tokens += rest.len() as u64;
             stats.computed_positions += rest.len() as u64;
             let cache = self.model.new_cache_with_prefix(&c, p, n, cap)?;
-            let stored = prefix::Stored {
-                ids: head.to_vec(),
-                kv: c,
-            };
-            let bpp = self.model.kv_bytes_per_position();
-            self.prefix_store.borrow_mut().insert(stored, bpp);
+            if store_on {
+                let stored = prefix::Stored {
+                    ids: head.to_vec(),
+                    kv: c,
+                };
+                let bpp = self.model.kv_bytes_per_position();
+                self.prefix_store.borrow_mut().insert(stored, bpp);
+            }
             cache
         } else {
             let mut store = self.prefix_store.borrow_mut();

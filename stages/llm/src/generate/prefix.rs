@@ -19,7 +19,8 @@
 //! [`MAX_ENTRIES`] of them and [`STORE_BYTES`] together, least recently used dropped first;
 //! a single prompt's head is its whole prompt but the last token); a later batch or single
 //! prompt whose head starts with the same tokens as one of them reuses that part and runs
-//! only the rest. Several entries let agents that alternate templates (FinAgent's intel,
+//! only the rest (a single prompt only when the stored part is at least half of it, e.g. a
+//! retry that repeats a prompt and appends the error). Several entries let agents that alternate templates (FinAgent's intel,
 //! reflection and decision prompts) each find their own head. Set `FLAG_LLM_PREFIX_CACHE=0` (or call
 //! [`Engine::set_prefix_cache`](super::Engine::set_prefix_cache)) to prefill every prompt in
 //! full instead; `FLAG_LLM_PREFIX_LOG=1` prints one line per prefill to stderr.
