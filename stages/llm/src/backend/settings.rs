@@ -250,6 +250,13 @@ pub fn device_env(p: &Params) -> Vec<(String, String)> {
         env.push(("threads".into(), llm_threads().to_string()));
     }
     env.push(("device".into(), dev));
+    // A batch's shared head run once changes the summation order of its keys and values.
+    let prefix = if crate::generate::prefix_cache_by_env() {
+        "on"
+    } else {
+        "off"
+    };
+    env.push(("prefix_cache".into(), prefix.into()));
     env
 }
 

@@ -45,6 +45,11 @@ mod types;
 
 pub use prefix::{MIN_PREFIX, PrefixStats};
 
+/// Whether engines start with prefix caching on (`FLAG_LLM_PREFIX_CACHE`, default on).
+pub fn prefix_cache_by_env() -> bool {
+    prefix::enabled_by_env()
+}
+
 pub use types::{
     ConstrainedScores, FinishReason, GenerateOptions, Generation, MAX_ALTERNATIVES, TopLogprobs,
 };
