@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use flag_core::arrow::array::{
-    Array, BooleanArray, Date32Array, Int64Array, RecordBatch, StringArray,
+    Array, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use flag_core::parquet_io::read_parquet_file;
 
@@ -136,16 +136,26 @@ fn finagent_path_answers_validly_and_ablations_share_the_cache() {
     // Usage: one row per call of each module, with counted tokens and a positive time.
     for (name, module, calls) in [
         ("fa_intel.usage", "latest_intel", 5),
-        ("fa_past.usage", "past_intel", bools(&past, "called").iter().filter(|c| **c).count()),
+        (
+            "fa_past.usage",
+            "past_intel",
+            bools(&past, "called").iter().filter(|c| **c).count(),
+        ),
         ("fa_low.usage", "low_reflection", low.num_rows()),
     ] {
         let u = table(&root, store.path(), name);
         assert_eq!(u.num_rows(), calls, "{name}");
-        assert!(strs(&u, "module").iter().all(|m| m.as_deref() == Some(module)));
+        assert!(
+            strs(&u, "module")
+                .iter()
+                .all(|m| m.as_deref() == Some(module))
+        );
         let prompt = col::<Int64Array>(&u, "prompt_tokens");
         let answer = col::<Int64Array>(&u, "completion_tokens");
         assert!((0..u.num_rows()).all(|i| prompt.is_valid(i) && prompt.value(i) > 100));
         assert!((0..u.num_rows()).all(|i| answer.value(i) > 0));
+        let ms = col::<Float64Array>(&u, "ms");
+        assert!((0..u.num_rows()).all(|i| ms.value(i) > 0.0));
     }
     let u = table(&root, store.path(), "finagent.usage");
     let modules = strs(&u, "module");
