@@ -6,34 +6,14 @@ use std::path::Path;
 
 use common::*;
 
-/// A project root with a store that already holds a good run, so "unchanged" means something.
-struct Fixture {
-    root: tempfile::TempDir,
+/// A project root whose store already holds a good run of `ohlcv`.
+type Fixture = ProjectStore;
+
+fn fixture() -> Fixture {
+    ProjectStore::new("ohlcv")
 }
 
-impl Fixture {
-    fn new() -> Fixture {
-        let root = tempfile::tempdir().unwrap();
-        copy_project(root.path());
-        let f = Fixture { root };
-        let mut c = flag(f.root(), &f.store());
-        c.args([
-            "run",
-            "pipelines/test-small.yaml",
-            "--only",
-            "ohlcv",
-            "--set",
-        ])
-        .arg(format!("data_dir={}", data_dir().display()));
-        run_ok(&mut c);
-        f
-    }
-    fn root(&self) -> &Path {
-        self.root.path()
-    }
-    fn store(&self) -> std::path::PathBuf {
-        self.root.path().join("store")
-    }
+impl ProjectStore {
     /// Runs `flag run` on a pipeline text; returns stderr+stdout after checking the run
     /// failed and the store's manifests, objects and refs are unchanged.
     fn fails(&self, name: &str, yaml: &str, extra: &[&str]) -> String {
@@ -70,7 +50,7 @@ fn has(out: &str, want: &str) {
 
 #[test]
 fn pipeline_file_errors_name_file_line_and_stage() {
-    let f = Fixture::new();
+    let f = fixture();
     let p = |n: &str| {
         f.root()
             .join("pipelines")
@@ -231,7 +211,7 @@ fn pipeline_file_errors_name_file_line_and_stage() {
 /// that started would have committed it).
 #[test]
 fn param_values_fail_at_load_before_any_stage_runs() {
-    let f = Fixture::new();
+    let f = fixture();
     let text = std::fs::read_to_string(repo_root().join("pipelines/test-small.yaml")).unwrap();
     let anchor = "      env: tdqn\n";
     assert!(text.contains(anchor));
@@ -264,7 +244,7 @@ fn param_values_fail_at_load_before_any_stage_runs() {
 /// the store (which holds a good earlier run) is unchanged.
 #[test]
 fn bad_data_files_fail_with_file_line_and_column() {
-    let f = Fixture::new();
+    let f = fixture();
     let cases: &[(&str, &str, &str)] = &[
         (
             "malformed_row",

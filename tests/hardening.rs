@@ -6,35 +6,11 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-/// A project root with a store that already holds a run of `ohlcv`, so "unchanged" means
-/// something.
-struct Fixture {
-    root: tempfile::TempDir,
-}
+/// A project root whose store already holds a run of `ohlcv`.
+type Fixture = ProjectStore;
 
-impl Fixture {
-    fn new() -> Fixture {
-        let root = tempfile::tempdir().unwrap();
-        copy_project(root.path());
-        let f = Fixture { root };
-        let mut c = flag(f.root(), &f.store());
-        c.args([
-            "run",
-            "pipelines/test-small.yaml",
-            "--only",
-            "ohlcv",
-            "--set",
-        ])
-        .arg(format!("data_dir={}", data_dir().display()));
-        run_ok(&mut c);
-        f
-    }
-    fn root(&self) -> &Path {
-        self.root.path()
-    }
-    fn store(&self) -> PathBuf {
-        self.root.path().join("store")
-    }
+fn fixture() -> Fixture {
+    ProjectStore::new("ohlcv")
 }
 
 /// The `ohlcv` stage of test-small.yaml under another pipeline name.
@@ -46,7 +22,7 @@ fn pipeline_named(name: &str) -> String {
 
 #[test]
 fn pipeline_names_that_are_paths_are_refused() {
-    let f = Fixture::new();
+    let f = fixture();
     let outside = tempfile::tempdir().unwrap();
     // An existing folder the run must not write into.
     let victim = outside.path().join("victim");
@@ -116,7 +92,7 @@ fn pipeline_names_that_are_paths_are_refused() {
 
 #[test]
 fn a_file_name_that_is_not_a_name_needs_name() {
-    let f = Fixture::new();
+    let f = fixture();
     let text = pipeline_named("x");
     let text = text.replace("\nname: x\n", "\n");
     let file = f.root().join("pipelines").join("my pipeline.yaml");
@@ -136,7 +112,7 @@ fn a_file_name_that_is_not_a_name_needs_name() {
 
 #[test]
 fn stage_names_that_are_paths_are_refused() {
-    let f = Fixture::new();
+    let f = fixture();
     let text = pipeline_named("stagenames").replace("  ohlcv:\n", "  \"oh lcv\":\n");
     let file = f.root().join("pipelines").join("stagenames.yaml");
     std::fs::write(&file, text).unwrap();
@@ -154,7 +130,7 @@ fn stage_names_that_are_paths_are_refused() {
 
 #[test]
 fn show_sql_is_read_only() {
-    let f = Fixture::new();
+    let f = fixture();
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().join("x.csv");
     let object = f.store().join("objects");
@@ -453,7 +429,7 @@ fn both(out: &std::process::Output) -> String {
 
 #[test]
 fn verify_reports_an_unparsable_manifest_and_run_does_not_trust_it() {
-    let f = Fixture::new();
+    let f = fixture();
     let m = manifest_of(&f.store(), "ohlcv");
     let text = std::fs::read(&m).unwrap();
     std::fs::write(&m, &text[..text.len() / 2]).unwrap();
@@ -506,7 +482,7 @@ fn verify_reports_an_unparsable_manifest_and_run_does_not_trust_it() {
 
 #[test]
 fn verify_detects_a_manifest_pointed_at_another_intact_object() {
-    let f = Fixture::new();
+    let f = fixture();
     assert!(run_only(&f, &["indicators"]).status.success());
     let m = manifest_of(&f.store(), "ohlcv");
     let original = std::fs::read_to_string(&m).unwrap();
@@ -636,7 +612,7 @@ fn refused(f: &Fixture, file: &Path, args: &[&str], wants: &[&str]) {
 
 #[test]
 fn duplicate_yaml_keys_are_refused_with_both_lines() {
-    let f = Fixture::new();
+    let f = fixture();
     // test-small: line 18 is `    uses: indicators`, line 14 `      source: ...`, line 10
     // `stages:`, and the file has 45 lines.
     let file = variant(&f, "dup-uses", |t| {
@@ -719,7 +695,7 @@ fn duplicate_yaml_keys_are_refused_with_both_lines() {
 
 #[test]
 fn a_byte_order_mark_is_accepted() {
-    let f = Fixture::new();
+    let f = fixture();
     let file = variant(&f, "bom", |t| format!("\u{feff}{t}"));
     let out = run_ok(
         flag(f.root(), &f.store())
@@ -733,7 +709,7 @@ fn a_byte_order_mark_is_accepted() {
 
 #[test]
 fn deep_big_and_special_pipeline_files_are_refused_before_parsing() {
-    let f = Fixture::new();
+    let f = fixture();
     // 200 KB of nested flow collections (the YAML parser took 37 s on this).
     let file = f.root().join("pipelines/deep.yaml");
     let n = 100_000;
@@ -813,7 +789,7 @@ fn deep_big_and_special_pipeline_files_are_refused_before_parsing() {
 
 #[test]
 fn non_finite_params_say_so() {
-    let f = Fixture::new();
+    let f = fixture();
     let file = variant(&f, "nan", |t| {
         t.replace("      env: tdqn\n", "      env: tdqn\n      cost: .nan\n")
     });
@@ -851,7 +827,7 @@ fn non_finite_params_say_so() {
 
 #[test]
 fn the_lock_wait_names_the_holder() {
-    let f = Fixture::new();
+    let f = fixture();
     let lock = f.store().join(".lock");
     std::fs::write(
         &lock,
@@ -941,7 +917,7 @@ fn run_only_no_wait(f: &Fixture) -> std::process::Output {
 
 #[test]
 fn gc_removes_temp_files_of_interrupted_writes_and_nothing_else() {
-    let f = Fixture::new();
+    let f = fixture();
     let before = snapshot(&f.store());
     let m = manifest_of(&f.store(), "ohlcv");
     let name = m.file_name().unwrap().to_string_lossy().to_string();
@@ -971,7 +947,7 @@ fn gc_removes_temp_files_of_interrupted_writes_and_nothing_else() {
 
 #[test]
 fn gc_removes_no_object_while_a_manifest_does_not_parse() {
-    let f = Fixture::new();
+    let f = fixture();
     let m = manifest_of(&f.store(), "ohlcv");
     std::fs::write(&m, "{ not json").unwrap();
     let before = snapshot(&f.store());
@@ -991,7 +967,7 @@ fn gc_removes_no_object_while_a_manifest_does_not_parse() {
 #[test]
 fn stored_objects_are_read_only_and_gc_still_removes_them() {
     use std::os::unix::fs::PermissionsExt;
-    let f = Fixture::new();
+    let f = fixture();
     let mut objects = Vec::new();
     for sub in std::fs::read_dir(f.store().join("objects"))
         .unwrap()
@@ -1028,7 +1004,7 @@ fn stored_objects_are_read_only_and_gc_still_removes_them() {
 
 #[test]
 fn os_errors_are_printed_once() {
-    let f = Fixture::new();
+    let f = fixture();
     let out = flag(f.root(), &f.store())
         .args(["run", "pipelines/missing.yaml"])
         .output()

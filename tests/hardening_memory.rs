@@ -13,36 +13,14 @@ use common::*;
 /// What a failure may print or log, at most: the errors quote at most ~200 bytes of a value.
 const SMALL: usize = 4096;
 
-/// A project root with a store that already holds test-small's ohlcv, indicators and
-/// baselines (default params), so "unchanged" means something.
-struct Fixture {
-    root: tempfile::TempDir,
+/// A project root whose store already holds test-small's ohlcv, indicators and baselines.
+type Fixture = ProjectStore;
+
+fn fixture() -> Fixture {
+    ProjectStore::new("baselines")
 }
 
-impl Fixture {
-    fn new() -> Fixture {
-        let root = tempfile::tempdir().unwrap();
-        copy_project(root.path());
-        let f = Fixture { root };
-        let mut c = flag(f.root(), &f.store());
-        c.args([
-            "run",
-            "pipelines/test-small.yaml",
-            "--only",
-            "baselines",
-            "--set",
-        ])
-        .arg(format!("data_dir={}", data_dir().display()));
-        run_ok(&mut c);
-        f
-    }
-    fn root(&self) -> &Path {
-        self.root.path()
-    }
-    fn store(&self) -> PathBuf {
-        self.root.path().join("store")
-    }
-
+impl ProjectStore {
     /// A data dir with test-small's four TDQN files, the AAPL train file replaced by what
     /// `make` writes at the given path. Returns (data dir, the AAPL train file).
     fn data_with(&self, case: &str, make: impl FnOnce(&Path)) -> (PathBuf, PathBuf) {
@@ -118,7 +96,7 @@ fn small_and_named(out: &Output, want: &str) {
 
 #[test]
 fn a_huge_data_file_fails_with_a_small_error_and_log() {
-    let f = Fixture::new();
+    let f = fixture();
 
     // 2 GB without a newline (sparse: no disk, no time to write): the first line is cut at
     // 1 MiB, so ingest reads about that much, not the file.
@@ -163,7 +141,7 @@ fn a_huge_data_file_fails_with_a_small_error_and_log() {
 
 #[test]
 fn a_huge_json_string_fails_with_a_small_error() {
-    let f = Fixture::new();
+    let f = fixture();
     let data = f.root().join("data-json");
     std::fs::create_dir_all(&data).unwrap();
     let bad = data.join("msft.json");
@@ -203,7 +181,7 @@ fn a_huge_json_string_fails_with_a_small_error() {
 /// message naming the limit; the same limit runs a small query.
 #[test]
 fn show_sql_runs_under_a_memory_limit() {
-    let f = Fixture::new();
+    let f = fixture();
     let show = |sql: &str, limit: Option<&str>| {
         let mut c = flag(f.root(), &f.store());
         c.args([
@@ -287,7 +265,7 @@ fn with_close(src: &Path, dest: &Path, line: usize, close: &str) {
 /// store is unchanged (checked by `fails`).
 #[test]
 fn non_finite_numbers_are_never_stored() {
-    let f = Fixture::new();
+    let f = fixture();
     let real = data_dir().join("tdqn/AAPL_2012-1-1_2018-1-1.csv");
 
     // A subnormal close passes "> 0" but its returns are NaN: refused at ingest.

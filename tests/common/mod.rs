@@ -141,3 +141,29 @@ pub fn stderr(out: &Output) -> String {
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
+
+/// A copy of the project whose store already holds a run of `pipelines/test-small.yaml` up to
+/// one stage, so a test's "the store is unchanged" means something.
+pub struct ProjectStore {
+    root: tempfile::TempDir,
+}
+
+impl ProjectStore {
+    /// Runs test-small.yaml `--only until` (and its upstream) into the store.
+    pub fn new(until: &str) -> ProjectStore {
+        let root = tempfile::tempdir().unwrap();
+        copy_project(root.path());
+        let f = ProjectStore { root };
+        let mut c = flag(f.root(), &f.store());
+        c.args(["run", "pipelines/test-small.yaml", "--only", until, "--set"])
+            .arg(format!("data_dir={}", data_dir().display()));
+        run_ok(&mut c);
+        f
+    }
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+    pub fn store(&self) -> PathBuf {
+        self.root.path().join("store")
+    }
+}

@@ -458,15 +458,28 @@ mod tests {
         let s = LlmSettings::from_params(&e, Vec::new()).unwrap();
         assert_eq!(s.backend, BackendChoice::Embedded);
         // On the CPU the thread count enters the key (reductions block by it); on CUDA not.
+        // Prefix caching changes the summation order on both.
+        let prefix = if crate::generate::prefix_cache_by_env() {
+            "on"
+        } else {
+            "off"
+        };
         assert_eq!(
             device_env(&e),
             vec![
                 ("threads".into(), llm_threads().to_string()),
-                ("device".into(), "cpu".into())
+                ("device".into(), "cpu".into()),
+                ("prefix_cache".into(), prefix.into())
             ]
         );
         let cuda = params(json!({"device": "cuda"}));
-        assert_eq!(device_env(&cuda), vec![("device".into(), "cuda".into())]);
+        assert_eq!(
+            device_env(&cuda),
+            vec![
+                ("device".into(), "cuda".into()),
+                ("prefix_cache".into(), prefix.into())
+            ]
+        );
 
         let openai = json!({"backend": "openai", "base_url": "http://h/v1", "api_model": "m"});
         let with = |extra: Value| {
