@@ -2,8 +2,6 @@
 //! error message and that the store is unchanged by the failed run.
 mod common;
 
-use std::path::Path;
-
 use common::*;
 
 /// A project root whose store already holds a good run of `ohlcv`.
