@@ -834,22 +834,8 @@ fn the_lock_wait_names_the_holder() {
         "pid 4242 on host-x, `flag run other.yaml`, since then",
     )
     .unwrap();
-    // Hold the lock from another process (flock(1) takes the same flock as flag).
-    let mut holder = std::process::Command::new("flock")
-        // --no-fork: the lock is held by this very process (sh execs sleep), so killing it
-        // releases the lock.
-        .arg("--no-fork")
-        .arg(&lock)
-        .args(["-c", "echo held; exec sleep 600"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
+    let mut holder = hold_lock(&lock);
     use std::io::BufRead;
-    std::io::BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "held");
     let out = run_only_no_wait(&f);
     let msg = both(&out);
     assert!(!out.status.success(), "{msg}");
@@ -881,19 +867,7 @@ fn the_lock_wait_names_the_holder() {
     assert!(!rest.contains("()"), "{rest}");
     // An unnamed holder is said to be unknown.
     std::fs::write(&lock, "").unwrap();
-    let mut holder = std::process::Command::new("flock")
-        // --no-fork: the lock is held by this very process (sh execs sleep), so killing it
-        // releases the lock.
-        .arg("--no-fork")
-        .arg(&lock)
-        .args(["-c", "echo held; exec sleep 600"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(holder.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut holder = hold_lock(&lock);
     let out = run_only_no_wait(&f);
     holder.kill().unwrap();
     holder.wait().unwrap();
@@ -1013,4 +987,25 @@ fn os_errors_are_printed_once() {
     assert!(!out.status.success());
     assert_eq!(msg.matches("No such file or directory").count(), 1, "{msg}");
     assert!(msg.contains("pipelines/missing.yaml"), "{msg}");
+}
+
+/// Holds the store lock from another process (flock(1) takes the same flock as flag) until the
+/// returned child is killed; returns once it holds it.
+fn hold_lock(lock: &Path) -> std::process::Child {
+    use std::io::BufRead;
+    let mut holder = std::process::Command::new("flock")
+        // --no-fork: the lock is held by this very process (sh execs sleep), so killing it
+        // releases the lock.
+        .arg("--no-fork")
+        .arg(lock)
+        .args(["-c", "echo held; exec sleep 600"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    holder
 }
