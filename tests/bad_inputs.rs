@@ -236,6 +236,16 @@ fn param_values_fail_at_load_before_any_stage_runs() {
         &out,
         "stage 'baselines': param 'cost': must be in [0, 1), got 2",
     );
+    // indicators too, at load (a run-time failure would read "... failed: param ...").
+    let out = f.fails(
+        "chunk_rows",
+        &text,
+        &["--set", &data, "--set", "indicators.chunk_rows=0"],
+    );
+    has(
+        &out,
+        "stage 'indicators': param 'chunk_rows': must be at least 1",
+    );
 }
 
 /// Bad data files through the real binary: the run fails naming file, line and column, and

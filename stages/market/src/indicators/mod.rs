@@ -33,6 +33,14 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
     vec![Box::new(Indicators)]
 }
 
+fn chunk_rows(p: &Params) -> StageResult<usize> {
+    let n = p.usize("chunk_rows")?;
+    if n == 0 {
+        return Err(StageError::param("chunk_rows", "must be at least 1"));
+    }
+    Ok(n)
+}
+
 /// `uses: indicators` — bars (ohlcv) in, `table` (indicators) out.
 pub struct Indicators;
 
@@ -75,11 +83,12 @@ impl Stage for Indicators {
         .file(SQL_FILE)
     }
 
+    fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
+        chunk_rows(p).map(drop)
+    }
+
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
-        let chunk_rows = ctx.params.usize("chunk_rows")?;
-        if chunk_rows == 0 {
-            return Err(StageError::param("chunk_rows", "must be at least 1"));
-        }
+        let chunk_rows = chunk_rows(&ctx.params)?;
         let sql = ctx.resource_str(SQL_FILE)?.to_string();
         let inputs = ctx.input("bars")?.files.clone();
         let output = ctx.output_file("table")?;
