@@ -236,12 +236,20 @@ pub fn read_text(file: &Path) -> StageResult<String> {
 struct LineScan {
     /// 1-based line being read.
     line: u64,
+    /// The line the current record started on (a quoted field may span lines).
+    rec_line: u64,
+    /// Bytes of the current record so far.
     len: usize,
     head: Vec<u8>,
     field: usize,
     in_quote: bool,
-    /// Set when a line went over the cap: (line, field, first bytes of the line).
-    overflow: Option<(u64, usize, Vec<u8>)>,
+    /// At the start of a field (only there does a quote open a quoted field).
+    at_field_start: bool,
+    /// The byte before was a quote that closed a quoted field (`""` is an escaped quote).
+    just_closed: bool,
+    /// Set when a record went over the cap: (record's first line, field, its first bytes,
+    /// whether it spans lines).
+    overflow: Option<(u64, usize, Vec<u8>, bool)>,
 }
 
 /// A reader that fails as soon as a physical line is longer than `max` bytes, remembering
@@ -263,23 +271,42 @@ impl<R: Read> Read for LineCapped<R> {
         for &b in &buf[..n] {
             if b == b'\n' {
                 s.line += 1;
-                s.len = 0;
-                s.field = 0;
-                s.in_quote = false;
-                s.head.clear();
-                continue;
+                if !s.in_quote {
+                    // The record ends here (a newline inside quotes continues it, and its
+                    // bytes count against the same cap).
+                    s.rec_line = s.line;
+                    s.len = 0;
+                    s.field = 0;
+                    s.head.clear();
+                    s.at_field_start = true;
+                    s.just_closed = false;
+                    continue;
+                }
             }
             s.len += 1;
             if s.head.len() < QUOTE_MAX {
                 s.head.push(b);
             }
+            // The csv crate's quoting: a quote opens a quoted field only at its start, `""`
+            // inside is a quote, and a lone quote closes it.
+            let closed = std::mem::take(&mut s.just_closed);
             match b {
-                b'"' => s.in_quote = !s.in_quote,
-                b',' if !s.in_quote => s.field += 1,
+                b'"' if s.in_quote => {
+                    s.in_quote = false;
+                    s.just_closed = true;
+                }
+                b'"' if s.at_field_start || closed => s.in_quote = true,
+                b',' if !s.in_quote => {
+                    s.field += 1;
+                    s.at_field_start = true;
+                    continue;
+                }
                 _ => {}
             }
+            s.at_field_start = false;
             if s.len > self.max {
-                let over = (s.line, s.field, std::mem::take(&mut s.head));
+                let spans = s.line != s.rec_line;
+                let over = (s.rec_line, s.field, std::mem::take(&mut s.head), spans);
                 s.overflow = Some(over);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
             }
@@ -323,6 +350,8 @@ impl<R: Read> CsvRecords<R> {
     pub fn new(file: &Path, reader: R) -> Self {
         let scan = Rc::new(RefCell::new(LineScan {
             line: 1,
+            rec_line: 1,
+            at_field_start: true,
             ..LineScan::default()
         }));
         let capped = LineCapped {
@@ -351,13 +380,18 @@ impl<R: Read> CsvRecords<R> {
                 return Ok(None);
             }
             let more = self.rd.read_byte_record(&mut self.rec).map_err(|e| {
-                if let Some((line, field, head)) = self.scan.borrow_mut().overflow.take() {
+                if let Some((line, field, head, spans)) = self.scan.borrow_mut().overflow.take() {
+                    let what = if spans {
+                        "quoted record (its field spans lines)"
+                    } else {
+                        "line"
+                    };
                     return StageError::data(
                         file,
                         line,
                         format!("field {}", field + 1),
                         format!(
-                            "line is longer than {MAX_LINE_BYTES} bytes, the most a CSV line \
+                            "{what} is longer than {MAX_LINE_BYTES} bytes, the most a CSV line \
                              may be (not read further); its first {} bytes: '{}'",
                             head.len(),
                             quote_bytes(&head)
@@ -626,6 +660,30 @@ mod tests {
             "{e}"
         );
         assert!(e.len() < 600, "{}", e.len());
+    }
+
+    #[test]
+    fn a_quoted_record_spanning_lines_is_capped_too() {
+        // Many short lines inside one quoted field: no line is long, the record is.
+        let body = "x\n".repeat(MAX_LINE_BYTES / 2 + 1);
+        let text = format!("a,b\n1,\"{body}\"\n2,3\n");
+        let e = csv_records(Path::new("x.csv"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "x.csv:2: column 'field 2': quoted record (its field spans lines) is longer \
+                 than 1048576 bytes"
+            ),
+            "{e}"
+        );
+        // Quotes that do not open a field, escaped quotes and short multi-line fields pass.
+        let ok = "a,b,c\n1,ab\"c,\"say \"\"hi\"\"\"\n2,\"two\nlines\",x\n3,4,5\n";
+        let recs = csv_records(Path::new("x.csv"), ok).unwrap();
+        let lines: Vec<u64> = recs.iter().map(|r| r.0).collect();
+        assert_eq!(lines, [1, 2, 3, 5]);
+        assert_eq!(recs[1].1, ["1", "ab\"c", "say \"hi\""]);
+        assert_eq!(recs[2].1, ["2", "two\nlines", "x"]);
     }
 
     #[test]
