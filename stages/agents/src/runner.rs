@@ -87,7 +87,7 @@ pub fn run_with_retries<T>(
         let mut still = Vec::new();
         for ((&i, g), r) in pending.iter().zip(gens).zip(&batch) {
             let u = &mut usage[i];
-            u.prompt_tokens = match (attempt, u.prompt_tokens, backend.prompt_tokens(r)) {
+            u.prompt_tokens = match (attempt, u.prompt_tokens, g.prompt_tokens) {
                 (0, _, Some(n)) => Some(n as u64),
                 (_, Some(sum), Some(n)) => Some(sum + n as u64),
                 _ => None,

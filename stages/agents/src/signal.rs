@@ -236,6 +236,7 @@ mod tests {
             finish_reason: flag_llm::generate::FinishReason::Length,
             constrained: None,
             error: None,
+            prompt_tokens: None,
         };
         assert_eq!(token_at(&FAKE, &g.ids, 0).unwrap(), Some(0));
         assert_eq!(token_at(&FAKE, &g.ids, 2).unwrap(), Some(1));
@@ -288,6 +289,7 @@ mod tests {
                 alternatives: vec![alts.clone(), vec![(4, 0.0)]],
             }),
             error: None,
+            prompt_tokens: None,
         };
         let mut s = strat(Direction::Short, 3);
         s.direction_offset = 1;
@@ -316,6 +318,7 @@ mod tests {
             finish_reason: flag_llm::generate::FinishReason::Length,
             constrained: None,
             error: None,
+            prompt_tokens: None,
         };
         let v = SignalValues::neutral(&g);
         assert_eq!(

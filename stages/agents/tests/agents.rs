@@ -53,6 +53,7 @@ impl<F: Fn(&str) -> String + Send + Sync> LlmBackend for Scripted<F> {
                     constrained: None,
                     error: None,
                     text,
+                    prompt_tokens: None,
                 }
             })
             .collect())

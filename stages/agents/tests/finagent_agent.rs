@@ -77,6 +77,7 @@ impl LlmBackend for Recorder {
                 finish_reason: FinishReason::Stop,
                 constrained: None,
                 error: None,
+                prompt_tokens: None,
             });
         }
         Ok(out)

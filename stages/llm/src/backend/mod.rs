@@ -63,13 +63,6 @@ pub trait LlmBackend: Send {
     /// Decodes generated token ids to text (used to locate a value's tokens in an answer).
     fn decode(&self, ids: &[u32]) -> StageResult<String>;
 
-    /// The prompt tokens `request` feeds the model (chat template and prefill included), when
-    /// the backend can count them without generating; for usage reports only.
-    fn prompt_tokens(&self, request: &LlmRequest) -> Option<usize> {
-        let _ = request;
-        None
-    }
-
     /// Sentence embeddings of `texts`, one L2-normalised vector each, in order (the embedded
     /// backend: all-MiniLM-L6-v2 in process; HTTP: the server's `/v1/embeddings`). A backend
     /// without an embedder says so.
@@ -179,10 +172,6 @@ impl LlmBackend for EmbeddedBackend {
         self.engine
             .generate_ids(&ids, opts)
             .map_err(|e| StageError::external(format!("generating with {}", self.name), e))
-    }
-
-    fn prompt_tokens(&self, request: &LlmRequest) -> Option<usize> {
-        self.prompt_ids(request).ok().map(|ids| ids.len())
     }
 
     fn decode(&self, ids: &[u32]) -> StageResult<String> {

@@ -672,6 +672,7 @@ impl LlmBackend for OpenAiBackend {
                 finish_reason: a.finish,
                 constrained,
                 error: a.error,
+                prompt_tokens: None,
             });
         }
         Ok(out)

@@ -421,7 +421,8 @@ impl Engine {
         }
         states
             .into_iter()
-            .map(|s| {
+            .zip(prompts)
+            .map(|(s, prompt)| {
                 if s.cancelled {
                     return Ok(None);
                 }
@@ -441,6 +442,7 @@ impl Engine {
                     finish_reason: s.finish.unwrap_or(FinishReason::Length),
                     constrained: s.matcher.is_some().then_some(s.constrained),
                     error: s.error,
+                    prompt_tokens: Some(prompt.len()),
                 };
                 Ok(Some((g, s.top)))
             })

@@ -83,6 +83,9 @@ pub struct Generation {
     pub constrained: Option<ConstrainedScores>,
     /// Why the constraint ended this sequence early (finish reason `error`).
     pub error: Option<String>,
+    /// Prompt tokens fed (chat template and prefill included); None when the backend did not
+    /// count them (the HTTP backend).
+    pub prompt_tokens: Option<usize>,
 }
 
 /// Per generated token, the scores of the distribution restricted to the allowed tokens and
