@@ -224,7 +224,7 @@ enum Found {
 }
 
 /// Is `n` lowercase hex of length `len` (or any length when `len` is 0)?
-fn is_hex(n: &str, len: usize) -> bool {
+pub(crate) fn is_hex(n: &str, len: usize) -> bool {
     (len == 0 || n.len() == len)
         && !n.is_empty()
         && n.bytes()
