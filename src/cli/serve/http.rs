@@ -382,8 +382,7 @@ pub fn write_response(
 fn error_json(status: u16, message: &str) -> Response {
     Response::json(
         status,
-        &serde_json::json!({"error": {"message": message, "type": "invalid_request_error",
-            "param": null, "code": null}}),
+        &flag_llm::protocol::ApiError::with_status(status, message).body(),
     )
 }
 

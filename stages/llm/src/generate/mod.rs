@@ -503,15 +503,11 @@ impl Engine {
             } else {
                 self.model.new_cache(1, p)?
             };
-            let rest: Vec<i64> = head[reuse..].iter().map(|&i| i64::from(i)).collect();
-            let dev = self.model.device();
-            let ids = Tensor::from_slice(&rest)
-                .view([1, rest.len() as i64])
-                .to_device(dev);
-            let valid = Tensor::ones([1, rest.len() as i64], (Kind::Bool, dev));
+            let rest = head.len() - reuse;
+            let (ids, valid) = self.left_pad(&[head[reuse..].to_vec()]);
             let _ = self.model.forward_cached(&ids, &valid, &mut c)?;
-            stats.computed_tokens += rest.len() as u64;
-            stats.computed_positions += rest.len() as u64;
+            stats.computed_tokens += rest as u64;
+            stats.computed_positions += rest as u64;
             let cache = self.model.new_cache_with_prefix(&c, p, n, cap)?;
             if store_on {
                 let stored = prefix::Stored {
@@ -524,10 +520,8 @@ impl Engine {
             cache
         } else {
             let mut store = self.prefix_store.borrow_mut();
-            store.touch(entry);
-            let last = store.best(head).0;
-            self.model
-                .new_cache_with_prefix(&store.get(last).kv, p, n, cap)?
+            let kept = store.touch(entry);
+            self.model.new_cache_with_prefix(&kept.kv, p, n, cap)?
         };
         stats.reused_tokens += reuse as u64;
         // The suffixes, left-padded behind the broadcast head.

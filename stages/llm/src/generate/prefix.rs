@@ -85,14 +85,20 @@ impl Store {
     }
 
     /// Marks entry `i` as just used.
-    pub fn touch(&mut self, i: usize) {
+    pub fn touch(&mut self, i: usize) -> &Stored {
         let e = self.entries.remove(i);
         self.entries.push(e);
+        self.entries.last().expect("just pushed")
     }
 
     /// Adds a head (dropping entries it extends), then evicts the least recently used until
     /// the bounds hold; `bytes_per_position` is the cache's size of one position.
     pub fn insert(&mut self, e: Stored, bytes_per_position: usize) {
+        // A head over the whole budget is not kept (it would push out every entry, itself
+        // last, and leave the store empty).
+        if e.ids.len() * bytes_per_position > STORE_BYTES {
+            return;
+        }
         self.entries
             .retain(|old| common_prefix(&old.ids, &e.ids) < old.ids.len());
         self.entries.push(e);
