@@ -220,7 +220,7 @@ fn indicators_match_talib_on_real_bars() {
         .zip(&loaded)
         .map(|(s, b)| (s.0, b.as_slice()))
         .collect();
-    let runner = IndicatorRunner::new(&sql(), 2).unwrap();
+    let runner = IndicatorRunner::new(&sql()).unwrap();
     let out = runner.run_batch(bars_batch(&input)).unwrap();
     assert_eq!(out.schema(), schema("indicators").unwrap().arrow());
     assert_eq!(out.num_rows(), loaded.iter().map(Vec::len).sum::<usize>());
@@ -288,7 +288,7 @@ fn indicators_match_talib_on_real_bars() {
 #[test]
 fn warm_up_rows_are_null_then_values_start() {
     let bars = read_bars(SERIES[0].1, SERIES[0].2);
-    let runner = IndicatorRunner::new(&sql(), 1).unwrap();
+    let runner = IndicatorRunner::new(&sql()).unwrap();
     let out = runner.run_batch(bars_batch(&[("AAPL", &bars)])).unwrap();
     let expect = [
         ("sma_20", 19),
@@ -353,7 +353,7 @@ fn warm_up_rows_are_null_then_values_start() {
 fn no_look_ahead() {
     let a = read_bars(SERIES[0].1, SERIES[0].2);
     let t = read_bars(SERIES[2].1, SERIES[2].2);
-    let runner = IndicatorRunner::new(&sql(), 2).unwrap();
+    let runner = IndicatorRunner::new(&sql()).unwrap();
     let full = runner
         .run_batch(bars_batch(&[("A", &a), ("T", &t)]))
         .unwrap();
@@ -471,7 +471,7 @@ fn stage_writes_parquet_deterministically_whatever_the_grouping() {
         concat_batches(&s1, &b1).unwrap(),
         concat_batches(&s2, &b2).unwrap(),
     );
-    let expected = IndicatorRunner::new(&sql(), 1)
+    let expected = IndicatorRunner::new(&sql())
         .unwrap()
         .run_batch(bars.clone())
         .unwrap();
@@ -590,7 +590,7 @@ fn null_price_or_volume_is_rejected_with_file_row_and_column() {
             day(11)
         )
     );
-    let err = IndicatorRunner::new(&sql(), 1)
+    let err = IndicatorRunner::new(&sql())
         .unwrap()
         .run_batch(one)
         .unwrap_err()
@@ -625,7 +625,7 @@ fn null_price_or_volume_is_rejected_with_file_row_and_column() {
     );
     // A null volume alone.
     let vol = with_nulls(&bars, &[("volume", Some(39))]);
-    let err = IndicatorRunner::new(&sql(), 1)
+    let err = IndicatorRunner::new(&sql())
         .unwrap()
         .run_batch(vol)
         .unwrap_err()

@@ -46,12 +46,10 @@ pub struct IndicatorRunner {
 }
 
 impl IndicatorRunner {
-    /// `sql`: the text of `stages/market/sql/indicators.sql` (or a variant of it);
-    /// `threads`: accepted for compatibility and unused: a batch runs as one sorted
-    /// partition (no repartition, no sort; the window functions are evaluated once per ticker
+    /// `sql`: the text of `stages/market/sql/indicators.sql` (or a variant of it). A batch
+    /// runs as one sorted partition (no repartition, no sort; the window functions are evaluated once per ticker
     /// and partition), and [`compute_parquet`] runs groups of tickers on parallel runners.
-    pub fn new(sql: &str, threads: usize) -> StageResult<Self> {
-        let _ = threads;
+    pub fn new(sql: &str) -> StageResult<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -286,7 +284,7 @@ pub fn compute_parquet(
         for _ in 0..workers {
             let (job_rx, done_tx) = (&job_rx, done_tx.clone());
             runners.push(s.spawn(move || {
-                let runner = match IndicatorRunner::new(sql, 1) {
+                let runner = match IndicatorRunner::new(sql) {
                     Ok(r) => r,
                     Err(e) => {
                         let _ = done_tx.send((u64::MAX, Err(e)));

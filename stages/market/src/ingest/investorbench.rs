@@ -234,6 +234,7 @@ fn close_price(file: &Path, line: u64, key: &str, v: &Value) -> StageResult<f64>
 }
 
 /// Reads one InvestorBench file from a text (see [`read_file`]).
+#[cfg(test)]
 pub fn read(file: &Path, text: &str) -> StageResult<ParsedFile> {
     read_from(file, text.as_bytes(), || Some(text.as_bytes().to_vec()))
 }

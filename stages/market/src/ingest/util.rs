@@ -2,7 +2,7 @@
 //! naming the file, the 1-based line and the column, so a user can open the file and look.
 //!
 //! Input files are streamed, never read whole (except the small per-day JSON news files,
-//! which are size-capped): CSV files through [`CsvFile`], whose reader refuses a physical
+//! which are size-capped): CSV files through [`CsvRecords`], whose reader refuses a physical
 //! line longer than [`MAX_LINE_BYTES`] before the CSV parser buffers it, so a 2 GB file
 //! without a newline costs about one megabyte. What an error quotes from the file is cut to
 //! [`QUOTE_MAX`] bytes by [`quote`], with a marker saying how long it was.
@@ -451,6 +451,7 @@ impl<R: Read> Iterator for CsvRecords<R> {
 }
 
 /// Parses a CSV text into records with their 1-based line numbers (see [`CsvRecords`]).
+#[cfg(test)]
 pub fn csv_records(file: &Path, text: &str) -> StageResult<Vec<(u64, Vec<String>)>> {
     CsvRecords::new(file, text.as_bytes()).collect()
 }
