@@ -46,4 +46,4 @@ bench: build
 # FLAG_FUZZ_SEED=<seed> FLAG_FUZZ_ITERS=<n> replays a run, FLAG_FUZZ_REPLAY=<file> one saved
 # input. Findings are written under artifacts/fuzz/<target>/.
 fuzz SECS="120" TARGETS="": setup
-    FLAG_FUZZ_SECS={{SECS}} FLAG_FUZZ_TARGETS="{{TARGETS}}" cargo test --release --workspace --bin flag fuzz::tests::fuzz_long -- --ignored --exact --nocapture
+    FLAG_FUZZ_SECS={{SECS}} FLAG_FUZZ_TARGETS="{{TARGETS}}" cargo test --release --workspace --lib fuzz::tests::fuzz_long -- --ignored --exact --nocapture

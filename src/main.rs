@@ -1,22 +1,11 @@
-//! `flag`: the pipeline engine and its command line.
-//!
-//! pipeline YAML -> validated DAG (pipeline/) -> cache keys (cache/) -> content-addressed
-//! store (store/) -> scheduler (scheduler/) -> CLI (cli/).
-mod cache;
-mod cli;
-mod error;
-#[cfg(test)]
-mod fuzz;
-mod pipeline;
-mod registry;
-mod scheduler;
-mod store;
-
+//! `flag`: the coordinator. Plans, keys, locks and commits; every stage runs in a
+//! `flag-worker` process, and the subcommands that need libtorch (`llm`, `serve`) are handed to
+//! it whole, so this binary never loads libtorch.
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{Cli, Command};
+use flag::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,30 +18,19 @@ fn main() -> ExitCode {
         Command::Stages(a) => cli::stages::run(a),
         Command::Env(a) => cli::env::run(a),
         Command::Gc(a) => cli::gc::run(a, &cli.store, &cli.root),
-        Command::Llm(a) => cli::llm::run(a).map(|_| ExitCode::SUCCESS),
-        Command::Serve(a) => cli::serve::run(a).map(|_| ExitCode::SUCCESS),
+        Command::Llm(a) => flag::worker::forward("llm", a.args),
+        Command::Serve(a) => flag::worker::forward("serve", a.args),
         Command::BenchStore(a) => cli::bench::run(a),
+        Command::StageExec { job } => {
+            let runners = flag::worker::exec::local_runners();
+            return flag::worker::exec::main(&job, &runners, &|_| {});
+        }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_text(&e));
+            eprintln!("error: {}", flag::error_text(&e));
             ExitCode::from(2)
         }
     }
-}
-
-/// An error and its causes on one line, each cause once: most of the engine's errors already
-/// say their source in their own text (`reading x: No such file or directory`), and anyhow's
-/// `{:#}` would add it again.
-fn error_text(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !text.contains(&c) {
-            text.push_str(": ");
-            text.push_str(&c);
-        }
-    }
-    text
 }

@@ -198,9 +198,17 @@ pub const LIBTORCH_VERSION: &str = env!("FLAG_LIBTORCH_VERSION");
 /// for a [`Numerics::KernelPath`] stage, this process's kernel path (libtorch version, ATen
 /// CPU dispatch level, MKL path; the GPU model on CUDA).
 pub fn keyed_environment(stage: &PipelineStage) -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> =
-        stage.imp.environment(&stage.params).into_iter().collect();
-    if stage.imp.numerics(&stage.params) == Numerics::KernelPath {
+    environment_of(stage.imp.as_ref(), &stage.params)
+}
+
+/// [`keyed_environment`] of a stage kind with these params, as this process sees the machine
+/// (the worker recomputes it to check it computes on what the key says).
+pub fn environment_of(
+    imp: &dyn flag_core::Stage,
+    params: &flag_core::Params,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = imp.environment(params).into_iter().collect();
+    if imp.numerics(params) == Numerics::KernelPath {
         env.extend(numerics::kernel_path(LIBTORCH_VERSION));
         if env.get("device").is_some_and(|d| d.starts_with("cuda")) {
             env.insert(

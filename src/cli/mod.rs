@@ -2,11 +2,9 @@
 pub mod bench;
 pub mod env;
 pub mod gc;
-pub mod llm;
 pub mod path;
 pub mod recompute;
 pub mod run;
-pub mod serve;
 pub mod show;
 pub mod stages;
 pub mod status;
@@ -52,12 +50,28 @@ pub enum Command {
     /// Remove objects no manifest uses, and staging left by killed runs
     Gc(gc::GcArgs),
     /// The embedded language models (tokenize, logits, generate, embed, bench)
-    Llm(llm::LlmArgs),
+    #[command(disable_help_flag = true)]
+    Llm(Forwarded),
     /// Serve the embedded models over an OpenAI-compatible HTTP API (chat, embeddings)
-    Serve(serve::ServeArgs),
+    #[command(disable_help_flag = true)]
+    Serve(Forwarded),
+    /// Run one stage job the coordinator wrote (a stage kind this binary links; internal)
+    #[command(hide = true)]
+    StageExec {
+        /// The job file (JSON) in the stage's staging directory
+        job: PathBuf,
+    },
     /// Measure the store's hashing/commit throughput (for `just bench`)
     #[command(hide = true)]
     BenchStore(bench::BenchStoreArgs),
+}
+
+/// The arguments of a subcommand that `flag-worker` runs (it links libtorch; `flag` does not):
+/// passed on untouched, `--help` included.
+#[derive(clap::Args, Debug)]
+pub struct Forwarded {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// The store directory for a command.

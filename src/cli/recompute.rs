@@ -230,17 +230,18 @@ pub fn recompute(p: &Pipeline, store: &Store, stage_name: &str) -> anyhow::Resul
         st.kind,
         serde_json::to_string(&cache::recorded_compute(st)).unwrap_or_default()
     );
-    let log = std::fs::File::create(scratch.join("recompute.log")).ok();
-    let (result, ctx) = scheduler::run_into(
+    let log = scratch.join("recompute.log");
+    let log = std::fs::File::create(&log).ok().map(|_| log);
+    let result = scheduler::run_into(
         st,
-        artifacts,
-        resources,
-        scratch.clone(),
-        log,
+        &artifacts,
+        &resources,
+        &scratch,
+        log.as_deref(),
         None,
         &header,
+        &parts.env,
     );
-    drop(ctx);
     let outputs = result.map_err(anyhow::Error::from).and_then(|()| {
         st.imp
             .spec()

@@ -369,6 +369,7 @@ pub(super) fn validate(
     }
 
     let mut stages: Vec<PipelineStage> = Vec::new();
+    let mut deferred_checks: Vec<(usize, Vec<String>, BTreeSet<String>)> = Vec::new();
     for (sname, sval) in &stages_val {
         let (Some(spec), Value::Object(body)) = (specs.get(sname), sval) else {
             continue;
@@ -626,25 +627,11 @@ pub(super) fn validate(
         let imp = registry.get(&kinds[sname]).expect("kind checked above");
         let params = Params::new(resolved);
         if errs.list.len() == errs_before_params {
-            let bound: Vec<&str> = inputs.keys().map(String::as_str).collect();
-            if let Err(e) = imp.check_params(&params, &bound) {
-                let (at, path_param) = match &e {
-                    flag_core::StageError::Param { name: pname, .. } => (
-                        if given.contains_key(pname) {
-                            loc.stage_key(sname, Some("params"), pname)
-                        } else {
-                            line
-                        },
-                        spec.params
-                            .iter()
-                            .any(|p| p.name == pname && p.kind == ParamKind::Path),
-                    ),
-                    _ => (line, false),
-                };
-                if !path_param {
-                    errs.push(at, format!("stage '{sname}': {e}"));
-                }
-            }
+            deferred_checks.push((
+                stages.len(),
+                inputs.keys().cloned().collect::<Vec<String>>(),
+                given.keys().cloned().collect::<BTreeSet<String>>(),
+            ));
         }
         stages.push(PipelineStage {
             name: sname.clone(),
@@ -655,6 +642,46 @@ pub(super) fn validate(
             publish,
             line,
         });
+    }
+    // The checks run after every stage is read, so the worker's kinds are described in one
+    // batch (one process, or none when cached) rather than one process per stage.
+    registry.prefetch(
+        &deferred_checks
+            .iter()
+            .map(|(i, bound, _)| {
+                let st = &stages[*i];
+                (
+                    st.kind.as_str(),
+                    &st.params,
+                    bound.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    for (i, bound, given) in &deferred_checks {
+        let st = &stages[*i];
+        let (sname, line) = (&st.name, st.line);
+        let bound: Vec<&str> = bound.iter().map(String::as_str).collect();
+        if let Err(e) = st.imp.check_params(&st.params, &bound) {
+            let (at, path_param) = match &e {
+                flag_core::StageError::Param { name: pname, .. } => (
+                    if given.contains(pname) {
+                        loc.stage_key(sname, Some("params"), pname)
+                    } else {
+                        line
+                    },
+                    st.imp
+                        .spec()
+                        .params
+                        .iter()
+                        .any(|p| p.name == pname && p.kind == ParamKind::Path),
+                ),
+                _ => (line, false),
+            };
+            if !path_param {
+                errs.push(at, format!("stage '{sname}': {e}"));
+            }
+        }
     }
     if let Some(cyc) = find_cycle(&stages) {
         errs.push(

@@ -1,11 +1,11 @@
 //! One stage: key, cache lookup with verification, run in a staging dir, atomic commit.
 use std::collections::BTreeMap;
 use std::fs;
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flag_core::{InputArtifact, StageContext};
+use flag_core::InputArtifact;
 
 use super::progress::Progress;
 use super::{OutputInfo, StageReport, Status};
@@ -13,6 +13,7 @@ use crate::cache::{self, KeyParts};
 use crate::error::{EngineError, Result};
 use crate::pipeline::{Pipeline, PipelineStage};
 use crate::store::{Manifest, Store};
+use crate::worker::{self, StageJob};
 
 pub struct Outcome {
     pub report: StageReport,
@@ -285,10 +286,10 @@ pub fn execute(
     }
     let reason = reason.unwrap_or_else(|| why_stale(p, st, store, &parts, &key));
 
-    // Run into a staging directory.
+    // Run into a staging directory, in a worker process.
     let log_path = store.log_path(&key);
     let log_rel = format!("logs/{key}.log");
-    let log_file = fs::File::create(&log_path).ok();
+    let log_path = fs::File::create(&log_path).ok().map(|_| log_path);
     let staging = match store.staging_dir(&key) {
         Ok(s) => s,
         Err(e) => return failed(reason, &e, Some(key), None),
@@ -302,22 +303,20 @@ pub fn execute(
         st.kind,
         serde_json::to_string(&cache::recorded_compute(st)).unwrap_or_default()
     );
-    let (stage_err, ctx) = run_into(
+    let stage_result = run_into(
         st,
-        artifacts,
-        resources,
-        staging.clone(),
-        log_file,
+        &artifacts,
+        &resources,
+        &staging,
+        log_path.as_deref(),
         Some(Arc::new(move |done, total, msg: &str| {
             bar2.update(done, total, msg)
         })),
         &header,
+        &parts.env,
     );
     bar.done();
-    let stage_err = stage_err.err();
-    if let Some(e) = stage_err {
-        ctx.log(format!("FAILED: {e}"));
-        drop(ctx);
+    if let Err(e) = stage_result {
         let _ = fs::remove_dir_all(&staging);
         return failed(
             reason,
@@ -327,8 +326,9 @@ pub fn execute(
         );
     }
     let seconds = started.elapsed().as_secs_f64();
-    ctx.log(format!("finished in {seconds:.3}s"));
-    drop(ctx);
+    if let Some(log) = &log_path {
+        worker::append(log, &format!("finished in {seconds:.3}s"));
+    }
 
     // Commit: objects first, manifest last.
     let commit = || -> Result<Manifest> {
@@ -379,54 +379,20 @@ pub fn execute(
     }
 }
 
-/// Runs one stage into `dir` (its staging directory): builds the context, logs the header and
-/// params, catches a panic as a stage error. Returns the context so the caller can log more
-/// and close the log. Shared by `flag run` and `flag verify --recompute`.
+/// Runs one stage into `dir` (its staging directory) in a `flag-worker` process, which logs
+/// the header and params and reports a panic or crash as a stage error. `env` is the keyed
+/// environment the worker must compute on. Shared by `flag run` and `flag verify --recompute`.
+#[allow(clippy::too_many_arguments)]
 pub fn run_into(
     st: &PipelineStage,
-    artifacts: BTreeMap<String, Vec<InputArtifact>>,
-    resources: BTreeMap<String, Vec<u8>>,
-    dir: std::path::PathBuf,
-    log_file: Option<fs::File>,
+    artifacts: &BTreeMap<String, Vec<InputArtifact>>,
+    resources: &BTreeMap<String, Vec<u8>>,
+    dir: &Path,
+    log: Option<&Path>,
     progress: Option<flag_core::ProgressFn>,
     header: &str,
-) -> (Result<()>, StageContext) {
-    let mut ctx = StageContext::new(
-        st.name.clone(),
-        st.params.clone(),
-        artifacts,
-        st.imp.spec().outputs,
-        dir,
-        resources,
-        log_file,
-        progress,
-    );
-    ctx.log(format!(
-        "{header}\nparams: {}",
-        serde_json::to_string(&st.params.0).unwrap_or_default()
-    ));
-    let run = catch_unwind(AssertUnwindSafe(|| st.imp.run(&mut ctx)));
-    let result = match run {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(EngineError::Stage {
-            stage: st.name.clone(),
-            kind: st.kind.clone(),
-            source: Box::new(e),
-        }),
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(EngineError::Stage {
-                stage: st.name.clone(),
-                kind: st.kind.clone(),
-                source: Box::new(flag_core::StageError::Invalid(format!(
-                    "the stage panicked: {msg}"
-                ))),
-            })
-        }
-    };
-    (result, ctx)
+    env: &BTreeMap<String, String>,
+) -> Result<()> {
+    let job = StageJob::new(st, artifacts, resources, dir, log, header, env);
+    worker::run(st, &job, progress)
 }

@@ -330,7 +330,9 @@ impl Stage for Analyst {
     fn numerics(&self, params: &Params) -> flag_core::Numerics {
         backend_numerics(params)
     }
+}
 
+impl flag_core::RunStage for Analyst {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = AnalystConfig::from_params(&ctx.params)?;
         let files = read_prompts(ctx, "analyst", &cfg.prompt)?;

@@ -38,3 +38,15 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
     v.extend(memory::stages());
     v
 }
+
+/// The stage kinds of this crate with their work, for the worker process.
+pub fn runners() -> Vec<Box<dyn flag_core::RunStage>> {
+    let mut v: Vec<Box<dyn flag_core::RunStage>> = vec![
+        Box::new(strategist::Strategist),
+        Box::new(analyst::Analyst),
+        Box::new(llm_only::LlmOnly),
+    ];
+    v.extend(finagent::runners());
+    v.extend(memory::runners());
+    v
+}

@@ -210,7 +210,9 @@ impl Stage for LlmOnly {
     fn fingerprint(&self, _params: &Params) -> Fingerprint {
         Fingerprint::new(VERSION)
     }
+}
 
+impl flag_core::RunStage for LlmOnly {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let p = &ctx.params;
         let (name, split) = (p.str("name")?, p.str("split")?);

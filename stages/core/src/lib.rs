@@ -19,7 +19,8 @@ pub use numerics::Numerics;
 pub use params::Params;
 pub use schema::{ColumnType, Schema, SchemaRegistry};
 pub use spec::{
-    Fingerprint, InputSpec, OutputKind, OutputSpec, ParamKind, ParamSpec, Stage, StageSpec,
+    Fingerprint, InputSpec, OutputKind, OutputSpec, ParamKind, ParamSpec, RunStage, Stage,
+    StageSpec,
 };
 
 /// Re-exported so stage crates use the exact arrow the engine writes with.

@@ -19,10 +19,10 @@
 //! shares one store across machine classes.
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a stage's output bytes relate to the machine that computed them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Numerics {
     /// Bit-identical on every machine for the same key.
@@ -194,6 +194,58 @@ pub fn gpu_models() -> Option<String> {
         .collect();
     models.sort();
     (!models.is_empty()).then(|| models.join(", "))
+}
+
+/// Whether this machine shows a CUDA GPU to the processes started here (an NVIDIA driver with
+/// at least one GPU, not hidden by `CUDA_VISIBLE_DEVICES`). Read without libtorch, so the
+/// coordinator, which never loads it, resolves `device: auto` for the key as a worker here
+/// will; the worker checks that libtorch can use the GPU before it computes.
+pub fn cuda_present() -> bool {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        let v = v.trim();
+        if v.is_empty() || v == "-1" || v.starts_with("-1,") {
+            return false;
+        }
+    }
+    std::fs::read_dir("/proc/driver/nvidia/gpus").is_ok_and(|d| d.flatten().next().is_some())
+}
+
+/// The intra-op thread count libtorch starts with, as the key records it when a stage does not
+/// set one: `OMP_NUM_THREADS`, else `MKL_NUM_THREADS`, else the physical cores this process
+/// may use. The worker sets libtorch to the keyed count, so the key is what computes.
+pub fn default_threads() -> usize {
+    for var in ["OMP_NUM_THREADS", "MKL_NUM_THREADS"] {
+        if let Some(n) = std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|n| *n > 0)
+        {
+            return n;
+        }
+    }
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let physical = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .map(|text| {
+            let mut cores = std::collections::BTreeSet::new();
+            let (mut package, mut core) = (None, None);
+            for line in text.lines().chain(std::iter::once("")) {
+                match line.split_once(':').map(|(k, v)| (k.trim(), v.trim())) {
+                    Some(("physical id", v)) => package = Some(v.to_string()),
+                    Some(("core id", v)) => core = Some(v.to_string()),
+                    None if line.trim().is_empty() => {
+                        if let (Some(p), Some(c)) = (package.take(), core.take()) {
+                            cores.insert((p, c));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            cores.len()
+        })
+        .filter(|n| *n > 0)
+        .unwrap_or(logical);
+    physical.min(logical).max(1)
 }
 
 /// What the manifest records about the machine for every stage run (not keyed by itself).

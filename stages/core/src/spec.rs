@@ -45,10 +45,31 @@ pub trait Stage: Send + Sync {
     fn check_params(&self, _params: &Params, _bound_inputs: &[&str]) -> StageResult<()> {
         Ok(())
     }
+}
 
+/// The work of a stage kind. Split from [`Stage`] so that the coordinator, which only plans,
+/// keys and commits, never links the code that runs stages (and with it libtorch): only the
+/// worker binary (`flag-worker`) builds the lists of [`RunStage`]s.
+pub trait RunStage: Stage {
     /// Does the work: reads inputs and writes every declared output through `ctx`.
-    /// Runs on a blocking thread; a stage may start its own runtime or threads inside.
+    /// Runs in a worker process; a stage may start its own runtime or threads inside.
     fn run(&self, ctx: &mut StageContext) -> StageResult<()>;
+}
+
+/// Declares a crate's stage kinds once and generates both lists: `stages()` (declarations
+/// only, for the coordinator) and `runners()` (with the work, for the worker).
+#[macro_export]
+macro_rules! stage_kinds {
+    ($($stage:expr),* $(,)?) => {
+        /// The stage kinds of this crate: declarations (spec, params, key parts) only.
+        pub fn stages() -> Vec<Box<dyn $crate::Stage>> {
+            vec![$(Box::new($stage)),*]
+        }
+        /// The stage kinds of this crate with their work, for the worker process.
+        pub fn runners() -> Vec<Box<dyn $crate::RunStage>> {
+            vec![$(Box::new($stage)),*]
+        }
+    };
 }
 
 #[derive(Debug, Clone, Default)]

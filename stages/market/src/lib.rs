@@ -11,3 +11,10 @@ pub fn stages() -> Vec<Box<dyn Stage>> {
     all.extend(indicators::stages());
     all
 }
+
+/// The stage kinds of this crate with their work, for the worker process.
+pub fn runners() -> Vec<Box<dyn flag_core::RunStage>> {
+    let mut all = ingest::runners();
+    all.extend(indicators::runners());
+    all
+}

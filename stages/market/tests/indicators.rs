@@ -389,7 +389,7 @@ fn no_look_ahead() {
 }
 
 fn stage_ctx(input: &Path, staging: &Path, chunk_rows: usize) -> StageContext {
-    let stage = indicators::stages().pop().unwrap();
+    let stage = indicators::runners().pop().unwrap();
     let mut inputs = BTreeMap::new();
     inputs.insert(
         "bars".to_string(),
@@ -422,7 +422,7 @@ fn stage_ctx(input: &Path, staging: &Path, chunk_rows: usize) -> StageContext {
 }
 
 fn run_stage(input: &Path, staging: &Path, chunk_rows: usize) -> Result<PathBuf, StageError> {
-    let stage = indicators::stages().pop().unwrap();
+    let stage = indicators::runners().pop().unwrap();
     assert_eq!(stage.kind(), "indicators");
     let mut ctx = stage_ctx(input, staging, chunk_rows);
     stage.run(&mut ctx)?;
@@ -521,7 +521,7 @@ fn unsorted_or_repeated_bars_are_rejected_with_file_row_and_column() {
 
 #[test]
 fn fingerprint_names_the_sql_file_and_the_sql_is_what_runs() {
-    let stage = indicators::stages().pop().unwrap();
+    let stage = indicators::runners().pop().unwrap();
     let fp = stage.fingerprint(&Params::default());
     assert_eq!(fp.files, vec![SQL_FILE.to_string()]);
     // A context without the SQL resource cannot run: the stage reads the SQL only from there.

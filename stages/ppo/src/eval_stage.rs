@@ -178,9 +178,12 @@ impl Stage for PpoEval {
     fn numerics(&self, _params: &Params) -> flag_core::Numerics {
         flag_core::Numerics::KernelPath
     }
+}
 
+impl flag_core::RunStage for PpoEval {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let p = &ctx.params;
+        DeviceChoice::from_params(p)?.ensure_available()?;
         let (start, end) = (to_days(p.date("start")?), to_days(p.date("end")?));
         if start >= end {
             return Err(StageError::param("end", "must be after start"));

@@ -24,7 +24,4 @@ pub mod settings;
 pub mod stage;
 pub mod train;
 
-/// The stages this crate provides.
-pub fn stages() -> Vec<Box<dyn flag_core::Stage>> {
-    vec![Box::new(stage::Ppo), Box::new(eval_stage::PpoEval)]
-}
+flag_core::stage_kinds!(stage::Ppo, eval_stage::PpoEval);

@@ -32,23 +32,30 @@ impl DeviceChoice {
         match self {
             DeviceChoice::Cpu => tch::Device::Cpu,
             DeviceChoice::Cuda => tch::Device::Cuda(0),
-            DeviceChoice::Auto => tch::Device::cuda_if_available(),
+            DeviceChoice::Auto if flag_core::numerics::cuda_present() => tch::Device::Cuda(0),
+            DeviceChoice::Auto => tch::Device::Cpu,
         }
     }
 
-    /// Param `device`, validated (cuda must be available when asked for).
+    /// Param `device`, validated by name (where the stage runs, `ensure_available` checks
+    /// libtorch can use it: the coordinator that loads the pipeline may have no GPU).
     pub fn from_params(p: &Params) -> StageResult<Self> {
         let dev = p.str("device")?;
         let device = DeviceChoice::parse(&dev).ok_or_else(|| {
             StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto"))
         })?;
-        if device == DeviceChoice::Cuda && !tch::Cuda::is_available() {
+        Ok(device)
+    }
+
+    /// Fails, naming the param, when the resolved device is CUDA and libtorch has none here.
+    pub fn ensure_available(self) -> StageResult<()> {
+        if self.device().is_cuda() && !tch::Cuda::is_available() {
             return Err(StageError::param(
                 "device",
-                "cuda was asked for but no CUDA device is available",
+                "cuda was asked for (or auto found a GPU) but libtorch has no CUDA device here",
             ));
         }
-        Ok(device)
+        Ok(())
     }
 
     /// What the run computes on, for the cache key ("cpu" or "cuda").

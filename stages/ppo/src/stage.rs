@@ -269,9 +269,12 @@ impl Stage for Ppo {
     fn numerics(&self, _params: &Params) -> flag_core::Numerics {
         flag_core::Numerics::KernelPath
     }
+}
 
+impl flag_core::RunStage for Ppo {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let s = PpoSettings::from_params(&ctx.params)?;
+        s.device.ensure_available()?;
         let (template, prompt_bytes) = read_template(ctx, &s.prompt)?;
         let table_file = ctx
             .input("table")?

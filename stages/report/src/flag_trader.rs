@@ -336,7 +336,9 @@ impl Stage for FlagTraderReport {
             env!("CARGO_PKG_VERSION")
         ))
     }
+}
 
+impl flag_core::RunStage for FlagTraderReport {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let p = FlagTraderParams::from_params(&ctx.params)?;
         ctx.progress(0, 3, "reading inputs");

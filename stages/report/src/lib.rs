@@ -26,15 +26,12 @@ const REVISION: &str = "1";
 /// Schema of the ingest stage's defect report.
 const INGEST_SCHEMA: &str = "ingest_report";
 
-/// Every stage kind this crate provides.
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![
-        Box::new(ReportStage),
-        Box::new(guided::GuidedReport),
-        Box::new(flag_trader::FlagTraderReport),
-        Box::new(finagent::FinAgentReport),
-    ]
-}
+flag_core::stage_kinds!(
+    ReportStage,
+    guided::GuidedReport,
+    flag_trader::FlagTraderReport,
+    finagent::FinAgentReport
+);
 
 /// Resolved params of one report run.
 #[derive(Debug, Clone)]
@@ -137,7 +134,9 @@ impl Stage for ReportStage {
             env!("CARGO_PKG_VERSION")
         ))
     }
+}
 
+impl flag_core::RunStage for ReportStage {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let params = ReportParams::from_params(&ctx.params)?;
         ctx.progress(0, 3, "reading inputs");

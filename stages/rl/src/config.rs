@@ -162,7 +162,7 @@ impl DeviceChoice {
         match s {
             "cpu" => Some(DeviceChoice::Cpu),
             "cuda" => Some(DeviceChoice::Cuda),
-            "auto" => Some(if tch::Cuda::is_available() {
+            "auto" => Some(if flag_core::numerics::cuda_present() {
                 DeviceChoice::Cuda
             } else {
                 DeviceChoice::Cpu

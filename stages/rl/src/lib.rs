@@ -15,9 +15,4 @@ pub mod net;
 pub mod stage;
 pub mod train;
 
-use flag_core::Stage;
-
-/// Every stage kind this crate provides.
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(stage::Ddqn)]
-}
+flag_core::stage_kinds!(stage::Ddqn);

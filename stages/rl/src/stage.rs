@@ -91,12 +91,6 @@ impl DdqnSettings {
         let device = DeviceChoice::parse(&dev).ok_or_else(|| {
             StageError::param("device", format!("'{dev}' is not one of cpu, cuda, auto"))
         })?;
-        if device == DeviceChoice::Cuda && !tch::Cuda::is_available() {
-            return Err(StageError::param(
-                "device",
-                "cuda was asked for but no CUDA device is available",
-            ));
-        }
         let default_name = if with_signals {
             "llm_guided_ddqn"
         } else {
@@ -509,10 +503,18 @@ impl Stage for Ddqn {
     fn numerics(&self, _params: &Params) -> flag_core::Numerics {
         flag_core::Numerics::KernelPath
     }
+}
 
+impl flag_core::RunStage for Ddqn {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let with_signals = ctx.has_input("signals");
         let settings = DdqnSettings::from_params(&ctx.params, with_signals)?;
+        if settings.device == DeviceChoice::Cuda && !tch::Cuda::is_available() {
+            return Err(StageError::param(
+                "device",
+                "cuda was asked for (or auto found a GPU) but libtorch has no CUDA device here",
+            ));
+        }
         let table_file = ctx
             .input("table")?
             .files

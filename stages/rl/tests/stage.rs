@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use flag_core::RunStage as _;
 use flag_core::arrow::array::{
     Array, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
 };

@@ -15,13 +15,8 @@ pub mod series;
 pub mod stages;
 pub mod strategy;
 
-use flag_core::Stage;
-
-/// Every stage kind this crate provides.
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![
-        Box::new(stages::baselines::Baselines),
-        Box::new(stages::metrics::MetricsStage),
-        Box::new(stages::finagent_tools::FinAgentTools),
-    ]
-}
+flag_core::stage_kinds!(
+    stages::baselines::Baselines,
+    stages::metrics::MetricsStage,
+    stages::finagent_tools::FinAgentTools
+);

@@ -890,7 +890,7 @@ mod stage {
         Array, ArrayRef, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
     };
     use flag_core::parquet_io::{read_parquet_file, write_parquet_file};
-    use flag_core::{InputArtifact, Params, Stage, StageContext, StageResult};
+    use flag_core::{InputArtifact, Params, RunStage, Stage, StageContext, StageResult};
     use flag_trading::finagent_tools::{self, RunSettings, Tool};
     use flag_trading::stages::finagent_tools::FinAgentTools;
     use serde_json::{Value, json};

@@ -132,7 +132,7 @@ fn artifact(reference: &str, file: PathBuf, schema: Option<&'static str>) -> Inp
 
 /// Runs `stage` and returns its staging directory.
 fn run(
-    stage: &dyn Stage,
+    stage: &dyn flag_core::RunStage,
     p: Params,
     inputs: Vec<(&str, Vec<InputArtifact>)>,
     dir: &Path,

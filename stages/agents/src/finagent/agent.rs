@@ -225,7 +225,9 @@ impl Stage for FinAgentStage {
     }
 
     super::config::llm_stage_environment!();
+}
 
+impl flag_core::RunStage for FinAgentStage {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = AgentConfig::from_params(&ctx.params)?;
         let (d_template, d_schema, retry) = cfg.module.read_prompts(ctx)?;

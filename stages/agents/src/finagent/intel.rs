@@ -362,7 +362,9 @@ impl Stage for LatestIntel {
     }
 
     super::config::llm_stage_environment!();
+}
 
+impl flag_core::RunStage for LatestIntel {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let rows = run_intel_module(ctx, "intel", false)?;
         let batch = intel_batch("latest", &rows)?;
@@ -416,7 +418,9 @@ impl Stage for PastIntel {
     }
 
     super::config::llm_stage_environment!();
+}
 
+impl flag_core::RunStage for PastIntel {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let rows = run_intel_module(ctx, "past_intel", true)?;
         let batch = intel_batch("past", &rows)?;

@@ -42,14 +42,9 @@ pub mod text;
 pub mod tools;
 pub mod usage;
 
-use flag_core::Stage;
-
-/// The FinAgent stage kinds.
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![
-        Box::new(intel::LatestIntel),
-        Box::new(intel::PastIntel),
-        Box::new(reflect::LowLevelReflection),
-        Box::new(agent::FinAgentStage),
-    ]
-}
+flag_core::stage_kinds!(
+    intel::LatestIntel,
+    intel::PastIntel,
+    reflect::LowLevelReflection,
+    agent::FinAgentStage
+);

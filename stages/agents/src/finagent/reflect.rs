@@ -120,7 +120,9 @@ impl Stage for LowLevelReflection {
     }
 
     super::config::llm_stage_environment!();
+}
 
+impl flag_core::RunStage for LowLevelReflection {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = ModuleConfig::from_params(&ctx.params, "low_reflection")?;
         let (template, schema, retry) = cfg.read_prompts(ctx)?;

@@ -121,6 +121,7 @@ impl EmbedSettings {
                 }
                 let dir = models::minilm_dir(self.model.as_deref())
                     .map_err(|e| StageError::param("embed_model", e.to_string()))?;
+                flag_llm::backend::ensure_device(self.device)?;
                 let m = MiniLmEmbedder::load(&dir, self.device)
                     .map_err(|e| StageError::external(format!("loading {}", dir.display()), e))?;
                 Ok(Embedder::Local {

@@ -62,7 +62,7 @@ use flag_core::arrow::array::{
     LargeListArray, ListArray, ListBuilder,
 };
 use flag_core::arrow::datatypes::DataType;
-use flag_core::{Stage, StageError, StageResult};
+use flag_core::{StageError, StageResult};
 
 pub use embedder::{
     EmbedSettings, Embedder, embed_by_length, embed_model_files, embed_param_specs,
@@ -71,13 +71,7 @@ pub use index::{
     Chosen, Entry, ExactIndex, Filter, Hit, IndexError, VectorIndex, diversify, dot_f64, hit_order,
 };
 
-/// The memory stages.
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![
-        Box::new(news_embed::NewsEmbed),
-        Box::new(search::MemorySearch),
-    ]
-}
+flag_core::stage_kinds!(news_embed::NewsEmbed, search::MemorySearch);
 
 /// The id of a news item: the first 16 lowercase hex digits (64 bits) of the blake3 hash of
 /// `ticker`, `published_at` (microseconds since the epoch, as a decimal string), `title` and

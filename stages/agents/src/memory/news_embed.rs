@@ -253,7 +253,9 @@ impl Stage for NewsEmbed {
     fn numerics(&self, params: &Params) -> flag_core::Numerics {
         backend_numerics(params)
     }
+}
 
+impl flag_core::RunStage for NewsEmbed {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = NewsEmbedConfig::from_params(&ctx.params)?;
         let file = input_file(ctx, "news")?;

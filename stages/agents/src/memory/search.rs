@@ -358,7 +358,9 @@ impl Stage for MemorySearch {
     fn numerics(&self, params: &Params) -> flag_core::Numerics {
         backend_numerics(params)
     }
+}
 
+impl flag_core::RunStage for MemorySearch {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = SearchConfig::from_params(&ctx.params)?;
         let qfile = input_file(ctx, "queries")?;

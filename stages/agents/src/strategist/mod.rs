@@ -462,7 +462,9 @@ impl Stage for Strategist {
     fn numerics(&self, params: &Params) -> flag_core::Numerics {
         backend_numerics(params)
     }
+}
 
+impl flag_core::RunStage for Strategist {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = StrategistConfig::from_params(&ctx.params)?;
         let files = read_prompts(ctx, "strategist", &cfg.prompt)?;

@@ -40,7 +40,7 @@ pub fn params(stage: &dyn Stage, given: Value) -> Params {
 
 /// Runs `stage` into `dir` (created) and returns the directory. `inputs`: name -> files.
 pub fn run(
-    stage: &dyn Stage,
+    stage: &dyn flag_core::RunStage,
     given: Value,
     inputs: &[(&str, PathBuf)],
     dir: &Path,

@@ -17,8 +17,8 @@ pub mod openai;
 mod settings;
 
 pub use settings::{
-    BackendChoice, LlmSettings, backend_name, backend_numerics, device_env, llm_param_specs,
-    llm_threads, model_files, model_path, parse_device,
+    BackendChoice, LlmSettings, backend_name, backend_numerics, device_env, ensure_device,
+    llm_param_specs, llm_threads, model_files, model_path, parse_device,
 };
 
 /// One request: a user message, and the first characters of the assistant's answer.

@@ -214,17 +214,29 @@ pub fn parse_device(s: &str) -> Result<tch::Device, String> {
     }
 }
 
-/// The `device` param of an LLM stage: cpu or cuda (the stage's key records which).
+/// The `device` param of an LLM stage: cpu or cuda (the stage's key records which). Only the
+/// name is checked here: this runs when the coordinator loads a pipeline, which may be on
+/// another machine than the one the stage runs on; [`ensure_device`] checks the device where
+/// the model is loaded.
 fn device_choice(p: &Params) -> StageResult<(&'static str, tch::Device)> {
     let dev = p.opt_str("device")?.unwrap_or_else(|| "cpu".into());
     match dev.as_str() {
-        "cpu" | "cuda" => parse_device(&dev)
-            .map(|d| (if d.is_cuda() { "cuda" } else { "cpu" }, d))
-            .map_err(|m| StageError::param("device", m)),
+        "cpu" => Ok(("cpu", tch::Device::Cpu)),
+        "cuda" => Ok(("cuda", tch::Device::Cuda(0))),
         other => Err(StageError::param(
             "device",
             format!("'{other}' is not one of cpu, cuda"),
         )),
+    }
+}
+
+/// Fails, naming the param, when `device` is a CUDA device libtorch cannot use here.
+pub fn ensure_device(device: tch::Device) -> StageResult<()> {
+    match device {
+        tch::Device::Cuda(i) => parse_device(&format!("cuda:{i}"))
+            .map(|_| ())
+            .map_err(|m| StageError::param("device", m)),
+        _ => Ok(()),
     }
 }
 
@@ -267,7 +279,7 @@ pub fn llm_threads() -> usize {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .map(|n| n.max(1))
-        .unwrap_or_else(|| tch::get_num_threads().max(1) as usize)
+        .unwrap_or_else(flag_core::numerics::default_threads)
 }
 
 /// The embedded backend computes through libtorch (kernel-path dependent); the HTTP backend's
@@ -405,6 +417,7 @@ impl LlmSettings {
             BackendChoice::Embedded => {
                 let path = crate::models::smollm2_gguf(self.model.as_deref())
                     .map_err(|e| StageError::param("model", e.to_string()))?;
+                ensure_device(self.device)?;
                 Box::new(EmbeddedBackend::load(&path, self.device)?)
             }
             BackendChoice::OpenAi(s) => Box::new(OpenAiBackend::from_env(s.clone())?),

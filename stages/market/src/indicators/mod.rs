@@ -29,9 +29,7 @@ pub const SQL_FILE: &str = "stages/market/sql/indicators.sql";
 /// Bump when the Rust side (UDWFs, grouping, writer) changes behaviour.
 const REVISION: &str = "indicators-2";
 
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(Indicators)]
-}
+flag_core::stage_kinds!(Indicators);
 
 fn chunk_rows(p: &Params) -> StageResult<usize> {
     let n = p.usize("chunk_rows")?;
@@ -86,7 +84,9 @@ impl Stage for Indicators {
     fn check_params(&self, p: &Params, _bound: &[&str]) -> StageResult<()> {
         chunk_rows(p).map(drop)
     }
+}
 
+impl flag_core::RunStage for Indicators {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let chunk_rows = chunk_rows(&ctx.params)?;
         let sql = ctx.resource_str(SQL_FILE)?.to_string();

@@ -5,7 +5,6 @@
 //!   close-only InvestorBench JSON files ([`investorbench`]).
 //! - `ingest_news` ([`news`]): news items (schema `news`) from stocknewsapi, gnews and
 //!   CryptoTrade files, each tagged with the first trading date it may influence.
-use flag_core::Stage;
 
 pub mod investorbench;
 pub mod news;
@@ -17,6 +16,4 @@ pub mod util;
 pub use news::IngestNews;
 pub use ohlcv::IngestOhlcv;
 
-pub fn stages() -> Vec<Box<dyn Stage>> {
-    vec![Box::new(IngestOhlcv), Box::new(IngestNews)]
-}
+flag_core::stage_kinds!(IngestOhlcv, IngestNews);

@@ -263,7 +263,9 @@ impl Stage for IngestNews {
         files.dedup();
         Ok(files)
     }
+}
 
+impl flag_core::RunStage for IngestNews {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = config(&ctx.params)?;
         let plan = plan(&cfg)?;

@@ -205,7 +205,9 @@ impl Stage for IngestOhlcv {
             .flat_map(|(_, f)| f)
             .collect())
     }
+}
 
+impl flag_core::RunStage for IngestOhlcv {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = config(&ctx.params)?;
         let plan = ticker_files(&cfg)?;

@@ -12,7 +12,7 @@ use flag_core::arrow::array::{
 };
 use flag_core::arrow::compute::concat_batches;
 use flag_core::parquet_io::read_parquet_file;
-use flag_core::{InputArtifact, Params, Stage, StageContext, StageResult};
+use flag_core::{InputArtifact, Params, StageContext, StageResult};
 
 /// The shared data directory: `FLAG_DATA_DIR`, else `<repo>/../shared/data`.
 pub fn data_dir() -> PathBuf {
@@ -44,7 +44,7 @@ impl Run {
 }
 
 pub fn run_stage(
-    stage: &dyn Stage,
+    stage: &dyn flag_core::RunStage,
     params: Params,
     inputs: BTreeMap<String, Vec<InputArtifact>>,
 ) -> StageResult<Run> {

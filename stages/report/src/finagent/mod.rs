@@ -238,7 +238,9 @@ impl Stage for FinAgentReport {
             env!("CARGO_PKG_VERSION")
         ))
     }
+}
 
+impl flag_core::RunStage for FinAgentReport {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let p = FinAgentParams::from_params(&ctx.params)?;
         ctx.progress(0, 3, "reading inputs");

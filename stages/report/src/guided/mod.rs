@@ -188,7 +188,9 @@ impl Stage for GuidedReport {
             env!("CARGO_PKG_VERSION")
         ))
     }
+}
 
+impl flag_core::RunStage for GuidedReport {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let mut p = GuidedParams::from_params(&ctx.params)?;
         ctx.progress(0, 3, "reading inputs");

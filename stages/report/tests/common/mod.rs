@@ -9,7 +9,7 @@ use flag_core::arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int64Array, RecordBatch, StringArray,
 };
 use flag_core::parquet_io::write_parquet_file;
-use flag_core::{InputArtifact, Params, Stage, StageContext, StageResult, schema};
+use flag_core::{InputArtifact, Params, StageContext, StageResult, schema};
 use serde_json::Value;
 
 pub fn data_dir() -> PathBuf {
@@ -323,7 +323,7 @@ pub fn run_stage(
 
 /// Runs `stage` (with its declared defaults) into `staging`.
 pub fn run_stage_of(
-    stage: &dyn Stage,
+    stage: &dyn flag_core::RunStage,
     inputs: &BTreeMap<String, Vec<InputArtifact>>,
     params: &[(&str, Value)],
     staging: &Path,

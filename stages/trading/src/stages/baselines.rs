@@ -225,7 +225,9 @@ impl Stage for Baselines {
     fn fingerprint(&self, _params: &Params) -> Fingerprint {
         Fingerprint::new(format!("{VERSION}/baselines-1"))
     }
+}
 
+impl flag_core::RunStage for Baselines {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = BaselineConfig::from_params(&ctx.params)?;
         let batch = ctx.read_input("table")?;

@@ -341,7 +341,9 @@ impl Stage for FinAgentTools {
     fn fingerprint(&self, _params: &Params) -> Fingerprint {
         Fingerprint::new(format!("{VERSION}/finagent_tools-1"))
     }
+}
 
+impl flag_core::RunStage for FinAgentTools {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let cfg = ToolsConfig::from_params(&ctx.params)?;
         let batch = ctx.read_input("bars")?;

@@ -249,7 +249,9 @@ impl Stage for MetricsStage {
     fn fingerprint(&self, _params: &Params) -> Fingerprint {
         Fingerprint::new(format!("{VERSION}/metrics-2"))
     }
+}
 
+impl flag_core::RunStage for MetricsStage {
     fn run(&self, ctx: &mut StageContext) -> StageResult<()> {
         let periods = PeriodsPerYear::from_params(&ctx.params, "periods_per_year")?;
         let equity = ctx.read_inputs("equity")?;

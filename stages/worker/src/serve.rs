@@ -183,7 +183,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--threads must be at least 1");
     }
     tch::set_num_threads(threads as i32);
-    let device = super::llm::parse_device(&args.device)?;
+    let device = crate::llm::parse_device(&args.device)?;
     let api_key = match &args.api_key_env {
         Some(name) => Some(
             std::env::var(name)

@@ -1,0 +1,300 @@
+//! Stages run in worker processes. The coordinator (`flag`) writes a job file into the stage's
+//! staging directory, starts `flag-worker exec JOB`, relays its progress to the terminal, and
+//! commits the staged outputs only when the worker says it finished (exit 0 and a final `done`
+//! message). A worker that fails, aborts or is killed leaves nothing committed; the report
+//! names how it ended and quotes the tail of what it wrote.
+//!
+//! Protocol (worker stdout, one JSON object a line): `{"progress":[done,total,"msg"]}` while
+//! it runs, then `{"done":true}` or `{"error":"..."}`. Everything on stderr goes to the
+//! stage's log.
+
+pub mod describe;
+pub mod exec;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use base64::Engine as _;
+use flag_core::{InputArtifact, ProgressFn, StageError};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+use crate::pipeline::PipelineStage;
+
+/// The job file's name inside a staging directory (no output is named with a leading dot).
+pub const JOB_FILE: &str = ".flag-job.json";
+/// How much of a worker's stderr is kept for its log and the failure report.
+const STDERR_KEEP_BYTES: usize = 64 * 1024;
+/// Lines of the log quoted in a failure report.
+const TAIL_LINES: usize = 12;
+
+/// Everything a worker needs to run one stage; written by the coordinator, read by the worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StageJob {
+    pub stage: String,
+    pub kind: String,
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// input name -> bound upstream artifacts (reference and object paths).
+    pub inputs: BTreeMap<String, Vec<JobInput>>,
+    /// The prompt/SQL files the key was computed from, base64: the worker runs exactly those
+    /// bytes, not whatever the files hold by the time it starts.
+    pub resources: BTreeMap<String, String>,
+    /// Where the stage writes its outputs.
+    pub staging: PathBuf,
+    /// The stage's log (the worker appends to it).
+    pub log: Option<PathBuf>,
+    /// First lines of the log (stage, key, reason, compute).
+    pub header: String,
+    /// The keyed environment (device, threads, ...): the worker checks it computes on that.
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobInput {
+    pub reference: String,
+    pub files: Vec<PathBuf>,
+}
+
+/// One line of the worker's protocol.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Message {
+    Progress(u64, u64, String),
+    Done(bool),
+    Error(String),
+}
+
+impl StageJob {
+    pub fn new(
+        st: &PipelineStage,
+        artifacts: &BTreeMap<String, Vec<InputArtifact>>,
+        resources: &BTreeMap<String, Vec<u8>>,
+        staging: &Path,
+        log: Option<&Path>,
+        header: &str,
+        env: &BTreeMap<String, String>,
+    ) -> StageJob {
+        StageJob {
+            stage: st.name.clone(),
+            kind: st.kind.clone(),
+            params: st.params.0.clone(),
+            inputs: artifacts
+                .iter()
+                .map(|(name, arts)| {
+                    let v = arts
+                        .iter()
+                        .map(|a| JobInput {
+                            reference: a.reference.clone(),
+                            files: a.files.clone(),
+                        })
+                        .collect();
+                    (name.clone(), v)
+                })
+                .collect(),
+            resources: resources
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        base64::engine::general_purpose::STANDARD.encode(v),
+                    )
+                })
+                .collect(),
+            staging: staging.to_path_buf(),
+            log: log.map(Path::to_path_buf),
+            header: header.to_string(),
+            env: env.clone(),
+        }
+    }
+
+    /// Writes the job into its staging directory; returns the file.
+    pub fn write(&self) -> Result<PathBuf> {
+        let path = self.staging.join(JOB_FILE);
+        let bytes = serde_json::to_vec(self).expect("a job serialises");
+        std::fs::write(&path, bytes).map_err(|e| EngineError::Io {
+            context: format!("writing the job file {}", path.display()),
+            source: e,
+        })?;
+        Ok(path)
+    }
+}
+
+/// The `flag-worker` binary: `FLAG_WORKER` when set, else the one beside this executable.
+pub fn worker_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLAG_WORKER").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().map_err(|e| EngineError::Io {
+        context: "finding this executable".into(),
+        source: e,
+    })?;
+    let worker = me.with_file_name("flag-worker");
+    if worker.is_file() {
+        Ok(worker)
+    } else {
+        Err(EngineError::Usage(format!(
+            "the stage worker {} is missing: build it with `just build` (or point FLAG_WORKER \
+             at it)",
+            worker.display()
+        )))
+    }
+}
+
+/// Runs a job in a worker process and waits for it. `Ok` only when the worker reported
+/// `done` and exited 0; the outputs are then complete in the staging directory.
+pub fn run(st: &PipelineStage, job: &StageJob, progress: Option<ProgressFn>) -> Result<()> {
+    let fail = |message: String| EngineError::Stage {
+        stage: st.name.clone(),
+        kind: st.kind.clone(),
+        source: Box::new(StageError::Invalid(message)),
+    };
+    let job_file = job.write()?;
+    // The kinds this binary links run in a copy of it (milliseconds to start); the others in
+    // the worker, which loads libtorch.
+    let (program, command) = if exec::is_local(&job.kind) {
+        let me = std::env::current_exe().map_err(|e| EngineError::Io {
+            context: "finding this executable".into(),
+            source: e,
+        })?;
+        (me, "stage-exec")
+    } else {
+        (worker_binary()?, "exec")
+    };
+    let mut child = Command::new(program)
+        .arg(command)
+        .arg(&job_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("could not start the stage worker: {e}")))?;
+    let stderr = child.stderr.take().expect("piped");
+    let stderr_reader = std::thread::spawn(move || keep_tail(stderr, STDERR_KEEP_BYTES));
+    let mut outcome: Option<Message> = None;
+    let stdout = BufReader::new(child.stdout.take().expect("piped"));
+    for line in stdout.split(b'\n') {
+        let Ok(line) = line else { break };
+        match serde_json::from_slice::<Message>(&line) {
+            Ok(Message::Progress(done, total, msg)) => {
+                if let Some(p) = &progress {
+                    p(done, total, &msg);
+                }
+            }
+            Ok(m) => outcome = Some(m),
+            // Stray output of stage code on stdout: not protocol, kept out of the way.
+            Err(_) => {}
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| fail(format!("waiting for the stage worker: {e}")))?;
+    let stderr = stderr_reader.join().unwrap_or_default();
+    if let Some(log) = &job.log
+        && !stderr.is_empty()
+    {
+        append(
+            log,
+            &format!("worker stderr:\n{}", String::from_utf8_lossy(&stderr)),
+        );
+    }
+    match (outcome, status.success()) {
+        (Some(Message::Done(true)), true) => Ok(()),
+        (Some(Message::Error(e)), _) => Err(fail(e)),
+        (_, _) => {
+            let how = exit_description(&status);
+            if let Some(log) = &job.log {
+                append(log, &format!("FAILED: the stage worker {how}"));
+            }
+            let tail = job.log.as_deref().map(log_tail).unwrap_or_default();
+            let tail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; last lines of its log:\n{tail}")
+            };
+            Err(fail(format!(
+                "the stage worker {how} before it finished; nothing was committed{tail}"
+            )))
+        }
+    }
+}
+
+fn exit_description(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = status.signal() {
+        let name = match sig {
+            6 => " (SIGABRT: aborted)",
+            9 => " (SIGKILL: killed)",
+            11 => " (SIGSEGV: crashed)",
+            15 => " (SIGTERM)",
+            2 => " (SIGINT)",
+            _ => "",
+        };
+        format!("was ended by signal {sig}{name}")
+    } else {
+        format!("exited with status {}", status.code().unwrap_or(-1))
+    }
+}
+
+/// Reads a stream to its end, keeping only its last `keep` bytes.
+fn keep_tail(mut r: impl Read, keep: usize) -> Vec<u8> {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = r.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 2 * keep {
+            tail.drain(..tail.len() - keep);
+        }
+    }
+    if tail.len() > keep {
+        tail.drain(..tail.len() - keep);
+    }
+    tail
+}
+
+/// Appends a line to a log file (best effort: a log must never fail a stage).
+pub fn append(path: &Path, line: &str) {
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// The last lines of a log, each cut to 300 bytes.
+fn log_tail(path: &Path) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    use std::io::{Seek, SeekFrom};
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 * 1024)));
+    let mut bytes = Vec::new();
+    let _ = f.read_to_end(&mut bytes);
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(TAIL_LINES)..]
+        .iter()
+        .map(|l| {
+            let mut end = l.len().min(300);
+            while !l.is_char_boundary(end) {
+                end -= 1;
+            }
+            format!("  | {}", &l[..end])
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `flag llm ...` / `flag serve ...`: becomes `flag-worker` with the same arguments (exec: the
+/// same process, so signals, the pid and the exit status are the command's own). The worker
+/// links libtorch; the coordinator does not.
+pub fn forward(subcommand: &str, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let worker = worker_binary()?;
+    let err = Command::new(&worker).arg(subcommand).args(&args).exec();
+    Err(anyhow::anyhow!("starting {}: {err}", worker.display()))
+}
