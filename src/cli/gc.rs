@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::store::{ManifestRead, is_log_name, is_object_name};
+use crate::store::{ManifestRead, is_object_name, log_key};
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
@@ -98,11 +98,13 @@ pub fn run(
     let mut logs = 0;
     for f in std::fs::read_dir(store.root.join("logs"))?.flatten() {
         let name = f.file_name().to_string_lossy().to_string();
-        if !f.path().is_file() || !is_log_name(&name) {
-            foreign += 1;
-            continue;
-        }
-        let key = name.trim_end_matches(".log");
+        let key = match log_key(&name) {
+            Some(k) if f.path().is_file() => k,
+            _ => {
+                foreign += 1;
+                continue;
+            }
+        };
         if !keep_keys.contains(key) {
             logs += 1;
             if !args.dry_run {

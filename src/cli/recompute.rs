@@ -241,6 +241,7 @@ pub fn recompute(p: &Pipeline, store: &Store, stage_name: &str) -> anyhow::Resul
         None,
         &header,
         &parts.env,
+        &crate::worker::Executor::Local,
     );
     let outputs = result.map_err(anyhow::Error::from).and_then(|()| {
         st.imp

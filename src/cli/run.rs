@@ -10,6 +10,8 @@ use crate::pipeline;
 use crate::registry::Registry;
 use crate::scheduler::{self, Progress, RunOptions, StageReport, Status};
 use crate::store::Store;
+use crate::worker::Executor;
+use crate::worker::slurm::SlurmSettings;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
@@ -39,6 +41,16 @@ pub struct RunArgs {
     /// Fail instead of waiting when another run holds the store
     #[arg(long)]
     pub no_wait: bool,
+    /// Where stages run: local (child processes, --jobs at a time) or slurm (one batch job per
+    /// stage: sbatch with the stage's `resources:`, squeue, scancel on Ctrl-C)
+    #[arg(long, value_enum, default_value = "local", env = "FLAG_EXECUTOR")]
+    pub executor: ExecutorName,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecutorName {
+    Local,
+    Slurm,
 }
 
 pub fn line(r: &StageReport) -> String {
@@ -94,6 +106,10 @@ pub fn run(
                 .map(|n| n.get())
                 .unwrap_or(2)
         }),
+        executor: match args.executor {
+            ExecutorName::Local => Executor::Local,
+            ExecutorName::Slurm => Executor::Slurm(SlurmSettings::default()),
+        },
     };
     let progress = Arc::new(Progress::new(!args.json));
     if args.dry_run {
@@ -119,6 +135,16 @@ pub fn run(
         .max_blocking_threads(opts.jobs.max(1) + 2)
         .enable_all()
         .build()?;
+    if args.executor == ExecutorName::Slurm {
+        // Ctrl-C: the submitted jobs are cancelled, not left running on the cluster.
+        runtime.spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let n = crate::worker::slurm::cancel_all();
+                eprintln!("interrupted: cancelled {n} slurm job(s)");
+                std::process::exit(130);
+            }
+        });
+    }
     let (p, store) = (Arc::new(p), Arc::new(store));
     let pr = progress.clone();
     let json = args.json;

@@ -5,6 +5,7 @@
 
 mod interpolate;
 mod locate;
+pub mod resources;
 mod validate;
 mod yaml;
 
@@ -45,6 +46,8 @@ pub struct PipelineStage {
     pub inputs: BTreeMap<String, Vec<OutputRef>>,
     /// Output name -> path under `<store>/out/` where the latest result is published.
     pub publish: BTreeMap<String, String>,
+    /// What the stage asks of a cluster node (Slurm executor only; not keyed).
+    pub resources: resources::Resources,
     pub line: usize,
 }
 

@@ -10,12 +10,20 @@ use serde_json::Value;
 
 use super::interpolate::interpolate;
 use super::locate::Locator;
+use super::resources::Resources;
 use super::{OutputRef, Pipeline, PipelineStage};
 use crate::error::{EngineError, Result};
 use crate::registry::{Registry, suggest};
 
-const TOP_KEYS: &[&str] = &["name", "description", "params", "stages"];
-const STAGE_KEYS: &[&str] = &["uses", "description", "inputs", "params", "outputs"];
+const TOP_KEYS: &[&str] = &["name", "description", "params", "resources", "stages"];
+const STAGE_KEYS: &[&str] = &[
+    "uses",
+    "description",
+    "inputs",
+    "params",
+    "outputs",
+    "resources",
+];
 /// Pipeline params every pipeline has unless it sets them itself.
 const BUILTIN_PARAMS: &[(&str, &str)] = &[("data_dir", "../shared/data")];
 
@@ -250,6 +258,15 @@ pub(super) fn validate(
             );
             String::new()
         }
+    };
+
+    // Cluster resources every stage asks for unless it says otherwise.
+    let default_resources = match top.get("resources") {
+        None | Some(Value::Null) => Resources::default(),
+        Some(v) => Resources::parse(v).unwrap_or_else(|(_, msg)| {
+            errs.push(loc.top_key("resources"), msg);
+            Resources::default()
+        }),
     };
 
     // Pipeline-wide params, then --set overrides.
@@ -633,6 +650,20 @@ pub(super) fn validate(
                 given.keys().cloned().collect::<BTreeSet<String>>(),
             ));
         }
+        let resources = match body.get("resources") {
+            None | Some(Value::Null) => default_resources.clone(),
+            Some(v) => match Resources::parse(v) {
+                Ok(r) => r.over(&default_resources),
+                Err((key, msg)) => {
+                    let at = match &key {
+                        Some(k) => loc.stage_key(sname, Some("resources"), k),
+                        None => loc.stage_key(sname, None, "resources"),
+                    };
+                    errs.push(at, format!("stage '{sname}': {msg}"));
+                    Resources::default()
+                }
+            },
+        };
         stages.push(PipelineStage {
             name: sname.clone(),
             kind,
@@ -640,6 +671,7 @@ pub(super) fn validate(
             params,
             inputs,
             publish,
+            resources,
             line,
         });
     }

@@ -198,6 +198,7 @@ pub fn execute(
     upstream: &BTreeMap<String, Manifest>,
     force: bool,
     progress: &Arc<Progress>,
+    executor: &worker::Executor,
 ) -> Outcome {
     let st = &p.stages[i];
     let started = Instant::now();
@@ -314,6 +315,7 @@ pub fn execute(
         })),
         &header,
         &parts.env,
+        executor,
     );
     bar.done();
     if let Err(e) = stage_result {
@@ -381,7 +383,8 @@ pub fn execute(
 
 /// Runs one stage into `dir` (its staging directory) in a `flag-worker` process, which logs
 /// the header and params and reports a panic or crash as a stage error. `env` is the keyed
-/// environment the worker must compute on. Shared by `flag run` and `flag verify --recompute`.
+/// environment the worker must compute on; `executor` says where the worker runs. Shared by
+/// `flag run` and `flag verify --recompute`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_into(
     st: &PipelineStage,
@@ -392,7 +395,8 @@ pub fn run_into(
     progress: Option<flag_core::ProgressFn>,
     header: &str,
     env: &BTreeMap<String, String>,
+    executor: &worker::Executor,
 ) -> Result<()> {
     let job = StageJob::new(st, artifacts, resources, dir, log, header, env);
-    worker::run(st, &job, progress)
+    worker::run(st, &job, progress, executor)
 }

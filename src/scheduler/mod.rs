@@ -70,6 +70,8 @@ pub struct RunOptions {
     pub from: Option<String>,
     pub force: bool,
     pub jobs: usize,
+    /// Where stages run (local child processes, or Slurm batch jobs).
+    pub executor: crate::worker::Executor,
 }
 
 /// Which stages a run considers, and which of them `--force` applies to.
@@ -158,7 +160,13 @@ pub async fn run(
                 .collect();
             let (p, s, pr) = (pipeline.clone(), store.clone(), progress.clone());
             let force = forced.contains(&i);
-            running.spawn_blocking(move || (i, execute::execute(&p, i, &s, &upstream, force, &pr)));
+            let executor = opts.executor.clone();
+            running.spawn_blocking(move || {
+                (
+                    i,
+                    execute::execute(&p, i, &s, &upstream, force, &pr, &executor),
+                )
+            });
         }
         let Some(joined) = running.join_next().await else {
             break;

@@ -238,9 +238,12 @@ pub fn is_object_name(dir: &str, file: &str) -> bool {
     is_hex(dir, 2) && is_hex(hash, 64) && hash.starts_with(dir)
 }
 
-/// A log the store wrote: `logs/<64 hex key>.log`.
-pub fn is_log_name(file: &str) -> bool {
-    file.strip_suffix(".log").is_some_and(|k| is_hex(k, 64))
+/// The key of a log the store wrote: `logs/<64 hex key>.log`, or Slurm's own output of that
+/// run's batch job, `logs/<64 hex key>.slurm.log`; None for any other file.
+pub fn log_key(file: &str) -> Option<&str> {
+    let stem = file.strip_suffix(".log")?;
+    let key = stem.strip_suffix(".slurm").unwrap_or(stem);
+    is_hex(key, 64).then_some(key)
 }
 
 /// A staging folder the store made: `tmp/<first 12 characters of a key>.<pid>.<n>` (see

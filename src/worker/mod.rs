@@ -10,6 +10,7 @@
 
 pub mod describe;
 pub mod exec;
+pub mod slurm;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -27,7 +28,7 @@ use crate::pipeline::PipelineStage;
 /// The job file's name inside a staging directory (no output is named with a leading dot).
 pub const JOB_FILE: &str = ".flag-job.json";
 /// How much of a worker's stderr is kept for its log and the failure report.
-const STDERR_KEEP_BYTES: usize = 64 * 1024;
+pub(crate) const STDERR_KEEP_BYTES: usize = 64 * 1024;
 /// Lines of the log quoted in a failure report.
 const TAIL_LINES: usize = 12;
 
@@ -143,29 +144,66 @@ pub fn worker_binary() -> Result<PathBuf> {
     }
 }
 
-/// Runs a job in a worker process and waits for it. `Ok` only when the worker reported
-/// `done` and exited 0; the outputs are then complete in the staging directory.
-pub fn run(st: &PipelineStage, job: &StageJob, progress: Option<ProgressFn>) -> Result<()> {
-    let fail = |message: String| EngineError::Stage {
-        stage: st.name.clone(),
-        kind: st.kind.clone(),
-        source: Box::new(StageError::Invalid(message)),
-    };
-    let job_file = job.write()?;
-    // The kinds this binary links run in a copy of it (milliseconds to start); the others in
-    // the worker, which loads libtorch.
-    let (program, command) = if exec::is_local(&job.kind) {
+/// Where stage jobs run.
+#[derive(Debug, Clone, Default)]
+pub enum Executor {
+    /// Child processes of this coordinator (`--jobs` at a time).
+    #[default]
+    Local,
+    /// One Slurm batch job per stage (`sbatch`, polled with `squeue`, `scancel` on Ctrl-C).
+    Slurm(slurm::SlurmSettings),
+}
+
+/// The program and subcommand that run a job of this kind: the kinds this binary links run
+/// in a copy of it (milliseconds to start), the others in the worker, which loads libtorch.
+fn program_for(kind: &str) -> Result<(PathBuf, &'static str)> {
+    if exec::is_local(kind) {
         let me = std::env::current_exe().map_err(|e| EngineError::Io {
             context: "finding this executable".into(),
             source: e,
         })?;
-        (me, "stage-exec")
+        Ok((me, "stage-exec"))
     } else {
-        (worker_binary()?, "exec")
-    };
+        Ok((worker_binary()?, "exec"))
+    }
+}
+
+fn stage_failure(st: &PipelineStage, message: String) -> EngineError {
+    EngineError::Stage {
+        stage: st.name.clone(),
+        kind: st.kind.clone(),
+        source: Box::new(StageError::Invalid(message)),
+    }
+}
+
+/// Runs a job where the executor says and waits for it. `Ok` only when the worker reported
+/// `done` and ended well; the outputs are then complete in the staging directory.
+pub fn run(
+    st: &PipelineStage,
+    job: &StageJob,
+    progress: Option<ProgressFn>,
+    executor: &Executor,
+) -> Result<()> {
+    let job_file = job.write()?;
+    let (program, command) = program_for(&job.kind)?;
+    match executor {
+        Executor::Local => run_local(st, job, progress, &program, command, &job_file),
+        Executor::Slurm(s) => slurm::run(s, st, job, progress, &program, command, &job_file),
+    }
+}
+
+fn run_local(
+    st: &PipelineStage,
+    job: &StageJob,
+    progress: Option<ProgressFn>,
+    program: &Path,
+    command: &str,
+    job_file: &Path,
+) -> Result<()> {
+    let fail = |message: String| stage_failure(st, message);
     let mut child = Command::new(program)
         .arg(command)
-        .arg(&job_file)
+        .arg(job_file)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -177,36 +215,58 @@ pub fn run(st: &PipelineStage, job: &StageJob, progress: Option<ProgressFn>) -> 
     let stdout = BufReader::new(child.stdout.take().expect("piped"));
     for line in stdout.split(b'\n') {
         let Ok(line) = line else { break };
-        match serde_json::from_slice::<Message>(&line) {
-            Ok(Message::Progress(done, total, msg)) => {
-                if let Some(p) = &progress {
-                    p(done, total, &msg);
-                }
-            }
-            Ok(m) => outcome = Some(m),
-            // Stray output of stage code on stdout: not protocol, kept out of the way.
-            Err(_) => {}
-        }
+        handle_line(&line, &progress, &mut outcome);
     }
     let status = child
         .wait()
         .map_err(|e| fail(format!("waiting for the stage worker: {e}")))?;
     let stderr = stderr_reader.join().unwrap_or_default();
+    let how = if status.success() {
+        None
+    } else {
+        Some(format!("the stage worker {}", exit_description(&status)))
+    };
+    conclude(st, job, outcome, how, &stderr)
+}
+
+/// One protocol line: progress goes to the bar, the last `done`/`error` is the outcome.
+/// Anything else (stray output of stage code) is ignored.
+fn handle_line(line: &[u8], progress: &Option<ProgressFn>, outcome: &mut Option<Message>) {
+    match serde_json::from_slice::<Message>(line) {
+        Ok(Message::Progress(done, total, msg)) => {
+            if let Some(p) = progress {
+                p(done, total, &msg);
+            }
+        }
+        Ok(m) => *outcome = Some(m),
+        Err(_) => {}
+    }
+}
+
+/// The verdict on a finished job: `how` is None when the process ended well, else how it
+/// ended (for the report). The worker's stderr goes into the stage log.
+fn conclude(
+    st: &PipelineStage,
+    job: &StageJob,
+    outcome: Option<Message>,
+    how: Option<String>,
+    stderr: &[u8],
+) -> Result<()> {
     if let Some(log) = &job.log
         && !stderr.is_empty()
     {
         append(
             log,
-            &format!("worker stderr:\n{}", String::from_utf8_lossy(&stderr)),
+            &format!("worker stderr:\n{}", String::from_utf8_lossy(stderr)),
         );
     }
-    match (outcome, status.success()) {
-        (Some(Message::Done(true)), true) => Ok(()),
-        (Some(Message::Error(e)), _) => Err(fail(e)),
-        (_, _) => {
-            let how = exit_description(&status);
+    match (outcome, how) {
+        (Some(Message::Done(true)), None) => Ok(()),
+        (Some(Message::Error(e)), _) => Err(stage_failure(st, e)),
+        (_, how) => {
+            let how = how.unwrap_or_else(|| "the stage worker ended without a result".into());
             if let Some(log) = &job.log {
-                append(log, &format!("FAILED: the stage worker {how}"));
+                append(log, &format!("FAILED: {how}"));
             }
             let tail = job.log.as_deref().map(log_tail).unwrap_or_default();
             let tail = if tail.is_empty() {
@@ -214,9 +274,10 @@ pub fn run(st: &PipelineStage, job: &StageJob, progress: Option<ProgressFn>) -> 
             } else {
                 format!("; last lines of its log:\n{tail}")
             };
-            Err(fail(format!(
-                "the stage worker {how} before it finished; nothing was committed{tail}"
-            )))
+            Err(stage_failure(
+                st,
+                format!("{how} before it finished; nothing was committed{tail}"),
+            ))
         }
     }
 }
@@ -239,7 +300,7 @@ fn exit_description(status: &std::process::ExitStatus) -> String {
 }
 
 /// Reads a stream to its end, keeping only its last `keep` bytes.
-fn keep_tail(mut r: impl Read, keep: usize) -> Vec<u8> {
+pub(crate) fn keep_tail(mut r: impl Read, keep: usize) -> Vec<u8> {
     let mut tail: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     while let Ok(n) = r.read(&mut buf) {
