@@ -353,3 +353,23 @@ fn an_all_cached_rerun_starts_no_worker() {
         "a worker was started"
     );
 }
+
+#[test]
+fn two_libtorch_workers_do_not_share_the_cores_at_once() {
+    // Two DDQN stages become ready together; each keeps every core busy, so with --jobs 2 the
+    // second waits for the first instead of both spinning on the same cores.
+    let root = project();
+    let second = PIPELINE.replace("  rl:\n", "  rl2:\n    uses: ddqn\n    inputs:\n      table: indicators.table\n    params:\n      strategy: tdqn\n      runs: 1\n      episodes: 1\n      seed: 8\n      train_start: \"2012-01-01\"\n      train_end: \"2014-12-31\"\n      test_start: \"2015-01-01\"\n      test_end: \"2015-12-31\"\n  rl:\n");
+    std::fs::write(root.path().join("pipelines/workers.yaml"), second).unwrap();
+    let store = root.path().join("store");
+    let out = run_ok(run_cmd(root.path(), &store).args(["--jobs", "2"]));
+    let rec = records(&out);
+    let waited: Vec<&str> = ["rl", "rl2"]
+        .into_iter()
+        .filter(|s| {
+            let log = std::fs::read_to_string(rec[*s]["log"].as_str().unwrap()).unwrap();
+            log.contains("CPU(s) held by other stages of this run")
+        })
+        .collect();
+    assert_eq!(waited.len(), 1, "exactly one of the two waited: {waited:?}");
+}

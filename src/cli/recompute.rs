@@ -243,7 +243,7 @@ pub fn recompute(p: &Pipeline, store: &Store, stage_name: &str) -> anyhow::Resul
         &parts.env,
         &crate::worker::Executor::Local,
     );
-    let outputs = result.map_err(anyhow::Error::from).and_then(|()| {
+    let outputs = result.map_err(anyhow::Error::from).and_then(|_queued| {
         st.imp
             .spec()
             .outputs

@@ -318,16 +318,20 @@ pub fn execute(
         executor,
     );
     bar.done();
-    if let Err(e) = stage_result {
-        let _ = fs::remove_dir_all(&staging);
-        return failed(
-            reason,
-            &e,
-            Some(key),
-            Some(store.root.join(&log_rel).to_string_lossy().to_string()),
-        );
-    }
-    let seconds = started.elapsed().as_secs_f64();
+    let queued = match stage_result {
+        Ok(q) => q,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            return failed(
+                reason,
+                &e,
+                Some(key),
+                Some(store.root.join(&log_rel).to_string_lossy().to_string()),
+            );
+        }
+    };
+    // The stage's own time: not the wait for CPUs held by other stages of the run.
+    let seconds = started.elapsed().saturating_sub(queued).as_secs_f64();
     if let Some(log) = &log_path {
         worker::append(log, &format!("finished in {seconds:.3}s"));
     }
@@ -396,7 +400,7 @@ pub fn run_into(
     header: &str,
     env: &BTreeMap<String, String>,
     executor: &worker::Executor,
-) -> Result<()> {
+) -> Result<std::time::Duration> {
     let job = StageJob::new(st, artifacts, resources, dir, log, header, env);
     worker::run(st, &job, progress, executor)
 }

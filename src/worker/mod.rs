@@ -177,18 +177,77 @@ fn stage_failure(st: &PipelineStage, message: String) -> EngineError {
 }
 
 /// Runs a job where the executor says and waits for it. `Ok` only when the worker reported
-/// `done` and ended well; the outputs are then complete in the staging directory.
+/// `done` and ended well; the outputs are then complete in the staging directory. The
+/// duration is how long the job waited for its CPUs before it started (not the stage's time).
 pub fn run(
     st: &PipelineStage,
     job: &StageJob,
     progress: Option<ProgressFn>,
     executor: &Executor,
-) -> Result<()> {
+) -> Result<std::time::Duration> {
     let job_file = job.write()?;
     let (program, command) = program_for(&job.kind)?;
     match executor {
         Executor::Local => run_local(st, job, progress, &program, command, &job_file),
-        Executor::Slurm(s) => slurm::run(s, st, job, progress, &program, command, &job_file),
+        Executor::Slurm(s) => slurm::run(s, st, job, progress, &program, command, &job_file)
+            .map(|()| std::time::Duration::ZERO),
+    }
+}
+
+/// The CPUs of this machine that local workers share. Each libtorch worker has its own
+/// thread pool (its keyed thread count, usually every core); two of them at once on the same
+/// cores spin against each other (OpenMP) and both slow down several-fold, so a worker waits
+/// until its CPUs are free. One worker always runs, whatever it asks for.
+struct CpuBudget {
+    used: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+static CPU_BUDGET: CpuBudget = CpuBudget {
+    used: std::sync::Mutex::new(0),
+    freed: std::sync::Condvar::new(),
+};
+
+struct CpuGrant(usize);
+
+impl CpuBudget {
+    fn capacity() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+
+    fn acquire(&'static self, want: usize) -> CpuGrant {
+        let want = want.clamp(1, Self::capacity());
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        while *used > 0 && *used + want > Self::capacity() {
+            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
+        }
+        *used += want;
+        CpuGrant(want)
+    }
+}
+
+impl Drop for CpuGrant {
+    fn drop(&mut self) {
+        let mut used = CPU_BUDGET.used.lock().unwrap_or_else(|p| p.into_inner());
+        *used -= self.0;
+        CPU_BUDGET.freed.notify_all();
+    }
+}
+
+/// The CPUs a job keeps busy: the stage's `resources: cpus`, else its keyed thread count,
+/// else one for the kinds without libtorch and every core for the others (their own thread
+/// pools, e.g. the DDQN's parallel runs).
+fn cpus_wanted(st: &PipelineStage, job: &StageJob) -> usize {
+    if let Some(c) = st.resources.cpus {
+        return c as usize;
+    }
+    if let Some(t) = job.env.get("threads").and_then(|t| t.parse().ok()) {
+        return t;
+    }
+    if exec::is_local(&job.kind) {
+        1
+    } else {
+        CpuBudget::capacity()
     }
 }
 
@@ -199,8 +258,23 @@ fn run_local(
     program: &Path,
     command: &str,
     job_file: &Path,
-) -> Result<()> {
+) -> Result<std::time::Duration> {
     let fail = |message: String| stage_failure(st, message);
+    let queued = std::time::Instant::now();
+    let wanted = cpus_wanted(st, job);
+    let _cpus = CPU_BUDGET.acquire(wanted);
+    let queued = queued.elapsed();
+    if let Some(log) = &job.log
+        && queued.as_secs_f64() >= 0.01
+    {
+        append(
+            log,
+            &format!(
+                "waited {:.2}s for {wanted} CPU(s) held by other stages of this run",
+                queued.as_secs_f64()
+            ),
+        );
+    }
     let mut child = Command::new(program)
         .arg(command)
         .arg(job_file)
@@ -226,7 +300,7 @@ fn run_local(
     } else {
         Some(format!("the stage worker {}", exit_description(&status)))
     };
-    conclude(st, job, outcome, how, &stderr)
+    conclude(st, job, outcome, how, &stderr).map(|()| queued)
 }
 
 /// One protocol line: progress goes to the bar, the last `done`/`error` is the outcome.
