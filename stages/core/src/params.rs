@@ -7,6 +7,9 @@ use serde_json::Value;
 
 use crate::error::{StageError, StageResult};
 
+/// The largest starting capital a stage accepts (see [`Params::capital`]).
+pub const MAX_CAPITAL: f64 = 1e15;
+
 /// A stage's params after `${...}` interpolation and defaults. Keys are sorted so the
 /// canonical encoding (and so the cache key) does not depend on YAML order.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,6 +46,20 @@ impl Params {
             .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
             .filter(|x: &f64| x.is_finite())
             .ok_or_else(|| type_err(name, "a finite number", v))
+    }
+
+    /// A starting capital: positive and at most [`MAX_CAPITAL`], so equity stays finite over
+    /// any price path ingest accepts (prices in (1e-6, 1e12): a growth of at most 1e18).
+    pub fn capital(&self, name: &str) -> StageResult<f64> {
+        let c = self.f64(name)?;
+        if c > 0.0 && c <= MAX_CAPITAL {
+            Ok(c)
+        } else {
+            Err(StageError::param(
+                name,
+                format!("must be > 0 and at most {MAX_CAPITAL:e}, got {c:e}"),
+            ))
+        }
     }
 
     pub fn i64(&self, name: &str) -> StageResult<i64> {

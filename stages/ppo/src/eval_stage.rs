@@ -212,7 +212,7 @@ impl flag_core::RunStage for PpoEval {
         }
         let device = DeviceChoice::from_params(p)?.device();
         let market = MarketEnvConfig {
-            initial_capital: p.f64("initial_capital")?,
+            initial_capital: p.capital("initial_capital")?,
             cost: p.f64("cost")?,
             window: 1,
             history: 0,

@@ -333,7 +333,7 @@ impl PpoSettings {
             }
         }
         let market = MarketEnvConfig {
-            initial_capital: p.f64("initial_capital")?,
+            initial_capital: p.capital("initial_capital")?,
             cost: p.f64("cost")?,
             window: p.usize("window")?,
             history: p.usize("history")?,

@@ -81,13 +81,7 @@ impl AgentConfig {
         if !crate::prompt::valid_name(&high_prompt) {
             return Err(StageError::param("high_prompt", "is not a prompt name"));
         }
-        let initial_capital = p.f64("initial_capital")?;
-        if !(initial_capital.is_finite() && initial_capital > 0.0) {
-            return Err(StageError::param(
-                "initial_capital",
-                "must be a positive number",
-            ));
-        }
+        let initial_capital = p.capital("initial_capital")?;
         let cost = p.f64("cost")?;
         if !(0.0..0.5).contains(&cost) {
             return Err(StageError::param("cost", "must be in [0, 0.5)"));

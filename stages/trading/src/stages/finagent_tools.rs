@@ -62,10 +62,7 @@ impl ToolsConfig {
         if signal.0 > signal.1 {
             return Err(StageError::param("start", "must be on or before end"));
         }
-        let initial_capital = p.f64("initial_capital")?;
-        if !(initial_capital.is_finite() && initial_capital > 0.0) {
-            return Err(StageError::param("initial_capital", "must be > 0"));
-        }
+        let initial_capital = p.capital("initial_capital")?;
         let cost = p.f64("cost")?;
         if !(0.0..1.0).contains(&cost) {
             return Err(StageError::param(

@@ -54,10 +54,7 @@ pub fn env_params() -> [ParamSpec; 3] {
 
 /// Reads and validates [`env_params`] for environment `kind`.
 pub fn env_settings(p: &Params, kind: EnvKind) -> StageResult<EnvSettings> {
-    let initial_capital = p.f64("initial_capital")?;
-    if initial_capital <= 0.0 {
-        return Err(StageError::param("initial_capital", "must be > 0"));
-    }
+    let initial_capital = p.capital("initial_capital")?;
     let cost = p.f64("cost")?;
     if !(0.0..1.0).contains(&cost) {
         return Err(StageError::param(
