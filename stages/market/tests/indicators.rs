@@ -546,6 +546,29 @@ fn fingerprint_names_the_sql_file_and_the_sql_is_what_runs() {
     assert!(err.contains(SQL_FILE), "{err}");
 }
 
+#[test]
+fn a_non_finite_price_is_refused_by_the_writer_not_stored() {
+    // Ingest refuses such prices; a bars table written by anything else reaches the stage
+    // with them, and the indicators table's finite columns must not store them.
+    let dir = tempfile::tempdir().unwrap();
+    let bars = all_bars();
+    let idx = bars.schema().index_of("close").unwrap();
+    let mut close = column(&bars, "close");
+    close[5] = Some(f64::INFINITY);
+    let mut cols = bars.columns().to_vec();
+    cols[idx] = Arc::new(Float64Array::from(close));
+    let bad = RecordBatch::try_new(bars.schema(), cols).unwrap();
+    let input = dir.path().join("inf.parquet");
+    write_parquet_file(&input, bad.schema(), &[bad]).unwrap();
+    let staging = dir.path().join("x");
+    let err = run_stage(&input, &staging, 1000).unwrap_err().to_string();
+    assert!(
+        err.contains("output 'table': column 'close' row 6")
+            && err.contains("says the column is finite"),
+        "{err}"
+    );
+}
+
 /// `bars` with the given columns nulled at the given 0-based rows (all rows: `None`).
 fn with_nulls(bars: &RecordBatch, nulls: &[(&str, Option<usize>)]) -> RecordBatch {
     let mut cols = bars.columns().to_vec();

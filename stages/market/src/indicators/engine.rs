@@ -316,6 +316,14 @@ pub fn compute_parquet(
                 }
             }
             while let Some(out) = pending.remove(&next) {
+                // The schema's finite columns (prices, volume): NaN or an infinity is refused,
+                // as every other writer refuses it (StageContext::write_parquet).
+                out_schema
+                    .check_finite(&out, stats.rows as usize)
+                    .map_err(|message| StageError::Output {
+                        output: "table".into(),
+                        message,
+                    })?;
                 writer.write(&out).map_err(|e| StageError::Parquet {
                     context: wctx(),
                     source: e,
