@@ -14,17 +14,22 @@ pub struct Registry {
     client: Option<Arc<WorkerClient>>,
 }
 
+/// The kinds this binary links (no libtorch): declared here, run by `flag stage-exec`.
+pub fn local_stages() -> Vec<Box<dyn Stage>> {
+    flag_market::stages()
+        .into_iter()
+        .chain(flag_trading::stages())
+        .chain(flag_report::stages())
+        .collect()
+}
+
 /// Why the worker's kinds are missing (printed once).
 static WORKER_WARNING: OnceLock<()> = OnceLock::new();
 
 impl Registry {
     pub fn builtin() -> Self {
         let mut kinds: BTreeMap<&'static str, Arc<dyn Stage>> = BTreeMap::new();
-        let local = flag_market::stages()
-            .into_iter()
-            .chain(flag_trading::stages())
-            .chain(flag_report::stages());
-        for s in local {
+        for s in local_stages() {
             let s: Arc<dyn Stage> = Arc::from(s);
             let prev = kinds.insert(s.kind(), s);
             assert!(prev.is_none(), "two stages share a kind name");

@@ -223,6 +223,8 @@ pub struct WorkerClient {
     /// Hash of the binary's path, size, mtime and inode: a rebuilt worker is another worker.
     identity: String,
     cache_dir: Option<PathBuf>,
+    /// [`environment_fingerprint`], read once: a process's environment does not change.
+    environment: String,
     answers: Mutex<HashMap<String, Arc<Answer>>>,
 }
 
@@ -294,6 +296,7 @@ impl WorkerClient {
             binary,
             identity: hex(&[id.as_bytes(), env!("CARGO_PKG_VERSION").as_bytes()]),
             cache_dir: cache_root(),
+            environment: environment_fingerprint(),
             answers: Mutex::new(HashMap::new()),
         }
     }
@@ -365,8 +368,10 @@ impl WorkerClient {
     /// Answers for these queries: from memory, then the disk cache, then one worker call for
     /// all that are left.
     pub fn answers(&self, queries: &[Query]) -> Result<Vec<Arc<Answer>>, String> {
-        let env = environment_fingerprint();
-        let ids: Vec<String> = queries.iter().map(|q| self.query_id(&env, q)).collect();
+        let ids: Vec<String> = queries
+            .iter()
+            .map(|q| self.query_id(&self.environment, q))
+            .collect();
         let mut found: Vec<Option<Arc<Answer>>> = Vec::with_capacity(queries.len());
         for id in &ids {
             let mem = self.answers.lock().ok().and_then(|m| m.get(id).cloned());

@@ -36,10 +36,8 @@ pub fn local_runners() -> Runners {
 
 /// Kinds the coordinator links and runs in a `flag stage-exec` process.
 pub fn is_local(kind: &str) -> bool {
-    flag_market::stages()
+    crate::registry::local_stages()
         .iter()
-        .chain(flag_trading::stages().iter())
-        .chain(flag_report::stages().iter())
         .any(|s| s.kind() == kind)
 }
 
