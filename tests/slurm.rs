@@ -259,3 +259,50 @@ fn ctrl_c_cancels_the_submitted_jobs() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_coordinator_killed_with_minus_9_stops_its_batch_jobs_by_their_heartbeat() {
+    let Some(conf) = slurm() else { return };
+    let root = project();
+    let store = root.path().join("store");
+    let mut child = run_cmd(root.path(), &store, &conf, "slurm")
+        .args(["--set", "episodes=20"])
+        .env("FLAG_HEARTBEAT_SECS", "3")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let id = job_named(&conf, root.path(), "flag-rl-", Duration::from_secs(120))
+        .expect("the rl job runs");
+    let before = manifests(&store);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nobody cancelled it: the worker saw the heartbeat go still and exited.
+    let t = Instant::now();
+    while job_named(&conf, root.path(), "flag-rl-", Duration::from_millis(1)).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "job {id} still runs without its coordinator"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "it ended before the heartbeat limit"
+    );
+    let log = std::fs::read_dir(store.join("tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join(".flag-stderr"))
+        .find(|p| p.is_file())
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .unwrap_or_default();
+    assert!(
+        log.contains("the coordinator stopped: no heartbeat"),
+        "{log}"
+    );
+    assert_eq!(manifests(&store), before);
+    // The next run cleans the staging folder up and computes the stage.
+    let again = run_ok(&mut run_cmd(root.path(), &store, &conf, "slurm"));
+    assert_eq!(statuses(&again)["rl"], "ran");
+}

@@ -94,8 +94,58 @@ fn exit_with_parent() {
     });
 }
 
+/// The coordinator's heartbeat beside the job file (see `slurm::HEARTBEAT`): a batch job's
+/// parent is Slurm, not the coordinator, so a coordinator killed with -9 is noticed by its
+/// heartbeat going still (or its staging folder vanishing) for `FLAG_HEARTBEAT_SECS` (60 s).
+/// Elapsed time is measured on this node's clock only, so the nodes' clocks need not agree.
+fn exit_without_heartbeat(job_file: &Path) {
+    let Some(beat) = job_file.parent().map(|d| d.join(super::slurm::HEARTBEAT)) else {
+        return;
+    };
+    let read = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?.modified().ok();
+        Some((m, std::fs::read(p).ok()?))
+    };
+    let Some(mut last) = read(&beat) else {
+        return; // not a batch job of a coordinator that beats
+    };
+    let limit = Duration::from_secs(
+        std::env::var("FLAG_HEARTBEAT_SECS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|s| *s >= 1)
+            .unwrap_or(60),
+    );
+    std::thread::spawn(move || {
+        let mut changed = std::time::Instant::now();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            match read(&beat) {
+                Some(now) if now != last => {
+                    last = now;
+                    changed = std::time::Instant::now();
+                }
+                Some(_) if changed.elapsed() < limit => {}
+                gone_or_still => {
+                    eprintln!(
+                        "the coordinator stopped: {} for {} s; exiting",
+                        if gone_or_still.is_none() {
+                            "its staging folder is gone"
+                        } else {
+                            "no heartbeat"
+                        },
+                        changed.elapsed().as_secs()
+                    );
+                    std::process::exit(3);
+                }
+            }
+        }
+    });
+}
+
 fn run(job_file: &Path, runners: &Runners, prepare: &dyn Fn(&StageJob)) -> Result<(), String> {
     exit_with_parent();
+    exit_without_heartbeat(job_file);
     let job = read_job(job_file)?;
     let imp = runners
         .get(job.kind.as_str())

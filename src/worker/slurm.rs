@@ -33,6 +33,10 @@ impl Default for SlurmSettings {
     }
 }
 
+/// The coordinator's heartbeat in a job's staging folder: rewritten about every second while it
+/// follows the job; the worker exits when it goes still (see `exec::exit_without_heartbeat`).
+pub const HEARTBEAT: &str = ".flag-heartbeat";
+
 /// Jobs submitted and not yet finished, for `cancel_all`.
 static ACTIVE: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
@@ -140,6 +144,13 @@ pub fn run(
         })
         .unwrap_or_default();
     let name = format!("flag-{}-{short}", st.name);
+    let heartbeat = job.staging.join(HEARTBEAT);
+    let mut beats = 0u64;
+    let beat = |n: u64| {
+        let _ = std::fs::write(&heartbeat, format!("{} {n}\n", std::process::id()));
+    };
+    beat(beats);
+    let mut last_beat = std::time::Instant::now();
     let cwd = std::env::current_dir().map_err(|e| fail(format!("the working directory: {e}")))?;
     let mut sbatch = Command::new("sbatch");
     sbatch
@@ -174,6 +185,11 @@ pub fn run(
     let mut outcome: Option<Message> = None;
     loop {
         std::thread::sleep(settings.poll);
+        if last_beat.elapsed() >= Duration::from_secs(1) {
+            beats += 1;
+            beat(beats);
+            last_beat = std::time::Instant::now();
+        }
         read_new_lines(&protocol, &mut offset, |l| {
             handle_line(l, &progress, &mut outcome)
         });
