@@ -21,6 +21,9 @@ pub enum EngineError {
     },
     #[error("store {}: {message}", path.display())]
     Store { path: PathBuf, message: String },
+    /// A store on object storage (`s3://bucket/prefix`): the URL names the object.
+    #[error("store {url}: {message}")]
+    Remote { url: String, message: String },
     #[error("stage '{stage}' ({kind}) failed: {source}")]
     Stage {
         stage: String,

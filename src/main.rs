@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Command::Gc(a) => cli::gc::run(a, &cli.store, &cli.root),
         Command::Llm(a) => flag::worker::forward("llm", a.args),
         Command::Serve(a) => flag::worker::forward("serve", a.args),
-        Command::BenchStore(a) => cli::bench::run(a),
+        Command::BenchStore(a) => cli::bench::run(a, &cli.store),
         Command::StageExec { job } => {
             let runners = flag::worker::exec::local_runners();
             return flag::worker::exec::main(&job, &runners, &|_| {});

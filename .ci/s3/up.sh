@@ -49,7 +49,15 @@ ensure_venv() {
   touch "$STAMP"
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A zombie (killed, not yet reaped by init) answers kill -0 but serves nothing: not alive.
+alive() {
+  [ -f "$1" ] || return 1
+  local pid state
+  pid="$(cat "$1")"
+  kill -0 "$pid" 2>/dev/null || return 1
+  state="$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)"
+  [ -n "$state" ] && [ "$state" != Z ]
+}
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 

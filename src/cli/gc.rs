@@ -25,6 +25,9 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let store = super::existing_store(cli_store, cli_root)?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
+    if let Some(r) = store.remote() {
+        return super::remote_ops::gc(&store, r, args.prune, args.dry_run);
+    }
     let tmp = if args.dry_run { 0 } else { store.clean_tmp()? };
     let temps = store.clean_write_temps(args.dry_run)?;
     let live_keys: BTreeSet<String> = store.refs()?.into_iter().map(|(_, _, k)| k).collect();

@@ -4,6 +4,7 @@ pub mod env;
 pub mod gc;
 pub mod path;
 pub mod recompute;
+mod remote_ops;
 pub mod run;
 pub mod show;
 pub mod stages;
@@ -21,7 +22,9 @@ use clap::{Parser, Subcommand};
     about = "Reproducible, content-addressed pipelines for LLM + RL trading research"
 )]
 pub struct Cli {
-    /// The store (cache) directory [default: <project root>/artifacts]
+    /// The store (cache): a directory [default: <project root>/artifacts], or
+    /// s3://BUCKET/PREFIX on S3-compatible storage (endpoint, region and credentials from the
+    /// AWS_* environment; a local copy is kept under $FLAG_STORE_CACHE)
     #[arg(long, global = true, env = "FLAG_STORE")]
     pub store: Option<PathBuf>,
     /// Project root for relative paths, SQL and prompt files [default: parent of pipelines/]
@@ -79,13 +82,36 @@ pub fn store_dir(cli_store: &Option<PathBuf>, root: &Path) -> PathBuf {
     cli_store.clone().unwrap_or_else(|| root.join("artifacts"))
 }
 
+/// The store of a command: `s3://bucket/prefix`, or a folder. `create`: make it if it is
+/// new (run, status); otherwise it must exist.
+pub fn open_store(
+    cli_store: &Option<PathBuf>,
+    root: &Path,
+    create: bool,
+) -> anyhow::Result<crate::store::Store> {
+    if let Some(url) = cli_store
+        .as_ref()
+        .and_then(|s| s.to_str())
+        .and_then(crate::store::remote::S3Url::parse)
+    {
+        let url = url.map_err(|e| anyhow::anyhow!("--store {e}"))?;
+        return Ok(crate::store::Store::open_remote(&url, create)?);
+    }
+    let dir = store_dir(cli_store, root);
+    Ok(if create {
+        crate::store::Store::open(&dir)?
+    } else {
+        crate::store::Store::existing(&dir)?
+    })
+}
+
 /// The existing store of a command that has no pipeline file (show, path, verify, gc).
 pub fn existing_store(
     cli_store: &Option<PathBuf>,
     cli_root: &Option<PathBuf>,
 ) -> anyhow::Result<crate::store::Store> {
     let root = cli_root.clone().unwrap_or_else(|| PathBuf::from("."));
-    Ok(crate::store::Store::existing(&store_dir(cli_store, &root))?)
+    open_store(cli_store, &root, false)
 }
 
 /// The store and the latest record of `STAGE.OUTPUT` (show, path).
@@ -131,10 +157,10 @@ pub fn resolve_pipeline_name(
             .to_string_lossy()
             .to_string());
     }
-    store.last_pipeline().ok_or_else(|| {
+    store.last_pipeline()?.ok_or_else(|| {
         anyhow::anyhow!(
             "no pipeline has run in {} yet; pass --pipeline",
-            store.root.display()
+            store.location()
         )
     })
 }
@@ -153,10 +179,10 @@ pub fn resolve_output(
         .map_err(|e| anyhow::anyhow!("pipeline name {e}"))?;
     crate::pipeline::check_name(stage, false)
         .map_err(|e| anyhow::anyhow!("'{reference}': stage name {e}"))?;
-    let key = store.get_ref(pipeline, stage).ok_or_else(|| {
+    let key = store.get_ref(pipeline, stage)?.ok_or_else(|| {
         anyhow::anyhow!(
             "stage '{stage}' has not run in pipeline '{pipeline}' (store {})",
-            store.root.display()
+            store.location()
         )
     })?;
     let m = store.lookup(&key)?.ok_or_else(|| {

@@ -20,9 +20,10 @@ pub fn run(
     cli_root: &Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let (store, rec) = super::latest_output(cli_store, cli_root, &args.pipeline, &args.output)?;
+    // On object storage, the object's URL (duckdb and pandas read s3:// with the same AWS_*
+    // environment).
     for f in &rec.files {
-        let p = store.object_path(f);
-        println!("{}", std::fs::canonicalize(&p).unwrap_or(p).display());
+        println!("{}", store.object_location(f));
     }
     Ok(ExitCode::SUCCESS)
 }

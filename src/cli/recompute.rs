@@ -55,7 +55,7 @@ fn producer(
     all: &mut Option<Vec<Manifest>>,
 ) -> anyhow::Result<Manifest> {
     let matches = |m: &Manifest| m.outputs.get(output).is_some_and(|o| o.hash == hash);
-    if let Some(k) = store.get_ref(pipeline, stage)
+    if let Some(k) = store.get_ref(pipeline, stage)?
         && let Some(m) = store.lookup(&k)?
         && matches(&m)
     {
@@ -157,7 +157,7 @@ pub fn recompute(p: &Pipeline, store: &Store, stage_name: &str) -> anyhow::Resul
             suggest(stage_name, p.stages.iter().map(|s| s.name.as_str()))
         )
     })?;
-    let key = store.get_ref(&p.name, stage_name).ok_or_else(|| {
+    let key = store.get_ref(&p.name, stage_name)?.ok_or_else(|| {
         anyhow!(
             "stage '{stage_name}' has not run in pipeline '{}' (store {}): nothing to recompute",
             p.name,
@@ -370,7 +370,7 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let registry = Registry::builtin();
     let p = pipeline::load(pipeline_file, cli_root.as_deref(), overrides, &registry)?;
-    let store = Store::existing(&super::store_dir(cli_store, &p.root))?;
+    let store = super::open_store(cli_store, &p.root, false)?;
     // Held like a run: a concurrent gc must not drop the objects the recompute reads.
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
     let r = recompute(&p, &store, stage)?;

@@ -9,7 +9,6 @@ use clap::Args;
 use crate::pipeline;
 use crate::registry::Registry;
 use crate::scheduler::{self, Progress, RunOptions, StageReport, Status};
-use crate::store::Store;
 use crate::worker::Executor;
 use crate::worker::slurm::SlurmSettings;
 
@@ -95,8 +94,7 @@ pub fn run(
     let started = Instant::now();
     let registry = Registry::builtin();
     let p = pipeline::load(&args.pipeline, cli_root.as_deref(), &args.set, &registry)?;
-    let store_dir = super::store_dir(cli_store, &p.root);
-    let store = Store::open(&store_dir)?;
+    let store = super::open_store(cli_store, &p.root, true)?;
     let opts = RunOptions {
         only: args.only.clone(),
         from: args.from.clone(),
@@ -122,8 +120,8 @@ pub fn run(
     let _lock = store.lock(!args.no_wait, |holder| {
         waited.set(true);
         eprintln!(
-            "waiting for another flag run ({holder}) to release {}/.lock",
-            store.root.display()
+            "waiting for another flag run ({holder}) to release the lock of {}",
+            store.location()
         );
     })?;
     if waited.get() {

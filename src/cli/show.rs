@@ -120,6 +120,16 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // On object storage the query reads the bucket's object through DataFusion's object store
+    // registry (the local copy, hashed above, was checked against the same name when pulled).
+    let remote = store.remote().map(|r| {
+        let (bucket_url, object_store) = r.object_store();
+        (
+            bucket_url,
+            object_store,
+            store.object_location(&rec.files[0]),
+        )
+    });
     let limit = args.memory_limit;
     let over_limit = |what: String| {
         anyhow::anyhow!(
@@ -137,7 +147,14 @@ pub fn run(
             .with_memory_pool(pool.clone())
             .build_arc()?;
         let ctx = SessionContext::new_with_config_rt(SessionConfig::new(), runtime);
-        let p = path.to_string_lossy().to_string();
+        let p = match &remote {
+            Some((bucket_url, object_store, url)) => {
+                let u = datafusion::execution::object_store::ObjectStoreUrl::parse(bucket_url)?;
+                ctx.register_object_store(u.as_ref(), object_store.clone());
+                url.clone()
+            }
+            None => path.to_string_lossy().to_string(),
+        };
         ctx.register_parquet("t", &p, ParquetReadOptions::default())
             .await?;
         ctx.register_parquet(table.as_str(), &p, ParquetReadOptions::default())

@@ -7,7 +7,6 @@ use clap::Args;
 use crate::pipeline;
 use crate::registry::Registry;
 use crate::scheduler::{self, Progress, RunOptions};
-use crate::store::Store;
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
@@ -28,7 +27,7 @@ pub fn run(
 ) -> anyhow::Result<ExitCode> {
     let registry = Registry::builtin();
     let p = pipeline::load(&args.pipeline, cli_root.as_deref(), &args.set, &registry)?;
-    let store = Store::open(&super::store_dir(cli_store, &p.root))?;
+    let store = super::open_store(cli_store, &p.root, true)?;
     let progress = Progress::new(false);
     for r in scheduler::plan(&p, &store, &RunOptions::default())? {
         super::run::print_report(&r, args.json, &progress);

@@ -43,6 +43,9 @@ pub fn run(
     }
     let store = super::existing_store(cli_store, cli_root)?;
     let _lock = store.lock(true, |h| eprintln!("waiting for another flag run ({h})"))?;
+    if let Some(r) = store.remote() {
+        return super::remote_ops::verify(&store, r, args.report_only);
+    }
     let (mut runs, mut files, mut bad_runs, mut damaged) = (0usize, 0usize, 0usize, 0usize);
     for (path, ours) in store.manifest_files()? {
         if !ours {

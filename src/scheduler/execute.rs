@@ -87,13 +87,13 @@ fn why_stale(
     parts: &KeyParts,
     key: &str,
 ) -> String {
-    let Some(prev_key) = store.get_ref(&p.name, &st.name) else {
+    let Some(prev_key) = store.get_ref(&p.name, &st.name).ok().flatten() else {
         return "new: no earlier run of this stage".into();
     };
     if prev_key == key {
         return "no complete run with this key (interrupted or collected)".into();
     }
-    match store.lookup(&prev_key).ok().flatten() {
+    match store.peek(&prev_key) {
         Some(prev) => match serde_json::from_value::<KeyParts>(prev.parts.clone()) {
             Ok(old) => {
                 let why = cache::explain(&old, parts);
@@ -110,7 +110,7 @@ fn why_stale(
 }
 
 fn cached_reason(p: &Pipeline, st: &PipelineStage, store: &Store, key: &str) -> String {
-    match store.get_ref(&p.name, &st.name) {
+    match store.get_ref(&p.name, &st.name).ok().flatten() {
         Some(k) if k == key => "up to date".into(),
         Some(_) => "cache hit: identical inputs to an earlier run".into(),
         None => "cache hit: computed earlier with identical inputs".into(),

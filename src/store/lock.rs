@@ -8,11 +8,13 @@ use crate::error::{EngineError, Result};
 
 pub struct StoreLock {
     file: File,
+    /// A store on object storage also holds its lease in the bucket (see `lease.rs`).
+    pub(super) lease: Option<super::lease::Lease>,
 }
 
 /// What the lock file says about its holder, written when the lock is taken: pid, host,
 /// command line (shortened) and since when.
-fn holder_text() -> String {
+pub(super) fn holder_text() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|h| h.trim().to_string())
@@ -91,12 +93,14 @@ impl StoreLock {
         let _ = file.seek(SeekFrom::Start(0));
         let _ = write!(file, "{}", holder_text());
         let _ = file.flush();
-        Ok(StoreLock { file })
+        Ok(StoreLock { file, lease: None })
     }
 }
 
 impl Drop for StoreLock {
     fn drop(&mut self) {
+        // The bucket's lease first: the local lock is what another run here waits on.
+        drop(self.lease.take());
         let _ = self.file.set_len(0);
         let _ = self.file.unlock();
     }

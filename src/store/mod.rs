@@ -20,8 +20,11 @@
 //! therefore only ever visible for complete outputs, and nothing is deleted on the way.
 
 pub mod diff;
+mod lease;
 mod lock;
 mod manifest;
+pub mod remote;
+pub mod sync;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -29,6 +32,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub use lock::StoreLock;
 use manifest::{DIGEST_FIELD, dir_hash};
@@ -40,7 +44,12 @@ use crate::error::{EngineError, Result};
 pub const STORE_FORMAT: u32 = 1;
 
 pub struct Store {
+    /// The store's folder; for a store on object storage, the local copy it works in.
     pub root: PathBuf,
+    /// The bucket of `--store s3://…`, the store of record (see `remote.rs`, `sync.rs`).
+    remote: Option<Arc<remote::Remote>>,
+    /// Whether this run still holds the bucket's lease (set by `lock`).
+    lease: Mutex<Option<lease::LeaseCheck>>,
 }
 
 /// A stored object whose bytes no longer match its name.
@@ -353,9 +362,15 @@ impl Store {
                 format!("creating store directory {}", p.display())
             })?;
         }
-        Ok(Store {
+        Ok(Store::local(root))
+    }
+
+    fn local(root: &Path) -> Store {
+        Store {
             root: root.to_path_buf(),
-        })
+            remote: None,
+            lease: Mutex::new(None),
+        }
     }
 
     /// Opens an existing store without creating anything (read-only commands, and gc), except
@@ -379,13 +394,48 @@ impl Store {
                 message: "no store here yet: run a pipeline first (flag run PIPELINE)".into(),
             });
         }
-        Ok(Store {
-            root: root.to_path_buf(),
-        })
+        Ok(Store::local(root))
     }
 
+    /// The bucket, for a store on object storage.
+    pub fn remote(&self) -> Option<&remote::Remote> {
+        self.remote.as_deref()
+    }
+
+    /// Where the store is, for messages: its folder or its URL.
+    pub fn location(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url.as_url(),
+            None => self.root.display().to_string(),
+        }
+    }
+
+    /// One writer per store: the file lock of the local folder and, for a store on object
+    /// storage, the bucket's lease.
     pub fn lock(&self, wait: bool, on_wait: impl Fn(&str)) -> Result<StoreLock> {
-        StoreLock::acquire(&self.root, wait, on_wait)
+        let mut lock = StoreLock::acquire(&self.root, wait, &on_wait)?;
+        if let Some(r) = &self.remote {
+            let lease = lease::Lease::acquire(r.clone(), lock::holder_text(), wait, &on_wait)?;
+            *self.lease.lock().unwrap() = Some(lease.check());
+            lock.lease = Some(lease);
+        }
+        Ok(lock)
+    }
+
+    /// Whether this run took the bucket's lease and still holds it.
+    fn holds_lease(&self) -> bool {
+        match &*self.lease.lock().unwrap() {
+            Some(check) => check.ensure_held().is_ok(),
+            None => false,
+        }
+    }
+
+    /// For a store on object storage: fails unless this run holds the bucket's lease.
+    fn ensure_lease(&self) -> Result<()> {
+        match &*self.lease.lock().unwrap() {
+            Some(check) => check.ensure_held(),
+            None => Ok(()),
+        }
     }
 
     pub fn object_path(&self, f: &FileEntry) -> PathBuf {
@@ -428,6 +478,12 @@ impl Store {
     /// that are not its outputs') is an error naming its file: it must never read as a
     /// complete run.
     pub fn lookup(&self, key: &str) -> Result<Option<Manifest>> {
+        if !is_hex(key, 64) {
+            return Ok(None);
+        }
+        if let Some(r) = &self.remote {
+            self.sync_run(r, key)?;
+        }
         let p = self.manifest_path(key);
         let read = match self.read_manifest(&p) {
             // Its objects' tables too (footers only; their bytes are hashed by `verify`).
@@ -460,16 +516,52 @@ impl Store {
         }
     }
 
+    /// The manifest of `key` without its objects (for explaining why a stage reruns): on
+    /// object storage it is read from the bucket and nothing is downloaded.
+    pub fn peek(&self, key: &str) -> Option<Manifest> {
+        if !is_hex(key, 64) {
+            return None;
+        }
+        let read = match &self.remote {
+            Some(r) => {
+                let f = r.get_small(&sync::manifest_rel(key)).ok()??;
+                check_manifest(&f.bytes, &key[..2], &format!("{key}.json"))
+            }
+            None => self.read_manifest(&self.manifest_path(key)).ok()?,
+        };
+        match read {
+            ManifestRead::Ok(m) => Some(m),
+            ManifestRead::Damaged { .. } => None,
+        }
+    }
+
     /// Reads and checks one manifest file: it parses, its digest matches its contents, it is
     /// stored under its own key, its key is the hash of its key parts, and its outputs are
     /// consistent (each output's hash is its files' hash; names stay inside the output).
     /// Objects are not read here (see `verify` and `check_objects`).
     pub fn read_manifest(&self, path: &Path) -> Result<ManifestRead> {
         let bytes = io(fs::read(path), || format!("reading {}", path.display()))?;
-        let damaged = |manifest: Option<Manifest>, problems: Vec<String>| {
-            Ok(ManifestRead::Damaged { manifest, problems })
+        let stem = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let dir = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        Ok(check_manifest(&bytes, &dir, &stem))
+    }
+}
+
+/// The checks of `Store::read_manifest` on a manifest's bytes, stored as `<dir>/<stem>`.
+pub fn check_manifest(bytes: &[u8], dir: &str, stem: &str) -> ManifestRead {
+    {
+        let damaged = |manifest: Option<Manifest>, problems: Vec<String>| ManifestRead::Damaged {
+            manifest,
+            problems,
         };
-        let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        let value: serde_json::Value = match serde_json::from_slice(bytes) {
             Ok(v) => v,
             Err(e) => return damaged(None, vec![format!("not valid JSON ({e})")]),
         };
@@ -492,18 +584,9 @@ impl Store {
                 return damaged(None, problems);
             }
         };
-        let stem = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let dir = path
-            .parent()
-            .and_then(|d| d.file_name())
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
         if !is_hex(&m.key, 64) {
             problems.push(format!("its key '{}' is not a key", m.key.escape_debug()));
-        } else if stem != format!("{}.json", m.key) || dir != m.key[..2] {
+        } else if stem != format!("{}.json", m.key) || dir != &m.key[..2] {
             problems.push(format!(
                 "it records key {} but is stored as {dir}/{stem}",
                 short(&m.key)
@@ -536,12 +619,14 @@ impl Store {
             );
         }
         if problems.is_empty() {
-            Ok(ManifestRead::Ok(m))
+            ManifestRead::Ok(m)
         } else {
             damaged(Some(m), problems)
         }
     }
+}
 
+impl Store {
     /// Every file under `manifests/`, except `write_atomic`'s temp files: (path, named the
     /// way the store names manifests).
     pub fn manifest_files(&self) -> Result<Vec<(PathBuf, bool)>> {
@@ -812,8 +897,15 @@ impl Store {
     }
 
     /// Writes a manifest; from this moment the run is visible as complete.
+    /// On object storage, the objects, the log and then the manifest go up before this returns
+    /// (see `sync.rs`).
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        write_atomic(&self.manifest_path(&m.key), &manifest::to_file_bytes(m))
+        write_atomic(&self.manifest_path(&m.key), &manifest::to_file_bytes(m))?;
+        if let Some(r) = &self.remote {
+            self.ensure_lease()?;
+            self.push_run(r, m)?;
+        }
+        Ok(())
     }
 
     pub fn set_ref(&self, pipeline: &str, stage: &str, key: &str) -> Result<()> {
@@ -821,25 +913,45 @@ impl Store {
             &self.root.join("refs").join(pipeline).join(stage),
             key.as_bytes(),
         )?;
-        write_atomic(&self.root.join("refs").join("LAST"), pipeline.as_bytes())
+        write_atomic(&self.root.join("refs").join("LAST"), pipeline.as_bytes())?;
+        if let Some(r) = &self.remote {
+            self.ensure_lease()?;
+            sync::swap_ref(r, &format!("refs/{pipeline}/{stage}"), key)?;
+            sync::swap_ref(r, "refs/LAST", pipeline)?;
+        }
+        Ok(())
     }
 
-    pub fn get_ref(&self, pipeline: &str, stage: &str) -> Option<String> {
-        fs::read_to_string(self.root.join("refs").join(pipeline).join(stage))
-            .ok()
+    /// The key of the latest run of `stage` in `pipeline`, if any (on object storage, as the
+    /// bucket has it).
+    pub fn get_ref(&self, pipeline: &str, stage: &str) -> Result<Option<String>> {
+        let text = match &self.remote {
+            Some(r) => r
+                .get_small(&format!("refs/{pipeline}/{stage}"))?
+                .map(|f| String::from_utf8_lossy(&f.bytes).to_string()),
+            None => fs::read_to_string(self.root.join("refs").join(pipeline).join(stage)).ok(),
+        };
+        Ok(text
             .map(|s| s.trim().to_string())
             // A key is a blake3 hex digest; anything else would make a path of its text.
-            .filter(|k| is_hex(k, 64))
+            .filter(|k| is_hex(k, 64)))
     }
 
-    pub fn last_pipeline(&self) -> Option<String> {
-        fs::read_to_string(self.root.join("refs").join("LAST"))
-            .ok()
-            .map(|s| s.trim().to_string())
+    pub fn last_pipeline(&self) -> Result<Option<String>> {
+        let text = match &self.remote {
+            Some(r) => r
+                .get_small("refs/LAST")?
+                .map(|f| String::from_utf8_lossy(&f.bytes).to_string()),
+            None => fs::read_to_string(self.root.join("refs").join("LAST")).ok(),
+        };
+        Ok(text.map(|s| s.trim().to_string()))
     }
 
     /// Every (pipeline, stage, key) ref.
     pub fn refs(&self) -> Result<Vec<(String, String, String)>> {
+        if let Some(r) = &self.remote {
+            return sync::remote_refs(r);
+        }
         let mut out = Vec::new();
         let dir = self.root.join("refs");
         for p in io(fs::read_dir(&dir), || format!("listing {}", dir.display()))?.flatten() {
