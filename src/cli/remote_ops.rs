@@ -10,6 +10,10 @@ use crate::store::{
     ManifestRead, Store, check_manifest, is_hex, is_object_name, log_key, short, sync,
 };
 
+/// How old (seconds) an object no manifest names must be before gc removes it: well past a
+/// lease term plus the longest request (`FLAG_S3_TIMEOUT_SECS`, 300 s by default).
+const GC_GRACE_SECS: i64 = 900;
+
 /// `manifests/<ab>/<key>.json` -> (dir, file name) when named the way the store names them.
 fn manifest_name(rel: &str) -> Option<(&str, &str)> {
     let rest = rel.strip_prefix("manifests/")?;
@@ -23,6 +27,7 @@ fn drop_run(store: &Store, r: &Remote, rel: &str, report_only: bool) -> anyhow::
     if report_only {
         return Ok(());
     }
+    store.ensure_lease()?;
     r.delete(rel)?;
     let local = store.root.join(rel);
     if local.is_file() {
@@ -107,6 +112,7 @@ pub fn verify(store: &Store, r: &Remote, report_only: bool) -> anyhow::Result<Ex
             if !report_only {
                 for (_, obj, what) in &bad {
                     if what != "missing" {
+                        store.ensure_lease()?;
                         r.delete(obj)?;
                     }
                 }
@@ -196,11 +202,19 @@ pub fn gc(store: &Store, r: &Remote, prune: bool, dry_run: bool) -> anyhow::Resu
         keep_keys.insert(m.key.clone());
         for f in m.outputs.values().flat_map(|o| &o.files) {
             if is_hex(&f.hash, 64) {
-                keep.insert(sync::object_rel(f));
+                // As the listing names it (object_store escapes some characters).
+                keep.insert(r.listed_name(&sync::object_rel(f)));
             }
         }
     }
-    for (rel, size) in r.list("objects/")? {
+    // An object no manifest names yet may be a commit in flight of a coordinator whose lease
+    // lapsed mid-upload; only objects older than the grace period are removed.
+    let grace = std::env::var("FLAG_S3_GC_GRACE_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(GC_GRACE_SECS);
+    let mut young = 0usize;
+    for (rel, size, age) in r.list_meta("objects/")? {
         let named = rel
             .strip_prefix("objects/")
             .and_then(|x| x.split_once('/'))
@@ -210,9 +224,14 @@ pub fn gc(store: &Store, r: &Remote, prune: bool, dry_run: bool) -> anyhow::Resu
             continue;
         }
         if !keep.contains(&rel) && unreadable.is_empty() {
+            if age < grace {
+                young += 1;
+                continue;
+            }
             objects += 1;
             bytes += size;
             if !dry_run {
+                store.ensure_lease()?;
                 r.delete(&rel)?;
             }
         }
@@ -225,6 +244,7 @@ pub fn gc(store: &Store, r: &Remote, prune: bool, dry_run: bool) -> anyhow::Resu
         if !keep_keys.contains(key) {
             logs += 1;
             if !dry_run {
+                store.ensure_lease()?;
                 r.delete(&rel)?;
             }
         }
@@ -242,6 +262,12 @@ pub fn gc(store: &Store, r: &Remote, prune: bool, dry_run: bool) -> anyhow::Resu
             unreadable.len(),
             r.url_of(&unreadable[0]),
             if unreadable.len() > 1 { ", ..." } else { "" }
+        );
+    }
+    if young > 0 {
+        eprintln!(
+            "kept {young} objects no run names yet: written less than {grace} s ago, they may \
+             belong to a commit in flight (FLAG_S3_GC_GRACE_SECS)"
         );
     }
     if foreign > 0 {

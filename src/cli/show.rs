@@ -102,11 +102,17 @@ pub fn run(
     }
     // Never read an object without checking it is what the manifest says it is.
     let path = store.object_path(&rec.files[0]);
-    let actual = hash_file(&path)?;
+    // On object storage the query reads the bucket's object: that is the one hashed.
+    let actual = match store.remote() {
+        Some(r) => r
+            .hash(&crate::store::sync::object_rel(&rec.files[0]))?
+            .unwrap_or_else(|| "missing".into()),
+        None => hash_file(&path)?,
+    };
     if actual != rec.files[0].hash {
         anyhow::bail!(
             "{} is corrupted (content hash {}, expected {}); run `flag verify` and rerun the pipeline",
-            path.display(),
+            store.object_location(&rec.files[0]),
             short(&actual),
             short(&rec.files[0].hash)
         );
@@ -120,8 +126,8 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // On object storage the query reads the bucket's object through DataFusion's object store
-    // registry (the local copy, hashed above, was checked against the same name when pulled).
+    // On object storage the query reads the bucket's object (hashed above) through
+    // DataFusion's object store registry.
     let remote = store.remote().map(|r| {
         let (bucket_url, object_store) = r.object_store();
         (

@@ -55,6 +55,9 @@ struct Shared {
     lost: AtomicBool,
     /// Until when (Unix ms) the last successful renewal holds it.
     expires_ms: Mutex<u64>,
+    /// A commit needs at least this much of the lease left: a write checked just before the
+    /// lease ran out could land after another coordinator took it.
+    margin_ms: u64,
     stop: (Mutex<bool>, Condvar),
 }
 
@@ -100,10 +103,13 @@ impl Lease {
             let mine = body(&holder, &token, expires);
             let current = remote.get_small(LEASE)?;
             let taken = match &current {
-                None => remote.swap(LEASE, mine, None)?,
+                None => remote.swap(LEASE, mine, None)?.map(|v| (v, expires)),
                 Some(f) => {
                     let other: Option<LeaseBody> = serde_json::from_slice(&f.bytes).ok();
                     match other {
+                        // Our own write, whose answer was lost (a retried create that then
+                        // found it "exists"): it is ours.
+                        Some(o) if o.token == token => Some((f.version.clone(), o.expires_ms)),
                         // Held and not expired: wait.
                         Some(o) if o.expires_ms > now_ms() => {
                             if !wait {
@@ -113,7 +119,7 @@ impl Lease {
                                         "locked by another flag run ({}; its lease runs \
                                          {} s more); retry when it ends",
                                         o.holder,
-                                        (o.expires_ms - now_ms()).div_ceil(1000)
+                                        o.expires_ms.saturating_sub(now_ms()).div_ceil(1000)
                                     ),
                                 });
                             }
@@ -121,7 +127,7 @@ impl Lease {
                                 on_wait(&format!(
                                     "{}; lease {} s",
                                     o.holder,
-                                    (o.expires_ms - now_ms()).div_ceil(1000)
+                                    o.expires_ms.saturating_sub(now_ms()).div_ceil(1000)
                                 ));
                                 told = true;
                             }
@@ -130,15 +136,18 @@ impl Lease {
                         }
                         // Expired, released, or not a lease at all (a damaged object would
                         // otherwise lock the store for good): take it over, if still so.
-                        _ => remote.swap(LEASE, mine, Some(f.version.clone()))?,
+                        _ => remote
+                            .swap(LEASE, mine, Some(f.version.clone()))?
+                            .map(|v| (v, expires)),
                     }
                 }
             };
-            if let Some(version) = taken {
+            if let Some((version, expires)) = taken {
                 let shared = Arc::new(Shared {
                     version: Mutex::new(Some(version)),
                     lost: AtomicBool::new(false),
                     expires_ms: Mutex::new(expires),
+                    margin_ms: (term.as_millis() as u64 / 4).max(500),
                     stop: (Mutex::new(false), Condvar::new()),
                 });
                 let renewer = {
@@ -185,7 +194,7 @@ impl LeaseCheck {
     /// Fails unless this coordinator still holds the lease: called before each commit to the
     /// bucket, so a holder whose lease lapsed never writes over another's work.
     pub fn ensure_held(&self) -> Result<()> {
-        let lapsed = *self.shared.expires_ms.lock().unwrap() <= now_ms();
+        let lapsed = *self.shared.expires_ms.lock().unwrap() <= now_ms() + self.shared.margin_ms;
         if self.shared.lost.load(Ordering::SeqCst) || lapsed {
             return Err(EngineError::Remote {
                 url: self.url.clone(),
@@ -210,7 +219,8 @@ fn renew_loop(remote: &Remote, holder: &str, token: &str, shared: &Shared, term:
         {
             let (lock, cv) = &shared.stop;
             let guard = lock.lock().unwrap();
-            let (guard, _) = cv.wait_timeout(guard, every).unwrap();
+            // `_while`: a stop set before this wait begins is not missed.
+            let (guard, _) = cv.wait_timeout_while(guard, every, |stop| !*stop).unwrap();
             if *guard {
                 return;
             }
@@ -222,11 +232,23 @@ fn renew_loop(remote: &Remote, holder: &str, token: &str, shared: &Shared, term:
                 *shared.version.lock().unwrap() = Some(v);
                 *shared.expires_ms.lock().unwrap() = expires;
             }
-            // Someone swapped it: it is theirs now.
-            Ok(None) => {
-                shared.lost.store(true, Ordering::SeqCst);
-                return;
-            }
+            // Someone swapped it, or our own earlier write landed though its answer was
+            // lost (object_store retries): read it to know which.
+            Ok(None) => match remote.get_small(LEASE) {
+                Ok(Some(f))
+                    if serde_json::from_slice::<LeaseBody>(&f.bytes)
+                        .is_ok_and(|b| b.token == token && b.expires_ms > now_ms()) =>
+                {
+                    let b: LeaseBody = serde_json::from_slice(&f.bytes).expect("parsed above");
+                    *shared.version.lock().unwrap() = Some(f.version);
+                    *shared.expires_ms.lock().unwrap() = b.expires_ms;
+                }
+                Ok(_) => {
+                    shared.lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Err(_) => {}
+            },
             // A network error: try again next time; `ensure_held` fails once it lapses.
             Err(_) => {}
         }

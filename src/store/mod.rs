@@ -431,7 +431,7 @@ impl Store {
     }
 
     /// For a store on object storage: fails unless this run holds the bucket's lease.
-    fn ensure_lease(&self) -> Result<()> {
+    pub fn ensure_lease(&self) -> Result<()> {
         match &*self.lease.lock().unwrap() {
             Some(check) => check.ensure_held(),
             None => Ok(()),
@@ -481,8 +481,10 @@ impl Store {
         if !is_hex(key, 64) {
             return Ok(None);
         }
-        if let Some(r) = &self.remote {
-            self.sync_run(r, key)?;
+        if let Some(r) = &self.remote
+            && !self.sync_run(r, key)?
+        {
+            return Ok(None);
         }
         let p = self.manifest_path(key);
         let read = match self.read_manifest(&p) {
@@ -900,10 +902,11 @@ impl Store {
     /// On object storage, the objects, the log and then the manifest go up before this returns
     /// (see `sync.rs`).
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
-        write_atomic(&self.manifest_path(&m.key), &manifest::to_file_bytes(m))?;
+        let bytes = manifest::to_file_bytes(m);
+        write_atomic(&self.manifest_path(&m.key), &bytes)?;
         if let Some(r) = &self.remote {
             self.ensure_lease()?;
-            self.push_run(r, m)?;
+            self.push_run(r, m, &bytes)?;
         }
         Ok(())
     }

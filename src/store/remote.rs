@@ -360,6 +360,22 @@ impl Remote {
     /// Every object under `rel_prefix` (a folder such as `manifests/`): (store-relative
     /// name, size), sorted.
     pub fn list(&self, rel_prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .list_meta(rel_prefix)?
+            .into_iter()
+            .map(|(rel, size, _)| (rel, size))
+            .collect())
+    }
+
+    /// `rel` as the bucket's listing names it: object_store escapes some characters of a path
+    /// segment (`~` becomes `%7E`), and the listing returns the escaped form.
+    pub fn listed_name(&self, rel: &str) -> String {
+        ObjPath::from(rel).to_string()
+    }
+
+    /// Like `list`, with each object's age in seconds: this machine's clock minus the
+    /// server's last-modified time (callers leave room for skew between the two).
+    pub fn list_meta(&self, rel_prefix: &str) -> Result<Vec<(String, u64, i64)>> {
         let prefix = self.path(rel_prefix.trim_end_matches('/'));
         let base = if self.url.prefix.is_empty() {
             String::new()
@@ -373,7 +389,8 @@ impl Remote {
                 let m = item.map_err(|e| self.error(rel_prefix, "listing", e))?;
                 let full = m.location.to_string();
                 if let Some(rel) = full.strip_prefix(&base) {
-                    out.push((rel.to_string(), m.size));
+                    let age = (chrono::Utc::now() - m.last_modified).num_seconds();
+                    out.push((rel.to_string(), m.size, age));
                 }
             }
             Ok::<_, EngineError>(out)
@@ -398,8 +415,24 @@ impl Remote {
     /// Uploads the local file `src` (of `size` bytes) as `rel` unless an object of that name
     /// is there. The name is the content's hash, so an existing object of the same size is the
     /// same object; one of another size is reported (the bucket was written by something else).
-    pub fn upload(&self, rel: &str, src: &Path, size: u64) -> Result<()> {
+    ///
+    /// The file is hashed as it is read and must hash to `hash` (the name): a local copy
+    /// damaged on disk is never published under its old name.
+    pub fn upload(&self, rel: &str, src: &Path, size: u64, hash: &str) -> Result<()> {
         let path = self.path(rel);
+        let damaged = |actual: &str| {
+            self.error(
+                rel,
+                "uploading",
+                format!(
+                    "the local file {} hashes to {}, not to its name {}: the local copy is \
+                     damaged (delete it; the run is recomputed)",
+                    src.display(),
+                    &actual[..12],
+                    &hash[..hash.len().min(12)]
+                ),
+            )
+        };
         let existing = |found: u64| -> Result<()> {
             if found == size {
                 Ok(())
@@ -418,6 +451,10 @@ impl Remote {
         if size <= SINGLE_PUT_MAX {
             let bytes = std::fs::read(src)
                 .map_err(|e| EngineError::io(format!("reading {}", src.display()), e))?;
+            let actual = blake3::hash(&bytes).to_hex().to_string();
+            if actual != hash {
+                return Err(damaged(&actual));
+            }
             return match self.create(rel, bytes)? {
                 Created::New(_) => Ok(()),
                 Created::Existed => match self.size(rel)? {
@@ -441,30 +478,41 @@ impl Remote {
                 .map_err(|e| self.error(rel, "uploading", e))?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
             let mut buf = vec![0u8; PART];
-            loop {
-                let n = file
-                    .read(&mut buf)
-                    .map_err(|e| EngineError::io(format!("reading {}", src.display()), e))?;
+            let mut hasher = blake3::Hasher::new();
+            // Every way out but a finished upload aborts it: parts of an upload never
+            // completed are invisible to listings (so to `flag gc`) but stored.
+            let failure = loop {
+                let n = match file.read(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) => break EngineError::io(format!("reading {}", src.display()), e),
+                };
                 if n == 0 {
-                    break;
+                    let actual = hasher.finalize().to_hex().to_string();
+                    if actual != hash {
+                        break damaged(&actual);
+                    }
+                    return writer
+                        .finish()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| self.error(rel, "uploading", e));
                 }
-                writer
-                    .wait_for_capacity(4)
-                    .await
-                    .map_err(|e| self.error(rel, "uploading", e))?;
+                hasher.update(&buf[..n]);
+                if let Err(e) = writer.wait_for_capacity(4).await {
+                    break self.error(rel, "uploading", e);
+                }
                 writer.write(&buf[..n]);
-            }
-            writer
-                .finish()
-                .await
-                .map(|_| ())
-                .map_err(|e| self.error(rel, "uploading", e))
+            };
+            let _ = writer.abort().await;
+            Err(failure)
         })
     }
 
     /// Streams `rel` into the new local file `dest` while hashing it. Ok(None) when the object
     /// is absent; Ok(Some(hash)) of what was written.
-    pub fn download(&self, rel: &str, dest: &Path) -> Result<Option<String>> {
+    /// More than `max_bytes` is refused (a bucket object is untrusted: it must not fill the
+    /// disk before its hash is known to be wrong).
+    pub fn download(&self, rel: &str, dest: &Path, max_bytes: u64) -> Result<Option<String>> {
         let path = self.path(rel);
         self.block(async {
             let got = match self.store.get(&path).await {
@@ -476,8 +524,17 @@ impl Remote {
                 .map_err(|e| EngineError::io(format!("creating {}", dest.display()), e))?;
             let mut hasher = blake3::Hasher::new();
             let mut stream = got.into_stream();
+            let mut written = 0u64;
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| self.error(rel, "downloading", e))?;
+                written += chunk.len() as u64;
+                if written > max_bytes {
+                    return Err(self.error(
+                        rel,
+                        "downloading",
+                        format!("more than the {max_bytes} bytes its manifest records"),
+                    ));
+                }
                 hasher.update(&chunk);
                 file.write_all(&chunk)
                     .map_err(|e| EngineError::io(format!("writing {}", dest.display()), e))?;

@@ -62,27 +62,32 @@ pub fn local_copy_dir(url: &S3Url) -> PathBuf {
     base.join(format!("{}-{}", readable.trim_end_matches('-'), &id[..16]))
 }
 
-/// Sets a ref (or `refs/LAST`) in the bucket with a compare-and-swap on its ETag, retried on
-/// a lost race.
+/// Sets a ref (or `refs/LAST`) in the bucket with a compare-and-swap on its ETag. Refs are
+/// written under the lease, so a lost swap means another writer changed the ref since it was
+/// read (or this run's own write landed though its answer was lost): read again, and fail
+/// unless it now says what this run wrote.
 pub fn swap_ref(r: &Remote, rel: &str, value: &str) -> Result<()> {
-    for _ in 0..20 {
-        let current = r.get_small(rel)?;
-        if current
-            .as_ref()
-            .is_some_and(|c| c.bytes == value.as_bytes())
-        {
-            return Ok(());
-        }
-        if r.swap(rel, value.as_bytes().to_vec(), current.map(|c| c.version))?
-            .is_some()
-        {
-            return Ok(());
-        }
+    let current = r.get_small(rel)?;
+    if current
+        .as_ref()
+        .is_some_and(|c| c.bytes == value.as_bytes())
+    {
+        return Ok(());
     }
-    Err(EngineError::Remote {
-        url: r.url_of(rel),
-        message: "could not update the ref: it kept changing under this run (20 tries)".into(),
-    })
+    if r.swap(rel, value.as_bytes().to_vec(), current.map(|c| c.version))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    match r.get_small(rel)? {
+        Some(c) if c.bytes == value.as_bytes() => Ok(()),
+        _ => Err(EngineError::Remote {
+            url: r.url_of(rel),
+            message: "another writer changed this ref while this run held the store's lease \
+                      (was the lease lost?); the ref was not updated"
+                .into(),
+        }),
+    }
 }
 
 /// Every (pipeline, stage, key) ref in the bucket.
@@ -139,7 +144,9 @@ impl Store {
                 });
             }
             None => {
-                if !r.is_empty()? {
+                // Re-read before refusing: another coordinator may have made the store (and
+                // written into it) since the first read.
+                if !r.is_empty()? && r.get_small(MARKER)?.is_none() {
                     return Err(EngineError::Remote {
                         url: url.as_url(),
                         message: format!(
@@ -150,7 +157,9 @@ impl Store {
                         ),
                     });
                 }
-                if r.create(MARKER, marker_text().into_bytes())? == Created::Existed {
+                if r.get_small(MARKER)?.is_some()
+                    || r.create(MARKER, marker_text().into_bytes())? == Created::Existed
+                {
                     // Another coordinator made it a moment ago.
                     match r.get_small(MARKER)? {
                         Some(f) => check_marker(&f.bytes)?,
@@ -184,8 +193,9 @@ impl Store {
     }
 
     /// Brings the bucket's run `key` into the local copy (see the module doc), or pushes a
-    /// local-only run when this run holds the lease.
-    pub(super) fn sync_run(&self, r: &Remote, key: &str) -> Result<()> {
+    /// local-only run when this run holds the lease. False: the bucket has no such run (and the
+    /// local copy, if it has one, must not answer for it).
+    pub(super) fn sync_run(&self, r: &Remote, key: &str) -> Result<bool> {
         let rel = manifest_rel(key);
         let local = self.manifest_path(key);
         match r.get_small(&rel)? {
@@ -207,9 +217,11 @@ impl Store {
                 if fs::read(&local).ok().as_deref() != Some(&f.bytes[..]) {
                     write_atomic(&local, &f.bytes)?;
                 }
-                Ok(())
+                Ok(true)
             }
             None => {
+                // Not deleted otherwise: a run on this machine may be committing it right now
+                // (its local manifest is written before its push).
                 if self.holds_lease()
                     && local.is_file()
                     && let Ok(ManifestRead::Ok(m)) = self.read_manifest(&local)
@@ -218,12 +230,11 @@ impl Store {
                         .flat_map(|o| &o.files)
                         .all(|f| self.object_path(f).is_file())
                 {
-                    self.push_run(r, &m)?;
-                } else if local.is_file() {
-                    // Not in the bucket, and not pushed: the local copy must not answer for it.
-                    let _ = fs::remove_file(&local);
+                    let bytes = io(fs::read(&local), || format!("reading {}", local.display()))?;
+                    self.push_run(r, &m, &bytes)?;
+                    return Ok(true);
                 }
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -248,7 +259,7 @@ impl Store {
                 }
                 let rel = object_rel(f);
                 let tmp = scratch.join(&f.hash);
-                match r.download(&rel, &tmp)? {
+                match r.download(&rel, &tmp, f.bytes)? {
                     None => {
                         return Err(EngineError::Remote {
                             url: r.url_of(&rel),
@@ -304,7 +315,7 @@ impl Store {
         let mut seen = std::collections::BTreeSet::new();
         for f in m.outputs.values().flat_map(|o| &o.files) {
             if seen.insert(&f.hash) {
-                r.upload(&object_rel(f), &from.object_path(f), f.bytes)?;
+                r.upload(&object_rel(f), &from.object_path(f), f.bytes, &f.hash)?;
                 n += 1;
                 bytes += f.bytes;
             }
@@ -316,11 +327,12 @@ impl Store {
     }
 
     /// Pushes a committed run: objects, log, manifest (see the module doc).
-    pub(super) fn push_run(&self, r: &Remote, m: &Manifest) -> Result<()> {
+    /// `bytes`: the manifest as written locally.
+    pub(super) fn push_run(&self, r: &Remote, m: &Manifest, bytes: &[u8]) -> Result<()> {
         let mut seen = std::collections::BTreeSet::new();
         for f in m.outputs.values().flat_map(|o| &o.files) {
             if seen.insert(&f.hash) {
-                r.upload(&object_rel(f), &self.object_path(f), f.bytes)?;
+                r.upload(&object_rel(f), &self.object_path(f), f.bytes, &f.hash)?;
             }
         }
         // The log: what a user on another machine reads when asking why a run did this.
@@ -329,8 +341,10 @@ impl Store {
         }
         let rel = manifest_rel(&m.key);
         let local = self.manifest_path(&m.key);
-        let bytes = io(fs::read(&local), || format!("reading {}", local.display()))?;
-        if r.create(&rel, bytes.clone())? == Created::Existed {
+        // Uploads may take long: the lease must still be held (with a margin) when the
+        // manifest makes the run visible.
+        self.ensure_lease()?;
+        if r.create(&rel, bytes.to_vec())? == Created::Existed {
             // Another coordinator committed this key first: the bucket's manifest stands, and
             // it must describe the same outputs (a stage is a function of its key).
             let theirs = r.get_small(&rel)?.map(|f| f.bytes).unwrap_or_default();
