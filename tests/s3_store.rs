@@ -469,11 +469,7 @@ fn a_coordinator_killed_with_minus_9_blocks_the_store_only_until_its_lease_expir
     .spawn()
     .unwrap();
     // Killed once it holds the lease and has committed something.
-    let until = Instant::now() + Duration::from_secs(60);
-    while r.list("manifests/").unwrap().is_empty() {
-        assert!(Instant::now() < until, "no run committed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_a_commit(&r);
     child.kill().unwrap();
     child.wait().unwrap();
     let lease = String::from_utf8(r.get_small("lock").unwrap().unwrap().bytes).unwrap();
@@ -734,11 +730,7 @@ fn a_coordinator_that_lost_its_lease_commits_nothing_more() {
     .stderr(Stdio::piped())
     .spawn()
     .unwrap();
-    let until = Instant::now() + Duration::from_secs(60);
-    while r.list("manifests/").unwrap().is_empty() {
-        assert!(Instant::now() < until, "no run committed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_a_commit(&r);
     // A stalls (a paused VM, say) past its lease; B takes the store over and finishes.
     let signal = |sig: &str| {
         assert!(
@@ -783,4 +775,13 @@ fn a_coordinator_that_lost_its_lease_commits_nothing_more() {
         "{}",
         stdout(&verify)
     );
+}
+
+/// Waits until a run has committed something into the bucket (a manifest is there).
+fn wait_for_a_commit(r: &Remote) {
+    let until = Instant::now() + Duration::from_secs(60);
+    while r.list("manifests/").unwrap().is_empty() {
+        assert!(Instant::now() < until, "no run committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -137,27 +137,13 @@ pub fn verify(store: &Store, r: &Remote, report_only: bool) -> anyhow::Result<Ex
             drop_run(store, r, &rel, report_only)?;
         }
     }
-    let mut verdict = Vec::new();
-    if bad_runs > 0 {
-        verdict.push(format!("{bad_runs} runs with corrupted objects"));
-    }
-    if damaged > 0 {
-        verdict.push(format!("{damaged} damaged manifests"));
-    }
-    println!(
-        "verified {runs} runs, {files} files in {}: {}",
-        store.location(),
-        if verdict.is_empty() {
-            "all intact".to_string()
-        } else {
-            verdict.join(", ")
-        }
-    );
-    Ok(if verdict.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(super::verify::verdict(
+        runs,
+        files,
+        bad_runs,
+        damaged,
+        &format!(" in {}", store.location()),
+    ))
 }
 
 pub fn gc(store: &Store, r: &Remote, prune: bool, dry_run: bool) -> anyhow::Result<ExitCode> {

@@ -123,6 +123,17 @@ pub fn run(
             drop_manifest(&store, &path, args.report_only)?;
         }
     }
+    Ok(verdict(runs, files, bad_runs, damaged, ""))
+}
+
+/// Prints verify's last line and gives its exit status (`place`: " in <where>" or nothing).
+pub(super) fn verdict(
+    runs: usize,
+    files: usize,
+    bad_runs: usize,
+    damaged: usize,
+    place: &str,
+) -> ExitCode {
     let mut verdict = Vec::new();
     if bad_runs > 0 {
         verdict.push(format!("{bad_runs} runs with corrupted objects"));
@@ -131,18 +142,18 @@ pub fn run(
         verdict.push(format!("{damaged} damaged manifests"));
     }
     println!(
-        "verified {runs} runs, {files} files: {}",
+        "verified {runs} runs, {files} files{place}: {}",
         if verdict.is_empty() {
             "all intact".to_string()
         } else {
             verdict.join(", ")
         }
     );
-    Ok(if verdict.is_empty() {
+    if verdict.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 fn drop_manifest(store: &Store, path: &Path, report_only: bool) -> anyhow::Result<()> {

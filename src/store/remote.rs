@@ -38,6 +38,8 @@ use crate::error::{EngineError, Result};
 /// Objects up to this size go up in one conditional PUT; larger ones in a multipart upload
 /// (parts are invisible until it completes).
 const SINGLE_PUT_MAX: u64 = 64 << 20;
+/// Objects larger than this are looked for (HEAD) before they are sent.
+const HEAD_FIRST_MIN: u64 = 1 << 20;
 /// Bytes read from a local file per multipart part, and per chunk when hashing.
 const PART: usize = 8 << 20;
 /// The most a manifest, ref or marker read from the bucket may be: it is parsed, and the
@@ -448,6 +450,14 @@ impl Remote {
                 ))
             }
         };
+        // A large object is looked for first: a conditional PUT sends its whole body before
+        // the server can say it is there already (moto: a second commit of 17.5 MB took as
+        // long as the first).
+        if size > HEAD_FIRST_MIN
+            && let Some(found) = self.size(rel)?
+        {
+            return existing(found);
+        }
         if size <= SINGLE_PUT_MAX {
             let bytes = std::fs::read(src)
                 .map_err(|e| EngineError::io(format!("reading {}", src.display()), e))?;
@@ -462,9 +472,6 @@ impl Remote {
                     None => Err(self.error(rel, "uploading", "refused as existing, yet absent")),
                 },
             };
-        }
-        if let Some(found) = self.size(rel)? {
-            return existing(found);
         }
         // Multipart: invisible until complete; a racing writer of the same name writes the
         // same bytes.
