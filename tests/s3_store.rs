@@ -785,3 +785,58 @@ fn wait_for_a_commit(r: &Remote) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn ctrl_c_gives_the_lease_back_so_the_next_run_does_not_wait() {
+    let Some(servers) = servers() else { return };
+    let server = &servers[0];
+    let root = project();
+    let prefix = prefix("ctrlc", server);
+    let r = remote(server, &prefix);
+    // The default lease (30 s): a run that waited it out would show.
+    let a = run_small(&mut flag_s3(
+        root.path(),
+        server,
+        &prefix,
+        &root.path().join("a"),
+    ))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_for_a_commit(&r);
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &a.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let a = a.wait_with_output().unwrap();
+    assert_eq!(a.status.code(), Some(130), "{}", stderr(&a));
+    assert!(
+        stderr(&a).contains("gave the lease of s3://"),
+        "{}",
+        stderr(&a)
+    );
+    let started = Instant::now();
+    let b = run_ok(run_small(&mut flag_s3(
+        root.path(),
+        server,
+        &prefix,
+        &root.path().join("b"),
+    )));
+    assert!(
+        !stderr(&b).contains("waiting for another flag run"),
+        "{}",
+        stderr(&b)
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+    let verify =
+        run_ok(flag_s3(root.path(), server, &prefix, &root.path().join("c")).arg("verify"));
+    assert!(
+        stdout(&verify).contains("all intact"),
+        "{}",
+        stdout(&verify)
+    );
+}

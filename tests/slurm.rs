@@ -3,6 +3,7 @@
 //! (`.ci/setup` installs it); CI installs it, so there it runs.
 mod common;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -181,7 +182,6 @@ fn a_job_cancelled_with_scancel_fails_its_stage_cleanly_and_the_next_run_complet
         .expect("the rl job runs");
     // Let the worker start computing, then cancel the job as a user would.
     std::thread::sleep(Duration::from_millis(1500));
-    let before = manifests(&store);
     let ok = Command::new("scancel")
         .env("SLURM_CONF", &conf)
         .arg(&id)
@@ -199,9 +199,9 @@ fn a_job_cancelled_with_scancel_fails_its_stage_cleanly_and_the_next_run_complet
             && err.contains("nothing was committed"),
         "{err}"
     );
-    assert_eq!(
-        manifests(&store),
-        before,
+    // (Other stages may still commit while rl is cancelled: only rl is checked.)
+    assert!(
+        !committed_stages(&store).contains("rl"),
         "a cancelled job committed something"
     );
     let tmp: Vec<_> = std::fs::read_dir(store.join("tmp"))
@@ -274,7 +274,6 @@ fn a_coordinator_killed_with_minus_9_stops_its_batch_jobs_by_their_heartbeat() {
         .unwrap();
     let id = job_named(&conf, root.path(), "flag-rl-", Duration::from_secs(120))
         .expect("the rl job runs");
-    let before = manifests(&store);
     child.kill().unwrap();
     child.wait().unwrap();
     // Nobody cancelled it: the worker saw the heartbeat go still and exited.
@@ -290,19 +289,37 @@ fn a_coordinator_killed_with_minus_9_stops_its_batch_jobs_by_their_heartbeat() {
         t.elapsed() >= Duration::from_secs(2),
         "it ended before the heartbeat limit"
     );
-    let log = std::fs::read_dir(store.join("tmp"))
+    // The stderr of every job left in staging (rl's among them).
+    let logs: Vec<String> = std::fs::read_dir(store.join("tmp"))
         .unwrap()
         .flatten()
         .map(|e| e.path().join(".flag-stderr"))
-        .find(|p| p.is_file())
+        .filter(|p| p.is_file())
         .map(|p| std::fs::read_to_string(p).unwrap())
-        .unwrap_or_default();
+        .collect();
     assert!(
-        log.contains("the coordinator stopped: no heartbeat"),
-        "{log}"
+        logs.iter()
+            .any(|l| l.contains("the coordinator stopped: no heartbeat")),
+        "{logs:?}"
     );
-    assert_eq!(manifests(&store), before);
+    assert!(!committed_stages(&store).contains("rl"));
     // The next run cleans the staging folder up and computes the stage.
     let again = run_ok(&mut run_cmd(root.path(), &store, &conf, "slurm"));
     assert_eq!(statuses(&again)["rl"], "ran");
+}
+
+/// The stages that have a committed run in the store (from their manifests).
+fn committed_stages(store: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for dir in manifests(store) {
+        for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Ok(text) = std::fs::read_to_string(f.path())
+                && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                && let Some(stage) = v["stage"].as_str()
+            {
+                out.insert(stage.to_string());
+            }
+        }
+    }
+    out
 }

@@ -133,17 +133,27 @@ pub fn run(
         .max_blocking_threads(opts.jobs.max(1) + 2)
         .enable_all()
         .build()?;
-    if args.executor == ExecutorName::Slurm {
-        // Ctrl-C: the submitted jobs are cancelled, not left running on the cluster.
-        runtime.spawn(async {
+    let (p, store) = (Arc::new(p), Arc::new(store));
+    let slurm = args.executor == ExecutorName::Slurm;
+    if slurm || store.remote().is_some() {
+        // Ctrl-C: the submitted jobs are cancelled, not left running on the cluster, and the
+        // bucket's lease is given back rather than left to expire (workers exit with their
+        // coordinator).
+        let store = store.clone();
+        runtime.spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
-                let n = crate::worker::slurm::cancel_all();
-                eprintln!("interrupted: cancelled {n} slurm job(s)");
+                if slurm {
+                    let n = crate::worker::slurm::cancel_all();
+                    eprintln!("interrupted: cancelled {n} slurm job(s)");
+                }
+                if store.remote().is_some() {
+                    store.release_lease();
+                    eprintln!("interrupted: gave the lease of {} back", store.location());
+                }
                 std::process::exit(130);
             }
         });
     }
-    let (p, store) = (Arc::new(p), Arc::new(store));
     let pr = progress.clone();
     let json = args.json;
     let reports = runtime.block_on(scheduler::run(

@@ -179,6 +179,9 @@ impl Lease {
         LeaseCheck {
             shared: self.shared.clone(),
             url: self.remote.url_of(LEASE),
+            remote: self.remote.clone(),
+            holder: self.holder.clone(),
+            token: self.token.clone(),
         }
     }
 }
@@ -188,9 +191,18 @@ impl Lease {
 pub struct LeaseCheck {
     shared: Arc<Shared>,
     url: String,
+    remote: Arc<Remote>,
+    holder: String,
+    token: String,
 }
 
 impl LeaseCheck {
+    /// Gives the lease back now (Ctrl-C: the process exits without unwinding, and the store
+    /// must not stay blocked for the rest of the term). Nothing is committed after this.
+    pub fn release(&self) {
+        release(&self.remote, &self.holder, &self.token, &self.shared);
+    }
+
     /// Fails unless this coordinator still holds the lease: called before each commit to the
     /// bucket, so a holder whose lease lapsed never writes over another's work.
     pub fn ensure_held(&self) -> Result<()> {
@@ -226,10 +238,15 @@ fn renew_loop(remote: &Remote, holder: &str, token: &str, shared: &Shared, term:
             }
         }
         let expires = now_ms() + term.as_millis() as u64;
-        let version = shared.version.lock().unwrap().clone();
-        match remote.swap(LEASE, body(holder, token, expires), version) {
+        // Held across the swap: a release (Ctrl-C) must not swap with a version this renewal
+        // is replacing.
+        let mut version = shared.version.lock().unwrap();
+        if shared.lost.load(Ordering::SeqCst) {
+            return; // released meanwhile
+        }
+        match remote.swap(LEASE, body(holder, token, expires), version.clone()) {
             Ok(Some(v)) => {
-                *shared.version.lock().unwrap() = Some(v);
+                *version = Some(v);
                 *shared.expires_ms.lock().unwrap() = expires;
             }
             // Someone swapped it, or our own earlier write landed though its answer was
@@ -240,7 +257,7 @@ fn renew_loop(remote: &Remote, holder: &str, token: &str, shared: &Shared, term:
                         .is_ok_and(|b| b.token == token && b.expires_ms > now_ms()) =>
                 {
                     let b: LeaseBody = serde_json::from_slice(&f.bytes).expect("parsed above");
-                    *shared.version.lock().unwrap() = Some(f.version);
+                    *version = Some(f.version);
                     *shared.expires_ms.lock().unwrap() = b.expires_ms;
                 }
                 Ok(_) => {
@@ -265,14 +282,16 @@ impl Drop for Lease {
         if let Some(h) = self.renewer.take() {
             let _ = h.join();
         }
-        *self.shared.expires_ms.lock().unwrap() = 0;
-        // Released, not deleted: a conditional swap cannot release someone else's lease, and
-        // object_store has no conditional delete.
-        if !self.shared.lost.load(Ordering::SeqCst) {
-            let version = self.shared.version.lock().unwrap().clone();
-            let _ = self
-                .remote
-                .swap(LEASE, body(&self.holder, &self.token, 0), version);
-        }
+        release(&self.remote, &self.holder, &self.token, &self.shared);
+    }
+}
+
+/// Released, not deleted: a conditional swap cannot release someone else's lease, and
+/// object_store has no conditional delete. Once only (`lost` marks it given up).
+fn release(remote: &Remote, holder: &str, token: &str, shared: &Shared) {
+    *shared.expires_ms.lock().unwrap() = 0;
+    let version = shared.version.lock().unwrap();
+    if !shared.lost.swap(true, Ordering::SeqCst) {
+        let _ = remote.swap(LEASE, body(holder, token, 0), version.clone());
     }
 }

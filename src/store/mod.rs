@@ -430,6 +430,14 @@ impl Store {
         }
     }
 
+    /// Gives the bucket's lease back at once (Ctrl-C); nothing for a local store, whose file
+    /// lock the OS drops with the process.
+    pub fn release_lease(&self) {
+        if let Some(check) = &*self.lease.lock().unwrap() {
+            check.release();
+        }
+    }
+
     /// For a store on object storage: fails unless this run holds the bucket's lease.
     pub fn ensure_lease(&self) -> Result<()> {
         match &*self.lease.lock().unwrap() {
