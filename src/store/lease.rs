@@ -62,10 +62,7 @@ struct Shared {
 }
 
 pub struct Lease {
-    remote: Arc<Remote>,
-    holder: String,
-    token: String,
-    shared: Arc<Shared>,
+    held: LeaseCheck,
     renewer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -163,10 +160,13 @@ impl Lease {
                         .map_err(|e| EngineError::io("starting the lease renewal thread", e))?
                 };
                 return Ok(Lease {
-                    remote,
-                    holder,
-                    token,
-                    shared,
+                    held: LeaseCheck {
+                        url: remote.url_of(LEASE),
+                        shared,
+                        remote,
+                        holder,
+                        token,
+                    },
                     renewer: Some(renewer),
                 });
             }
@@ -176,13 +176,7 @@ impl Lease {
 
     /// A handle the store checks before each commit to the bucket.
     pub fn check(&self) -> LeaseCheck {
-        LeaseCheck {
-            shared: self.shared.clone(),
-            url: self.remote.url_of(LEASE),
-            remote: self.remote.clone(),
-            holder: self.holder.clone(),
-            token: self.token.clone(),
-        }
+        self.held.clone()
     }
 }
 
@@ -275,14 +269,14 @@ fn renew_loop(remote: &Remote, holder: &str, token: &str, shared: &Shared, term:
 impl Drop for Lease {
     fn drop(&mut self) {
         {
-            let (lock, cv) = &self.shared.stop;
+            let (lock, cv) = &self.held.shared.stop;
             *lock.lock().unwrap() = true;
             cv.notify_all();
         }
         if let Some(h) = self.renewer.take() {
             let _ = h.join();
         }
-        release(&self.remote, &self.holder, &self.token, &self.shared);
+        self.held.release();
     }
 }
 

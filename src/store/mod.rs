@@ -207,6 +207,13 @@ const LAYOUT: &[&str] = &["objects", "manifests", "refs", "logs", "out", "tmp"];
 /// (`just bench` writes `artifacts/bench/`); the store never deletes there.
 const BESIDE: &[&str] = &["bench"];
 
+/// The format a marker's text names, if it is a marker.
+fn marker_format(text: &str) -> Option<u32> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("format "))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+}
+
 fn marker_text() -> String {
     format!("flag store\nformat {STORE_FORMAT}\n")
 }
@@ -275,11 +282,7 @@ fn inspect(root: &Path) -> Result<Found> {
         let text = io(fs::read_to_string(&marker), || {
             format!("reading {}", marker.display())
         })?;
-        let format = text
-            .lines()
-            .find_map(|l| l.strip_prefix("format "))
-            .and_then(|v| v.trim().parse::<u32>().ok());
-        return match format {
+        return match marker_format(&text) {
             Some(STORE_FORMAT) => Ok(Found::Store),
             Some(other) => Err(EngineError::Store {
                 path: root.to_path_buf(),
@@ -447,14 +450,7 @@ impl Store {
     }
 
     pub fn object_path(&self, f: &FileEntry) -> PathBuf {
-        let ext = Path::new(&f.name)
-            .extension()
-            .map(|e| format!(".{}", e.to_string_lossy()))
-            .unwrap_or_default();
-        self.root
-            .join("objects")
-            .join(&f.hash[..2])
-            .join(format!("{}{ext}", f.hash))
+        self.root.join(sync::object_rel(f))
     }
 
     /// Target of a link at `link` (relative to the store root) to `f`'s object, relative to
@@ -471,10 +467,7 @@ impl Store {
     }
 
     fn manifest_path(&self, key: &str) -> PathBuf {
-        self.root
-            .join("manifests")
-            .join(&key[..2])
-            .join(format!("{key}.json"))
+        self.root.join(sync::manifest_rel(key))
     }
 
     pub fn log_path(&self, key: &str) -> PathBuf {
@@ -912,9 +905,9 @@ impl Store {
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
         let bytes = manifest::to_file_bytes(m);
         write_atomic(&self.manifest_path(&m.key), &bytes)?;
-        if let Some(r) = &self.remote {
+        if self.remote.is_some() {
             self.ensure_lease()?;
-            self.push_run(r, m, &bytes)?;
+            self.push_run(self, m, &bytes)?;
         }
         Ok(())
     }

@@ -126,6 +126,13 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// The endpoint the `AWS_*` environment names, in object_store's order of precedence.
+pub fn env_endpoint() -> Option<String> {
+    ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok())
+}
+
 fn env_secs(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -176,11 +183,7 @@ impl Remote {
             .iter()
             .find(|(k, _)| k.contains("endpoint"))
             .map(|(_, v)| v.to_string())
-            .or_else(|| {
-                ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
-                    .iter()
-                    .find_map(|k| std::env::var(k).ok())
-            });
+            .or_else(env_endpoint);
         if endpoint
             .as_deref()
             .is_some_and(|e| e.starts_with("http://"))
@@ -520,51 +523,65 @@ impl Remote {
     /// More than `max_bytes` is refused (a bucket object is untrusted: it must not fill the
     /// disk before its hash is known to be wrong).
     pub fn download(&self, rel: &str, dest: &Path, max_bytes: u64) -> Result<Option<String>> {
-        let path = self.path(rel);
-        self.block(async {
-            let got = match self.store.get(&path).await {
-                Ok(g) => g,
-                Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(self.error(rel, "downloading", e)),
-            };
-            let mut file = std::fs::File::create(dest)
-                .map_err(|e| EngineError::io(format!("creating {}", dest.display()), e))?;
-            let mut hasher = blake3::Hasher::new();
-            let mut stream = got.into_stream();
-            let mut written = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(|e| self.error(rel, "downloading", e))?;
-                written += chunk.len() as u64;
-                if written > max_bytes {
-                    return Err(self.error(
-                        rel,
-                        "downloading",
-                        format!("more than the {max_bytes} bytes its manifest records"),
-                    ));
-                }
-                hasher.update(&chunk);
-                file.write_all(&chunk)
-                    .map_err(|e| EngineError::io(format!("writing {}", dest.display()), e))?;
+        let mut file = None;
+        let mut written = 0u64;
+        let hash = self.stream_hashed(rel, "downloading", |chunk| {
+            written += chunk.len() as u64;
+            if written > max_bytes {
+                return Err(self.error(
+                    rel,
+                    "downloading",
+                    format!("more than the {max_bytes} bytes its manifest records"),
+                ));
             }
-            file.sync_all()
+            let f = match &mut file {
+                Some(f) => f,
+                None => file.insert(
+                    std::fs::File::create(dest)
+                        .map_err(|e| EngineError::io(format!("creating {}", dest.display()), e))?,
+                ),
+            };
+            f.write_all(chunk)
+                .map_err(|e| EngineError::io(format!("writing {}", dest.display()), e))
+        })?;
+        if hash.is_some() {
+            let f = match file {
+                Some(f) => f,
+                // An empty object: no chunk came.
+                None => std::fs::File::create(dest)
+                    .map_err(|e| EngineError::io(format!("creating {}", dest.display()), e))?,
+            };
+            f.sync_all()
                 .map_err(|e| EngineError::io(format!("syncing {}", dest.display()), e))?;
-            Ok(Some(hasher.finalize().to_hex().to_string()))
-        })
+        }
+        Ok(hash)
     }
 
     /// The blake3 of `rel`'s bytes, streamed (verify); None when absent.
     pub fn hash(&self, rel: &str) -> Result<Option<String>> {
+        self.stream_hashed(rel, "reading", |_| Ok(()))
+    }
+
+    /// Streams `rel`, hashing it and handing each chunk to `each`; None when absent.
+    fn stream_hashed(
+        &self,
+        rel: &str,
+        what: &str,
+        mut each: impl FnMut(&[u8]) -> Result<()> + Send,
+    ) -> Result<Option<String>> {
         let path = self.path(rel);
         self.block(async {
             let got = match self.store.get(&path).await {
                 Ok(g) => g,
                 Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(self.error(rel, "reading", e)),
+                Err(e) => return Err(self.error(rel, what, e)),
             };
             let mut hasher = blake3::Hasher::new();
             let mut stream = got.into_stream();
             while let Some(chunk) = stream.next().await {
-                hasher.update(&chunk.map_err(|e| self.error(rel, "reading", e))?);
+                let chunk = chunk.map_err(|e| self.error(rel, what, e))?;
+                hasher.update(&chunk);
+                each(&chunk)?;
             }
             Ok(Some(hasher.finalize().to_hex().to_string()))
         })

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use super::remote::{Created, Remote, S3Url};
 use super::{
     FileEntry, MARKER, Manifest, ManifestRead, STORE_FORMAT, Store, check_manifest, io,
-    marker_text, sync_dir, write_atomic,
+    marker_format, marker_text, sync_dir, write_atomic,
 };
 use crate::error::{EngineError, Result};
 
@@ -50,10 +50,7 @@ pub fn local_copy_dir(url: &S3Url) -> PathBuf {
         });
     // The endpoint is part of the name (two servers may both have a bucket `data`); it is an
     // address, not a credential.
-    let endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok())
-        .unwrap_or_default();
+    let endpoint = super::remote::env_endpoint().unwrap_or_default();
     let id = blake3::hash(format!("{endpoint}\n{}", url.as_url()).as_bytes()).to_hex();
     let readable: String = format!("{}-{}", url.bucket, url.prefix.replace('/', "-"))
         .chars()
@@ -116,12 +113,7 @@ impl Store {
     pub fn open_remote(url: &S3Url, create: bool) -> Result<Store> {
         let r = Arc::new(Remote::connect(url)?);
         let check_marker = |bytes: &[u8]| -> Result<()> {
-            let text = String::from_utf8_lossy(bytes);
-            match text
-                .lines()
-                .find_map(|l| l.strip_prefix("format "))
-                .and_then(|v| v.trim().parse::<u32>().ok())
-            {
+            match marker_format(&String::from_utf8_lossy(bytes)) {
                 Some(STORE_FORMAT) => Ok(()),
                 Some(other) => Err(EngineError::Remote {
                     url: url.as_url(),
@@ -135,18 +127,23 @@ impl Store {
                 }),
             }
         };
-        match r.get_small(MARKER)? {
-            Some(f) => check_marker(&f.bytes)?,
+        let marker = match r.get_small(MARKER)? {
+            Some(f) => Some(f),
             None if !create => {
                 return Err(EngineError::Remote {
                     url: url.as_url(),
                     message: "no store here yet: run a pipeline first (flag run PIPELINE)".into(),
                 });
             }
-            None => {
-                // Re-read before refusing: another coordinator may have made the store (and
-                // written into it) since the first read.
-                if !r.is_empty()? && r.get_small(MARKER)?.is_none() {
+            // An empty prefix becomes a store; one with objects only if another coordinator
+            // made it a store since the first read (read again before refusing).
+            None if r.is_empty()? => match r.create(MARKER, marker_text().into_bytes())? {
+                Created::New(_) => None,
+                Created::Existed => r.get_small(MARKER)?,
+            },
+            None => match r.get_small(MARKER)? {
+                Some(f) => Some(f),
+                None => {
                     return Err(EngineError::Remote {
                         url: url.as_url(),
                         message: format!(
@@ -157,21 +154,10 @@ impl Store {
                         ),
                     });
                 }
-                if r.get_small(MARKER)?.is_some()
-                    || r.create(MARKER, marker_text().into_bytes())? == Created::Existed
-                {
-                    // Another coordinator made it a moment ago.
-                    match r.get_small(MARKER)? {
-                        Some(f) => check_marker(&f.bytes)?,
-                        None => {
-                            return Err(EngineError::Remote {
-                                url: r.url_of(MARKER),
-                                message: "the marker vanished while being created".into(),
-                            });
-                        }
-                    }
-                }
-            }
+            },
+        };
+        if let Some(f) = marker {
+            check_marker(&f.bytes)?;
         }
         let local = Store::open(&local_copy_dir(url))?;
         Ok(Store {
@@ -223,15 +209,15 @@ impl Store {
                 // Not deleted otherwise: a run on this machine may be committing it right now
                 // (its local manifest is written before its push).
                 if self.holds_lease()
-                    && local.is_file()
-                    && let Ok(ManifestRead::Ok(m)) = self.read_manifest(&local)
+                    && let Ok(bytes) = fs::read(&local)
+                    && let ManifestRead::Ok(m) =
+                        check_manifest(&bytes, &key[..2], &format!("{key}.json"))
                     && m.outputs
                         .values()
                         .flat_map(|o| &o.files)
                         .all(|f| self.object_path(f).is_file())
                 {
-                    let bytes = io(fs::read(&local), || format!("reading {}", local.display()))?;
-                    self.push_run(r, &m, &bytes)?;
+                    self.push_run(self, &m, &bytes)?;
                     return Ok(true);
                 }
                 Ok(false)
@@ -303,40 +289,38 @@ impl Store {
     }
 
     /// Commits a run of another (local) store into this one's bucket exactly as a run here
-    /// commits (objects, manifest; no ref): the commit path `flag bench-store --push-from`
-    /// measures. Returns the objects and bytes sent.
+    /// commits: the path `flag bench-store --push-from` measures. Returns the objects and bytes
+    /// sent.
     pub fn push_run_from(&self, from: &Store, m: &Manifest) -> Result<(usize, u64)> {
+        let local = from.manifest_path(&m.key);
+        let bytes = io(fs::read(&local), || format!("reading {}", local.display()))?;
+        self.push_run(from, m, &bytes)
+    }
+
+    /// Pushes a committed run whose files are in `from` (this store's local copy, or another
+    /// store's folder): objects, log, manifest (see the module doc). `bytes`: the manifest as
+    /// written there. Returns the objects and bytes sent.
+    pub(super) fn push_run(
+        &self,
+        from: &Store,
+        m: &Manifest,
+        bytes: &[u8],
+    ) -> Result<(usize, u64)> {
         let r = self.remote.as_ref().ok_or_else(|| EngineError::Store {
             path: self.root.clone(),
             message: "not a store on object storage".into(),
         })?;
-        self.ensure_lease()?;
-        let (mut n, mut bytes) = (0, 0);
+        let (mut sent, mut sent_bytes) = (0, 0);
         let mut seen = std::collections::BTreeSet::new();
         for f in m.outputs.values().flat_map(|o| &o.files) {
             if seen.insert(&f.hash) {
                 r.upload(&object_rel(f), &from.object_path(f), f.bytes, &f.hash)?;
-                n += 1;
-                bytes += f.bytes;
-            }
-        }
-        let local = from.manifest_path(&m.key);
-        let manifest = io(fs::read(&local), || format!("reading {}", local.display()))?;
-        r.create(&manifest_rel(&m.key), manifest)?;
-        Ok((n, bytes))
-    }
-
-    /// Pushes a committed run: objects, log, manifest (see the module doc).
-    /// `bytes`: the manifest as written locally.
-    pub(super) fn push_run(&self, r: &Remote, m: &Manifest, bytes: &[u8]) -> Result<()> {
-        let mut seen = std::collections::BTreeSet::new();
-        for f in m.outputs.values().flat_map(|o| &o.files) {
-            if seen.insert(&f.hash) {
-                r.upload(&object_rel(f), &self.object_path(f), f.bytes, &f.hash)?;
+                sent += 1;
+                sent_bytes += f.bytes;
             }
         }
         // The log: what a user on another machine reads when asking why a run did this.
-        if let Ok(log) = fs::read(self.log_path(&m.key)) {
+        if let Ok(log) = fs::read(from.log_path(&m.key)) {
             r.put(&format!("logs/{}.log", m.key), log)?;
         }
         let rel = manifest_rel(&m.key);
@@ -374,6 +358,6 @@ impl Store {
                 }
             }
         }
-        Ok(())
+        Ok((sent, sent_bytes))
     }
 }
