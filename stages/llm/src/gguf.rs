@@ -575,7 +575,7 @@ fn dequantize_into(ty: u32, bytes: &[u8], out: &mut [f32]) -> bool {
             .chunks_mut(per_thread * block)
             .zip(bytes.chunks(per_thread * block_bytes))
         {
-            s.spawn(move || dequant_chunk(ty, b, o));
+            s.spawn(move || dequant_blocks(ty, b, o));
         }
     });
     true
@@ -586,7 +586,10 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
-fn dequant_chunk(ty: u32, bytes: &[u8], out: &mut [f32]) {
+/// Expands whole blocks of a supported type (see [`GgufFile::dequantize`]) into `out`; also the
+/// row expansion of `quant`'s kernels, inlined there so it compiles with their CPU features.
+#[inline(always)]
+pub(crate) fn dequant_blocks(ty: u32, bytes: &[u8], out: &mut [f32]) {
     match ty {
         GGML_F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {

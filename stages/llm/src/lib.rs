@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod llama;
 pub mod models;
 pub mod protocol;
+pub mod quant;
 pub mod sampling;
 pub mod tokenizer;
 pub mod trainable;

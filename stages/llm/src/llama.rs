@@ -20,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
+use crate::quant::{self, QMatrix};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -108,12 +109,88 @@ impl LlamaConfig {
 pub struct Block {
     pub attn_norm: Tensor,
     /// Q, K, V stacked: [(n_head + 2 n_kv_head) * head_dim, d_model].
-    pub wqkv: Tensor,
-    pub wo: Tensor,
+    pub wqkv: Weight,
+    pub wo: Weight,
     pub ffn_norm: Tensor,
     /// gate and up stacked: [2 ffn, d_model].
-    pub w_gate_up: Tensor,
-    pub w_down: Tensor,
+    pub w_gate_up: Weight,
+    pub w_down: Weight,
+}
+
+/// How the projection matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Expanded to the model kind (f32 on CPU, bf16 on CUDA); what training needs.
+    Dense,
+    /// CPU only: block-quantised matrices stay in their GGUF blocks ([`quant`](crate::quant)),
+    /// expanded row by row inside the product; other tensors (norms) stay dense.
+    GgufBlocks,
+}
+
+impl WeightFormat {
+    /// The name used in settings and cache keys.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Dense => "dense",
+            WeightFormat::GgufBlocks => "gguf",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim() {
+            "dense" | "f32" => Ok(WeightFormat::Dense),
+            "gguf" => Ok(WeightFormat::GgufBlocks),
+            other => Err(LlmError::Invalid(format!(
+                "weight format '{other}' is not one of: gguf (blocks as stored), dense"
+            ))),
+        }
+    }
+}
+
+/// A projection matrix [out, in]: a dense tensor or GGUF blocks with the pool that multiplies
+/// them.
+pub enum Weight {
+    Dense(Tensor),
+    Blocks {
+        matrix: std::sync::Arc<QMatrix>,
+        pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    },
+}
+
+impl std::fmt::Debug for Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Weight::Dense(t) => write!(f, "Dense({:?} {:?})", t.size(), t.kind()),
+            Weight::Blocks { matrix, .. } => write!(f, "Blocks({matrix:?})"),
+        }
+    }
+}
+
+impl Weight {
+    /// `x @ W.T`.
+    pub fn apply(&self, x: &Tensor) -> Tensor {
+        match self {
+            Weight::Dense(w) => x.linear::<Tensor>(w, None),
+            Weight::Blocks { matrix, pool } => quant::linear(matrix, x, pool.as_deref()),
+        }
+    }
+
+    /// The matrix as a dense tensor: the tensor itself (shallow), or the blocks expanded to
+    /// f32 (a new tensor).
+    pub fn to_dense(&self) -> Tensor {
+        match self {
+            Weight::Dense(w) => w.shallow_clone(),
+            Weight::Blocks { matrix, .. } => matrix.to_dense(),
+        }
+    }
+
+    /// Bytes the weight holds in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weight::Dense(w) => w.numel() * w.kind().elt_size_in_bytes(),
+            Weight::Blocks { matrix, .. } => matrix.bytes(),
+        }
+    }
 }
 
 /// Per-call attention inputs shared by all blocks.
@@ -154,7 +231,7 @@ impl Block {
         let (b, t, _) = x.size3().expect("hidden is [B, T, D]");
         let (nh, nkv, hd) = (cfg.n_head as i64, cfg.n_kv_head as i64, cfg.head_dim as i64);
         let h = rms_norm(x, &self.attn_norm, cfg.eps);
-        let qkv = h.linear::<Tensor>(&self.wqkv, None);
+        let qkv = self.wqkv.apply(&h);
         let q = qkv
             .narrow(-1, 0, nh * hd)
             .view([b, t, nh, hd])
@@ -188,12 +265,12 @@ impl Block {
             true,
         );
         let a = a.transpose(1, 2).reshape([b, t, nh * hd]);
-        let x = x + a.linear::<Tensor>(&self.wo, None);
+        let x = x + self.wo.apply(&a);
         let h = rms_norm(&x, &self.ffn_norm, cfg.eps);
-        let gu = h.linear::<Tensor>(&self.w_gate_up, None);
+        let gu = self.w_gate_up.apply(&h);
         let f = cfg.ffn as i64;
         let act = gu.narrow(-1, 0, f).silu() * gu.narrow(-1, f, f);
-        x + act.linear::<Tensor>(&self.w_down, None)
+        x + self.w_down.apply(&act)
     }
 }
 
@@ -241,16 +318,17 @@ impl KvCache {
 
 pub struct LlamaModel {
     pub cfg: LlamaConfig,
-    pub embed: Tensor,
+    pub embed: Weight,
     pub blocks: Vec<Block>,
     pub norm: Tensor,
     /// None when the output projection is tied to the embedding.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<Weight>,
     /// [ctx_len, head_dim] f32 RoPE tables (cat(freqs, freqs), as transformers builds them).
     cos: Tensor,
     sin: Tensor,
     device: Device,
     kind: Kind,
+    format: WeightFormat,
 }
 
 impl std::fmt::Debug for LlamaModel {
@@ -259,6 +337,7 @@ impl std::fmt::Debug for LlamaModel {
             .field("cfg", &self.cfg)
             .field("device", &self.device)
             .field("kind", &self.kind)
+            .field("weights", &self.format)
             .finish()
     }
 }
@@ -277,13 +356,104 @@ fn unpermute_qk(w: &Tensor, n_head: usize, head_dim: usize, d_in: usize) -> Tens
         .reshape([(n_head * head_dim) as i64, d_in as i64])
 }
 
+/// The order of GGUF rows that undoes the Q/K permutation (see [`unpermute_qk`]).
+fn unpermute_order(n_head: usize, head_dim: usize) -> Vec<usize> {
+    let mut order = Vec::with_capacity(n_head * head_dim);
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..head_dim / 2 {
+                order.push(h * head_dim + 2 * i + j);
+            }
+        }
+    }
+    order
+}
+
+/// One part of a (possibly fused) projection: GGUF name, [rows, cols], and for Q/K the head
+/// count whose row permutation is undone.
+struct Part {
+    name: String,
+    rows: usize,
+    cols: usize,
+    unpermute: Option<(usize, usize)>,
+}
+
+fn part(name: String, rows: usize, cols: usize, unpermute: Option<(usize, usize)>) -> Part {
+    Part {
+        name,
+        rows,
+        cols,
+        unpermute,
+    }
+}
+
+/// Loads the rows-stacked projection of `parts` in `format`: blocks when every part is a
+/// block type (and the format asks for blocks), otherwise dense in the model kind.
+fn load_weight(
+    g: &GgufFile,
+    parts: &[Part],
+    format: WeightFormat,
+    pool: &Option<std::sync::Arc<rayon::ThreadPool>>,
+    put: &dyn Fn(Tensor) -> Tensor,
+) -> Result<Weight> {
+    if format == WeightFormat::GgufBlocks {
+        let mut mats = Vec::with_capacity(parts.len());
+        for p in parts {
+            match QMatrix::from_gguf(g, &p.name, p.rows, p.cols)? {
+                Some(m) => mats.push(match p.unpermute {
+                    Some((heads, hd)) => m.permute_rows(&unpermute_order(heads, hd)),
+                    None => m,
+                }),
+                None => break,
+            }
+        }
+        if mats.len() == parts.len() {
+            let matrix = if mats.len() == 1 {
+                mats.pop().expect("one part")
+            } else {
+                QMatrix::stack(mats)?
+            };
+            return Ok(Weight::Blocks {
+                matrix: std::sync::Arc::new(matrix),
+                pool: pool.clone(),
+            });
+        }
+    }
+    let mut dense = Vec::with_capacity(parts.len());
+    for p in parts {
+        let t = load_tensor(g, &p.name, &[p.rows, p.cols])?;
+        dense.push(match p.unpermute {
+            Some((heads, hd)) => unpermute_qk(&t, heads, hd, p.cols),
+            None => t,
+        });
+    }
+    let t = if dense.len() == 1 {
+        dense.pop().expect("one part")
+    } else {
+        Tensor::cat(&dense, 0)
+    };
+    Ok(Weight::Dense(put(t)))
+}
+
 impl LlamaModel {
     pub fn load(path: impl AsRef<Path>, device: Device, kind: Kind) -> Result<Self> {
         let g = GgufFile::open(path)?;
         Self::from_gguf(&g, device, kind)
     }
 
+    /// Dense weights in `kind` on `device`.
     pub fn from_gguf(g: &GgufFile, device: Device, kind: Kind) -> Result<Self> {
+        Self::from_gguf_with(g, device, kind, WeightFormat::Dense)
+    }
+
+    /// Weights in `format`; `GgufBlocks` needs the CPU and f32 (the kind of every activation).
+    /// The blocks' products run on a pool of libtorch's current thread count.
+    pub fn from_gguf_with(
+        g: &GgufFile,
+        device: Device,
+        kind: Kind,
+        format: WeightFormat,
+    ) -> Result<Self> {
         if !matches!(
             kind,
             Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double
@@ -292,38 +462,49 @@ impl LlamaModel {
                 "model kind {kind:?} is not a float kind"
             )));
         }
+        if format == WeightFormat::GgufBlocks && (device != Device::Cpu || kind != Kind::Float) {
+            return Err(LlmError::Invalid(format!(
+                "GGUF block weights compute on the CPU in f32, not {kind:?} on {device:?}"
+            )));
+        }
         let cfg = LlamaConfig::from_gguf(g)?;
         let _guard = tch::no_grad_guard();
         let (d, v) = (cfg.d_model, cfg.vocab);
         let put = |t: Tensor| t.to_device(device).to_kind(kind);
-        let embed = load_tensor(g, "token_embd.weight", &[v, d])?;
+        let pool = match format {
+            WeightFormat::GgufBlocks => quant::kernel_pool(tch::get_num_threads().max(1) as usize)?,
+            WeightFormat::Dense => None,
+        };
+        let w = |parts: &[Part]| load_weight(g, parts, format, &pool, &put);
+        let embed = w(&[part("token_embd.weight".into(), v, d, None)])?;
         let lm_head = match g.tensor_info("output.weight") {
-            Some(_) => Some(put(load_tensor(g, "output.weight", &[v, d])?)),
+            Some(_) => Some(w(&[part("output.weight".into(), v, d, None)])?),
             None => None,
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let wq = load_tensor(g, &n("attn_q"), &[cfg.q_dim(), d])?;
-            let wk = load_tensor(g, &n("attn_k"), &[cfg.kv_dim(), d])?;
-            let wv = load_tensor(g, &n("attn_v"), &[cfg.kv_dim(), d])?;
-            let wq = unpermute_qk(&wq, cfg.n_head, cfg.head_dim, d);
-            let wk = unpermute_qk(&wk, cfg.n_kv_head, cfg.head_dim, d);
-            let gate = load_tensor(g, &n("ffn_gate"), &[cfg.ffn, d])?;
-            let up = load_tensor(g, &n("ffn_up"), &[cfg.ffn, d])?;
+            let hd = cfg.head_dim;
             blocks.push(Block {
                 attn_norm: put(load_tensor(g, &n("attn_norm"), &[d])?),
-                wqkv: put(Tensor::cat(&[wq, wk, wv], 0)),
-                wo: put(load_tensor(g, &n("attn_output"), &[d, cfg.q_dim()])?),
+                wqkv: w(&[
+                    part(n("attn_q"), cfg.q_dim(), d, Some((cfg.n_head, hd))),
+                    part(n("attn_k"), cfg.kv_dim(), d, Some((cfg.n_kv_head, hd))),
+                    part(n("attn_v"), cfg.kv_dim(), d, None),
+                ])?,
+                wo: w(&[part(n("attn_output"), d, cfg.q_dim(), None)])?,
                 ffn_norm: put(load_tensor(g, &n("ffn_norm"), &[d])?),
-                w_gate_up: put(Tensor::cat(&[gate, up], 0)),
-                w_down: put(load_tensor(g, &n("ffn_down"), &[d, cfg.ffn])?),
+                w_gate_up: w(&[
+                    part(n("ffn_gate"), cfg.ffn, d, None),
+                    part(n("ffn_up"), cfg.ffn, d, None),
+                ])?,
+                w_down: w(&[part(n("ffn_down"), d, cfg.ffn, None)])?,
             });
         }
         let norm = put(load_tensor(g, "output_norm.weight", &[d])?);
         let (cos, sin) = rope_tables(&cfg, device);
         Ok(LlamaModel {
-            embed: put(embed),
+            embed,
             blocks,
             norm,
             lm_head,
@@ -331,8 +512,31 @@ impl LlamaModel {
             sin,
             device,
             kind,
+            format,
             cfg,
         })
+    }
+
+    pub fn weight_format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Bytes held by the weights (projections, embedding, norms).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                t(&b.attn_norm)
+                    + t(&b.ffn_norm)
+                    + b.wqkv.bytes()
+                    + b.wo.bytes()
+                    + b.w_gate_up.bytes()
+                    + b.w_down.bytes()
+            })
+            .sum();
+        blocks + self.embed.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes) + t(&self.norm)
     }
 
     pub fn device(&self) -> Device {
@@ -419,9 +623,18 @@ impl LlamaModel {
     /// Token embeddings of ids [B, T] (i64).
     pub fn embed_tokens(&self, ids: &Tensor) -> Tensor {
         let (b, t) = ids.size2().expect("ids are [B, T]");
-        self.embed
-            .index_select(0, &ids.reshape([-1]))
-            .view([b, t, self.cfg.d_model as i64])
+        let flat = ids.reshape([-1]);
+        let rows = match &self.embed {
+            Weight::Dense(e) => e.index_select(0, &flat),
+            Weight::Blocks { matrix, .. } => {
+                let ids =
+                    Vec::<i64>::try_from(&flat.to_device(Device::Cpu)).expect("token ids are i64");
+                matrix
+                    .gather_rows(&ids)
+                    .expect("token ids within the vocabulary")
+            }
+        };
+        rows.view([b, t, self.cfg.d_model as i64])
     }
 
     /// RoPE tables for positions [B, T] -> ([B, 1, T, hd], same) in the model kind.
@@ -538,7 +751,7 @@ impl LlamaModel {
     /// Output logits in f32 for hidden states [..., d_model].
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let w = self.lm_head.as_ref().unwrap_or(&self.embed);
-        hidden.linear::<Tensor>(w, None).to_kind(Kind::Float)
+        w.apply(hidden).to_kind(Kind::Float)
     }
 }
 

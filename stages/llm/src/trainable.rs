@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor, nn};
 
 use crate::error::{LlmError, Result};
 use crate::generate::Engine;
-use crate::llama::{Block, LlamaModel, rms_norm};
+use crate::llama::{Block, LlamaModel, Weight, rms_norm};
 
 /// What a policy is built from: an already-loaded model (or engine) or a GGUF path.
 pub enum PolicyBase {
@@ -190,22 +190,22 @@ pub struct TopStack {
 fn copy_block(b: &Block) -> Block {
     Block {
         attn_norm: b.attn_norm.detach().copy(),
-        wqkv: b.wqkv.detach().copy(),
-        wo: b.wo.detach().copy(),
+        wqkv: Weight::Dense(b.wqkv.to_dense().detach().copy()),
+        wo: Weight::Dense(b.wo.to_dense().detach().copy()),
         ffn_norm: b.ffn_norm.detach().copy(),
-        w_gate_up: b.w_gate_up.detach().copy(),
-        w_down: b.w_down.detach().copy(),
+        w_gate_up: Weight::Dense(b.w_gate_up.to_dense().detach().copy()),
+        w_down: Weight::Dense(b.w_down.to_dense().detach().copy()),
     }
 }
 
 fn cast_block(b: &Block, kind: Kind) -> Block {
     Block {
         attn_norm: b.attn_norm.to_kind(kind),
-        wqkv: b.wqkv.to_kind(kind),
-        wo: b.wo.to_kind(kind),
+        wqkv: Weight::Dense(b.wqkv.to_dense().to_kind(kind)),
+        wo: Weight::Dense(b.wo.to_dense().to_kind(kind)),
         ffn_norm: b.ffn_norm.to_kind(kind),
-        w_gate_up: b.w_gate_up.to_kind(kind),
-        w_down: b.w_down.to_kind(kind),
+        w_gate_up: Weight::Dense(b.w_gate_up.to_dense().to_kind(kind)),
+        w_down: Weight::Dense(b.w_down.to_dense().to_kind(kind)),
     }
 }
 
@@ -319,6 +319,7 @@ impl TrainablePolicy {
                 let idx: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
                 let rows = tch::no_grad(|| {
                     out_rows
+                        .to_dense()
                         .index_select(0, &Tensor::from_slice(&idx).to_device(device))
                         .to_kind(Kind::Float)
                 });
@@ -338,11 +339,11 @@ impl TrainablePolicy {
                 let p = vs.sub(format!("block{}", n_frozen + i));
                 Block {
                     attn_norm: f32_copy(&p, "attn_norm", &b.attn_norm),
-                    wqkv: f32_copy(&p, "wqkv", &b.wqkv),
-                    wo: f32_copy(&p, "wo", &b.wo),
+                    wqkv: Weight::Dense(f32_copy(&p, "wqkv", &b.wqkv.to_dense())),
+                    wo: Weight::Dense(f32_copy(&p, "wo", &b.wo.to_dense())),
                     ffn_norm: f32_copy(&p, "ffn_norm", &b.ffn_norm),
-                    w_gate_up: f32_copy(&p, "w_gate_up", &b.w_gate_up),
-                    w_down: f32_copy(&p, "w_down", &b.w_down),
+                    w_gate_up: Weight::Dense(f32_copy(&p, "w_gate_up", &b.w_gate_up.to_dense())),
+                    w_down: Weight::Dense(f32_copy(&p, "w_down", &b.w_down.to_dense())),
                 }
             })
             .collect();
@@ -408,8 +409,9 @@ impl TrainablePolicy {
         &self.top
     }
 
-    pub fn frozen_embedding(&self) -> &Tensor {
-        &self.frozen.embed
+    /// The token embedding (dense: a policy is built from dense weights).
+    pub fn frozen_embedding(&self) -> Tensor {
+        self.frozen.embed.to_dense()
     }
 
     pub fn device(&self) -> Device {

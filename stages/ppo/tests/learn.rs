@@ -113,10 +113,10 @@ fn snapshot(policy: &LlmPolicy) -> Vec<Tensor> {
         .iter()
         .flat_map(|b| {
             [
-                b.wqkv.copy(),
-                b.wo.copy(),
-                b.w_gate_up.copy(),
-                b.w_down.copy(),
+                b.wqkv.to_dense().copy(),
+                b.wo.to_dense().copy(),
+                b.w_gate_up.to_dense().copy(),
+                b.w_down.to_dense().copy(),
                 b.attn_norm.copy(),
                 b.ffn_norm.copy(),
             ]

@@ -260,6 +260,13 @@ pub fn device_env(p: &Params) -> Vec<(String, String)> {
     if dev == "cpu" {
         // libtorch's intra-op reductions and MKL's blocking follow the thread count.
         env.push(("threads".into(), llm_threads().to_string()));
+        // Block weights sum their products in another order than dense f32 ones. Dense (the
+        // default) adds nothing, so keys made before the choice existed stay valid.
+        let weights = crate::generate::cpu_weights_by_env()
+            .map_or("invalid", crate::llama::WeightFormat::name);
+        if weights != "dense" {
+            env.push(("weights".into(), weights.into()));
+        }
     }
     env.push(("device".into(), dev));
     // A batch's shared head run once changes the summation order of its keys and values.

@@ -29,7 +29,7 @@ use crate::constrain::{
 };
 use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
-use crate::llama::{KvCache, LlamaModel};
+use crate::llama::{KvCache, LlamaModel, WeightFormat};
 pub use crate::sampling::{choose_tokens, json_object_end, restrict, sample, top_k_entropy};
 use crate::sampling::{gather_cpu, step_entropies};
 use crate::tokenizer::{ChatMessage, LlmTokenizer};
@@ -44,6 +44,18 @@ mod scoring;
 mod types;
 
 pub use prefix::{MIN_PREFIX, PrefixStats};
+
+/// The weight format of engines loaded for the CPU: env `FLAG_LLM_WEIGHTS` = `dense` (f32, the
+/// default) or `gguf` (the GGUF's blocks as stored: about a third of the resident memory, but
+/// slower decode today; see README "LLM on the CPU").
+pub fn cpu_weights_by_env() -> Result<WeightFormat> {
+    match std::env::var("FLAG_LLM_WEIGHTS") {
+        Ok(v) if !v.trim().is_empty() => {
+            WeightFormat::parse(&v).map_err(|e| LlmError::Invalid(format!("FLAG_LLM_WEIGHTS: {e}")))
+        }
+        _ => Ok(WeightFormat::Dense),
+    }
+}
 
 /// Whether engines start with prefix caching on (`FLAG_LLM_PREFIX_CACHE`, default on).
 pub fn prefix_cache_by_env() -> bool {
@@ -121,17 +133,28 @@ impl SeqState {
 }
 
 impl Engine {
-    /// Loads model and tokenizer: f32 on CPU, bf16 on CUDA. Honours env `FLAG_LLM_THREADS`.
+    /// Loads model and tokenizer: on the CPU f32 activations with the weights in the format of
+    /// env `FLAG_LLM_WEIGHTS` ([`cpu_weights_by_env`]), on CUDA dense bf16. Honours env
+    /// `FLAG_LLM_THREADS`.
     pub fn load(path: impl AsRef<Path>, device: Device) -> Result<Engine> {
-        let kind = if device.is_cuda() {
-            Kind::BFloat16
+        if device.is_cuda() {
+            Self::load_as(path, device, Kind::BFloat16, WeightFormat::Dense)
         } else {
-            Kind::Float
-        };
-        Self::load_with_kind(path, device, kind)
+            Self::load_as(path, device, Kind::Float, cpu_weights_by_env()?)
+        }
     }
 
+    /// Dense weights in `kind` (what training needs).
     pub fn load_with_kind(path: impl AsRef<Path>, device: Device, kind: Kind) -> Result<Engine> {
+        Self::load_as(path, device, kind, WeightFormat::Dense)
+    }
+
+    pub fn load_as(
+        path: impl AsRef<Path>,
+        device: Device,
+        kind: Kind,
+        format: WeightFormat,
+    ) -> Result<Engine> {
         if let Ok(v) = std::env::var("FLAG_LLM_THREADS") {
             let n: usize = v.trim().parse().map_err(|_| {
                 LlmError::Invalid(format!("FLAG_LLM_THREADS='{v}' is not a thread count"))
@@ -140,7 +163,7 @@ impl Engine {
         }
         let g = GgufFile::open(path)?;
         let tok = LlmTokenizer::from_gguf(&g)?;
-        let model = LlamaModel::from_gguf(&g, device, kind)?;
+        let model = LlamaModel::from_gguf_with(&g, device, kind, format)?;
         Self::from_parts(model, tok)
     }
 

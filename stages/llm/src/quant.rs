@@ -1,0 +1,333 @@
+//! Weights kept in memory as the GGUF stores them (blocks of 32: Q4_0, Q4_1, Q8_0) and
+//! multiplied without ever materialising the f32 matrix: each weight row is expanded into a
+//! small per-thread buffer with exactly the arithmetic of the f32 loader (`gguf::dequant_row`),
+//! then dotted with every activation row. The weights the model computes with are therefore
+//! the dense path's weights bit for bit; only the order of the sums differs (a ~1e-6 relative
+//! change in logits, measured in `tests/quant_weights.rs`). Activations stay f32: unlike
+//! llama.cpp, nothing is rounded to 8 bits on the way in.
+//!
+//! Large products (many activation rows: a prompt's prefill) expand the matrix one slab of
+//! rows at a time into a transient f32 tensor and hand it to libtorch's GEMM, which reuses
+//! each weight far better than a dot per row can; the slab is freed straight after.
+
+use std::sync::Arc;
+
+use tch::{Kind, Tensor};
+
+use crate::error::{LlmError, Result};
+use crate::gguf::{self, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GgufFile};
+
+/// Elements per block in every supported format.
+const BLOCK: usize = 32;
+
+/// Activation rows at or above which a product goes through a dequantised slab and libtorch's
+/// GEMM instead of the row kernel (batched decode stays below it, a prompt's prefill above).
+pub const GEMM_MIN_ROWS: usize = 48;
+
+/// Weight rows expanded at once on the GEMM path: bounds the transient f32 slab (at most
+/// 8,192 x 1,536 x 4 bytes = 48 MiB; the tied 49,152-row output matrix goes in six slabs).
+const SLAB_ROWS: usize = 8192;
+
+/// A [rows, cols] weight matrix stored as GGML blocks, row-major (each row is cols/32 blocks).
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    ggml_type: u32,
+    block_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({}x{} {})",
+            self.rows,
+            self.cols,
+            gguf::ggml_type_name(self.ggml_type)
+        )
+    }
+}
+
+/// Bytes of one block of 32 in the formats the row kernel reads; None for any other type.
+pub fn block_bytes(ggml_type: u32) -> Option<usize> {
+    match ggml_type {
+        GGML_Q4_0 => Some(18),
+        GGML_Q4_1 => Some(20),
+        GGML_Q8_0 => Some(34),
+        _ => None,
+    }
+}
+
+impl QMatrix {
+    /// The tensor `name` as stored, if its type is a supported block format and its shape is
+    /// [rows, cols] (row-major); `Ok(None)` for other types (the caller keeps those dense).
+    pub fn from_gguf(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Option<Self>> {
+        let info = g
+            .tensor_info(name)
+            .ok_or_else(|| LlmError::MissingTensor(name.into()))?;
+        let Some(bb) = block_bytes(info.ggml_type) else {
+            return Ok(None);
+        };
+        if info.shape() != [rows, cols] || !cols.is_multiple_of(BLOCK) {
+            return Err(LlmError::Shape {
+                tensor: name.into(),
+                expected: vec![rows, cols],
+                found: info.shape(),
+            });
+        }
+        let bytes = g.tensor_bytes(name)?;
+        if bytes.len() != rows * cols / BLOCK * bb {
+            return Err(LlmError::Invalid(format!(
+                "tensor '{name}' holds {} bytes, {rows}x{cols} {} needs {}",
+                bytes.len(),
+                info.type_name(),
+                rows * cols / BLOCK * bb
+            )));
+        }
+        Ok(Some(QMatrix {
+            rows,
+            cols,
+            ggml_type: info.ggml_type,
+            block_bytes: bb,
+            data: bytes.to_vec(),
+        }))
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn ggml_type(&self) -> u32 {
+        self.ggml_type
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.block_bytes
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// The matrix whose row i is row `order[i]` of this one (every row exactly once).
+    pub fn permute_rows(&self, order: &[usize]) -> Self {
+        debug_assert_eq!(order.len(), self.rows);
+        let mut data = Vec::with_capacity(self.data.len());
+        for &r in order {
+            data.extend_from_slice(self.row(r));
+        }
+        QMatrix { data, ..*self }
+    }
+
+    /// Row-wise concatenation (one fused projection from several): same type and width.
+    pub fn stack(parts: Vec<QMatrix>) -> Result<Self> {
+        let first = parts
+            .first()
+            .ok_or_else(|| LlmError::Invalid("nothing to stack".into()))?;
+        let (cols, ty, bb) = (first.cols, first.ggml_type, first.block_bytes);
+        if parts.iter().any(|p| p.cols != cols || p.ggml_type != ty) {
+            return Err(LlmError::Invalid(format!(
+                "cannot stack {parts:?}: widths or block types differ"
+            )));
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            data.extend_from_slice(&p.data);
+        }
+        Ok(QMatrix {
+            rows,
+            cols,
+            ggml_type: ty,
+            block_bytes: bb,
+            data,
+        })
+    }
+
+    /// Rows `r0..r1` as f32, exactly as the dense loader computes them.
+    pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
+        let rb = self.row_bytes();
+        gguf::dequant_blocks(self.ggml_type, &self.data[r0 * rb..r1 * rb], out);
+    }
+
+    /// The whole matrix as an f32 tensor [rows, cols] (for code that needs dense weights).
+    pub fn to_dense(&self) -> Tensor {
+        let mut buf = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, self.rows, &mut buf);
+        Tensor::from_slice(&buf).view([self.rows as i64, self.cols as i64])
+    }
+
+    /// Rows `ids` (e.g. token embeddings) as an f32 tensor [ids.len(), cols].
+    pub fn gather_rows(&self, ids: &[i64]) -> Result<Tensor> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &id) in out.chunks_exact_mut(self.cols).zip(ids) {
+            let r = usize::try_from(id)
+                .ok()
+                .filter(|&r| r < self.rows)
+                .ok_or_else(|| {
+                    LlmError::Invalid(format!("token id {id} outside 0..{}", self.rows))
+                })?;
+            self.dequantize_rows(r, r + 1, o);
+        }
+        Ok(Tensor::from_slice(&out).view([ids.len() as i64, self.cols as i64]))
+    }
+}
+
+/// `x @ w.T` for f32 activations `x` [..., cols] on the CPU: [..., rows] f32.
+pub fn linear(w: &QMatrix, x: &Tensor, pool: Option<&rayon::ThreadPool>) -> Tensor {
+    let mut lead = x.size();
+    let k = lead.pop().expect("activations have a last dimension");
+    debug_assert_eq!(k as usize, w.cols);
+    let x2 = x.to_kind(Kind::Float).contiguous().view([-1, k]);
+    let m = x2.size()[0] as usize;
+    lead.push(w.rows as i64);
+    if m >= GEMM_MIN_ROWS {
+        return gemm_by_slabs(w, &x2).view(lead.as_slice());
+    }
+    let xs = Vec::<f32>::try_from(&x2.view([-1])).expect("contiguous f32 activations");
+    // Computed weight-row-major ([rows, m]: each task owns a contiguous run), then transposed.
+    let mut out_t = vec![0f32; w.rows * m];
+    row_kernel(w, &xs, m, &mut out_t, pool);
+    let t = Tensor::from_slice(&out_t).view([w.rows as i64, m as i64]);
+    t.transpose(0, 1).contiguous().view(lead.as_slice())
+}
+
+fn gemm_by_slabs(w: &QMatrix, x2: &Tensor) -> Tensor {
+    let mut parts = Vec::with_capacity(w.rows.div_ceil(SLAB_ROWS));
+    let mut buf = vec![0f32; SLAB_ROWS.min(w.rows) * w.cols];
+    for r0 in (0..w.rows).step_by(SLAB_ROWS) {
+        let r1 = (r0 + SLAB_ROWS).min(w.rows);
+        let slab = &mut buf[..(r1 - r0) * w.cols];
+        w.dequantize_rows(r0, r1, slab);
+        let wt = Tensor::from_slice(slab).view([(r1 - r0) as i64, w.cols as i64]);
+        parts.push(x2.linear::<Tensor>(&wt, None));
+    }
+    if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(&parts, -1)
+    }
+}
+
+/// Weight rows per task: enough work to outweigh a task's hand-off, few enough to balance.
+const ROWS_PER_TASK: usize = 64;
+
+/// out_t [w.rows, m] = w . x.T for x [m, cols].
+fn row_kernel(
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    out_t: &mut [f32],
+    pool: Option<&rayon::ThreadPool>,
+) {
+    let task = |(t, chunk): (usize, &mut [f32])| {
+        let r0 = t * ROWS_PER_TASK;
+        rows_into(w, x, m, r0, r0 + chunk.len() / m, chunk);
+    };
+    match pool {
+        Some(p) if p.current_num_threads() > 1 => {
+            use rayon::prelude::*;
+            p.install(|| {
+                out_t
+                    .par_chunks_mut(ROWS_PER_TASK * m)
+                    .enumerate()
+                    .for_each(task)
+            });
+        }
+        _ => out_t
+            .chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(task),
+    }
+}
+
+/// out [r1 - r0, m]: rows r0..r1 of w dotted with each of the m rows of x, with AVX2 + FMA
+/// where the CPU has them (the expansion of the weights is exact either way; the dot's
+/// rounding is not).
+fn rows_into(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if fma_available() {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2 and FMA, checked at run time.
+            return unsafe { rows_into_fma(w, x, m, r0, r1, out) };
+        }
+    }
+    rows_into_with(w, x, m, r0, r1, out, |a, b, acc| a * b + acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_available() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_into_fma(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    rows_into_with(w, x, m, r0, r1, out, f32::mul_add)
+}
+
+#[inline(always)]
+fn rows_into_with(
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+    fmadd: impl Fn(f32, f32, f32) -> f32 + Copy,
+) {
+    let k = w.cols;
+    let rb = w.row_bytes();
+    let mut wrow = vec![0f32; k];
+    for (r, o) in (r0..r1).zip(out.chunks_exact_mut(m)) {
+        gguf::dequant_blocks(w.ggml_type, &w.data[r * rb..(r + 1) * rb], &mut wrow);
+        for (oi, xi) in o.iter_mut().zip(x.chunks_exact(k)) {
+            *oi = dot_lanes(&wrow, xi, fmadd);
+        }
+    }
+}
+
+/// Dot product of two equal-length slices whose length is a multiple of 16, in 16 lanes
+/// summed in a fixed order (the compiler vectorises the lanes).
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32], fmadd: impl Fn(f32, f32, f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    for (ac, bc) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] = fmadd(ac[i], bc[i], acc[i]);
+        }
+    }
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
+}
+
+/// A pool for the row kernel with `threads` workers (None for one thread: run inline).
+pub fn kernel_pool(threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>> {
+    if threads <= 1 {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("flag-qkernel-{i}"))
+        .build()
+        .map(|p| Some(Arc::new(p)))
+        .map_err(|e| LlmError::Invalid(format!("kernel thread pool: {e}")))
+}
