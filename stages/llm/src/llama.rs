@@ -348,15 +348,9 @@ fn load_tensor(g: &GgufFile, name: &str, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_slice(&data).view(dims.as_slice()))
 }
 
-/// Undoes llama.cpp's Q/K row permutation: GGUF row h*hd + 2i + j holds the weights of
-/// transformers row h*hd + j*hd/2 + i.
-fn unpermute_qk(w: &Tensor, n_head: usize, head_dim: usize, d_in: usize) -> Tensor {
-    w.view([n_head as i64, (head_dim / 2) as i64, 2, d_in as i64])
-        .transpose(1, 2)
-        .reshape([(n_head * head_dim) as i64, d_in as i64])
-}
-
-/// The order of GGUF rows that undoes the Q/K permutation (see [`unpermute_qk`]).
+/// The order of GGUF rows that undoes llama.cpp's Q/K permutation (for its interleaved RoPE):
+/// GGUF row h*hd + 2i + j holds the weights of transformers row h*hd + j*hd/2 + i. One order
+/// for both formats: dense rows are picked with it, block rows moved by it.
 fn unpermute_order(n_head: usize, head_dim: usize) -> Vec<usize> {
     let mut order = Vec::with_capacity(n_head * head_dim);
     for h in 0..n_head {
@@ -423,7 +417,13 @@ fn load_weight(
     for p in parts {
         let t = load_tensor(g, &p.name, &[p.rows, p.cols])?;
         dense.push(match p.unpermute {
-            Some((heads, hd)) => unpermute_qk(&t, heads, hd, p.cols),
+            Some((heads, hd)) => {
+                let order: Vec<i64> = unpermute_order(heads, hd)
+                    .into_iter()
+                    .map(|r| r as i64)
+                    .collect();
+                t.index_select(0, &Tensor::from_slice(&order))
+            }
             None => t,
         });
     }
