@@ -516,10 +516,20 @@ fn verify_detects_a_manifest_pointed_at_another_intact_object() {
                 v.as_object_mut().unwrap().remove("digest");
             }),
             vec![
+                "has no 'digest'",
                 "output 'bars': object",
                 "the manifest records 8",
                 "declared schema 'ohlcv'",
             ],
+        ),
+        (
+            // Regression (hostile re-run): the digest line alone deleted was read as a legacy
+            // manifest and passed.
+            "no_digest",
+            Box::new(|v: &mut serde_json::Value| {
+                v.as_object_mut().unwrap().remove("digest");
+            }),
+            vec!["has no 'digest'"],
         ),
         (
             "parts",

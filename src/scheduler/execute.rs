@@ -288,13 +288,12 @@ pub fn execute(
     let reason = reason.unwrap_or_else(|| why_stale(p, st, store, &parts, &key));
 
     // Run into a staging directory, in a worker process.
-    let log_path = store.log_path(&key);
     let log_rel = format!("logs/{key}.log");
-    let log_path = fs::File::create(&log_path).ok().map(|_| log_path);
     let staging = match store.staging_dir(&key) {
         Ok(s) => s,
         Err(e) => return failed(reason, &e, Some(key), None),
     };
+    let log_path = store.new_run_log(&staging);
     let spec = st.imp.spec();
     let bar = progress.stage_bar(&st.name);
     let bar2 = bar.clone();
@@ -321,12 +320,13 @@ pub fn execute(
     let queued = match stage_result {
         Ok(q) => q,
         Err(e) => {
+            let kept = store.keep_run_log(&staging, &key, true);
             let _ = fs::remove_dir_all(&staging);
             return failed(
                 reason,
                 &e,
                 Some(key),
-                Some(store.root.join(&log_rel).to_string_lossy().to_string()),
+                Some(kept.to_string_lossy().to_string()),
             );
         }
     };
@@ -335,6 +335,8 @@ pub fn execute(
     if let Some(log) = &log_path {
         worker::append(log, &format!("finished in {seconds:.3}s"));
     }
+    // Before the manifest names it.
+    store.keep_run_log(&staging, &key, false);
 
     // Commit: objects first, manifest last.
     let commit = || -> Result<Manifest> {

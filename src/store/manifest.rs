@@ -52,7 +52,7 @@ pub struct Manifest {
 /// the outputs to the key the manifest is stored under: a manifest edited afterwards (say, an
 /// output pointed at another intact object) no longer matches it. It detects damage and
 /// careless edits, not forgery: anyone who can write the store can recompute it.
-/// Manifests written before it existed have none and are checked without it.
+/// Every manifest must have one: one without it is damaged (an edit that deleted the line).
 pub const DIGEST_FIELD: &str = "digest";
 
 /// The digest of a manifest's JSON value, without its `digest` field.

@@ -200,6 +200,9 @@ fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()>
 /// cannot recognise as its own.
 pub const MARKER: &str = "flag-store";
 
+/// A running stage's log, inside its staging directory (output names never start with '.').
+const RUN_LOG: &str = ".flag-run.log";
+
 /// The folders of a store.
 const LAYOUT: &[&str] = &["objects", "manifests", "refs", "logs", "out", "tmp"];
 
@@ -255,10 +258,12 @@ pub fn is_object_name(dir: &str, file: &str) -> bool {
 }
 
 /// The key of a log the store wrote: `logs/<64 hex key>.log`, or Slurm's own output of that
-/// run's batch job, `logs/<64 hex key>.slurm.log`; None for any other file.
+/// run's batch job, `logs/<64 hex key>.slurm.log`, each also as `<key>.failed.*` (a failed
+/// run's, kept beside a complete run's); None for any other file.
 pub fn log_key(file: &str) -> Option<&str> {
     let stem = file.strip_suffix(".log")?;
-    let key = stem.strip_suffix(".slurm").unwrap_or(stem);
+    let stem = stem.strip_suffix(".slurm").unwrap_or(stem);
+    let key = stem.strip_suffix(".failed").unwrap_or(stem);
     is_hex(key, 64).then_some(key)
 }
 
@@ -474,6 +479,53 @@ impl Store {
         self.root.join("logs").join(format!("{key}.log"))
     }
 
+    /// Where a failed run's log is kept while a complete run with the same key is stored
+    /// (a failed `--force` rerun): `logs/<key>.failed.log`, so the kept run's log stays.
+    pub fn failed_log_path(&self, key: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{key}.failed.log"))
+    }
+
+    /// The log a stage run writes while it runs: a new file inside its own staging
+    /// directory. Nothing the run writes goes through a path that was there before it (a
+    /// symlink planted at `logs/<key>.log` is never followed); `keep_run_log` moves it into
+    /// `logs/` when the run ends. None if the file cannot be made.
+    pub fn new_run_log(&self, staging: &Path) -> Option<PathBuf> {
+        let p = staging.join(RUN_LOG);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .ok()
+            .map(|_| p)
+    }
+
+    /// Moves a run's log (and Slurm's output of its batch job, if any) from its staging
+    /// directory into `logs/` and returns where it went: `logs/<key>.log`, or, when the run
+    /// failed while a complete run with this key is stored, `logs/<key>.failed.log`. A rename
+    /// replaces whatever entry is at the destination (a symlink included) without writing
+    /// through it.
+    pub fn keep_run_log(&self, staging: &Path, key: &str, failed: bool) -> PathBuf {
+        let keep_stored = failed && self.manifest_path(key).exists();
+        let dest = if keep_stored {
+            self.failed_log_path(key)
+        } else {
+            self.log_path(key)
+        };
+        let run_log = staging.join(RUN_LOG);
+        for (from, to) in [
+            (
+                run_log.with_extension("slurm.log"),
+                dest.with_extension("slurm.log"),
+            ),
+            (run_log, dest.clone()),
+        ] {
+            if from.is_file() {
+                let _ = fs::rename(&from, &to);
+            }
+        }
+        dest
+    }
+
     /// The manifest for a key, if a complete run with that key was committed. A manifest that
     /// is there but damaged (unparsable, edited, stored under another key, or naming tables
     /// that are not its outputs') is an error naming its file: it must never read as a
@@ -570,7 +622,11 @@ pub fn check_manifest(bytes: &[u8], dir: &str, stem: &str) -> ManifestRead {
         };
         let mut problems = Vec::new();
         match value.get(DIGEST_FIELD) {
-            None => {} // written before manifests had a digest
+            // Every manifest flag writes has one; without it an edit (say, outputs pointed at
+            // another intact object of the same schema) would go unseen.
+            None => problems.push(format!(
+                "it has no '{DIGEST_FIELD}' (flag writes one into every manifest; it was edited)"
+            )),
             Some(serde_json::Value::String(d)) if *d != manifest::digest(&value) => {
                 problems.push(
                     "its contents do not match its digest (it was changed after it was written)"
@@ -1029,16 +1085,60 @@ impl Store {
     }
 
     /// Points `out/<path>` at the latest outputs (symlinks into objects/).
+    /// Makes (or finds) every folder from the store's root down to `dest`'s parent, as a real
+    /// folder: one that is a symlink or a file is refused, naming it, because publishing
+    /// through it would create and replace files outside the store.
+    fn real_dirs_to(&self, dest: &Path) -> Result<PathBuf> {
+        let parent = dest.parent().unwrap_or(&self.root);
+        let rel = parent.strip_prefix(&self.root).unwrap_or(parent);
+        let mut at = self.root.clone();
+        for c in rel.components() {
+            at.push(c);
+            match fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) => {
+                    return Err(EngineError::Store {
+                        path: at.clone(),
+                        message: format!(
+                            "is a {} where the store keeps a folder of published outputs; \
+                             flag does not publish through it (it could replace files \
+                             outside the store): remove it and run again",
+                            if m.file_type().is_symlink() {
+                                "symlink"
+                            } else {
+                                "file"
+                            }
+                        ),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    io(
+                        fs::create_dir(&at).or_else(|e| {
+                            // Made meanwhile by another stage of this run.
+                            if e.kind() == std::io::ErrorKind::AlreadyExists
+                                && fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
+                            {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        }),
+                        || format!("creating {}", at.display()),
+                    )?;
+                }
+                Err(e) => return Err(EngineError::io(format!("reading {}", at.display()), e)),
+            }
+        }
+        Ok(parent.to_path_buf())
+    }
+
     pub fn publish(&self, m: &Manifest, paths: &BTreeMap<String, String>) -> Result<()> {
         for (name, rel) in paths {
             let Some(out) = m.outputs.get(name) else {
                 continue;
             };
             let dest = self.root.join("out").join(rel);
-            let parent = dest.parent().unwrap().to_path_buf();
-            io(fs::create_dir_all(&parent), || {
-                format!("creating {}", parent.display())
-            })?;
+            let parent = self.real_dirs_to(&dest)?;
             if out.kind == "dir" {
                 let tmp = parent.join(format!(
                     ".{}.{}.tmp",
