@@ -209,12 +209,11 @@ fn an_aborted_worker_is_reported_with_its_log_tail() {
     let worker = child_named(child.id(), "flag-worker", Duration::from_secs(60)).unwrap();
     // Once it has written its log header, abort it as a failed assertion in C++ would.
     let t = Instant::now();
+    // (A running stage's log is in its staging folder until the run ends.)
     let header_written = || {
-        std::fs::read_dir(store.join("logs")).is_ok_and(|d| {
-            d.flatten().any(|e| {
-                std::fs::read_to_string(e.path())
-                    .is_ok_and(|l| l.contains("stage rl (ddqn)") && l.contains("worker: pid"))
-            })
+        staging_entries(&store).iter().any(|d| {
+            std::fs::read_to_string(d.join(".flag-run.log"))
+                .is_ok_and(|l| l.contains("stage rl (ddqn)") && l.contains("worker: pid"))
         })
     };
     while !header_written() && t.elapsed() < Duration::from_secs(30) {
@@ -254,6 +253,65 @@ fn a_worker_whose_coordinator_is_killed_stops_and_the_next_run_completes() {
     assert!(!alive(worker), "the orphaned worker still runs after 10 s");
     let out = run_ok(&mut run_cmd(root.path(), &store));
     assert_eq!(statuses(&out)["rl"], "ran");
+}
+
+#[test]
+fn sigint_or_sigterm_stops_the_run_stores_nothing_unfinished_and_the_next_run_completes() {
+    let root = project();
+    let reference = output_hashes(&run_ok(&mut run_cmd(
+        root.path(),
+        &root.path().join("reference"),
+    )));
+    let store = root.path().join("store");
+    let mut warm = run_cmd(root.path(), &store);
+    warm.args(["--only", "indicators"]);
+    run_ok(&mut warm);
+    let manifests = || {
+        snapshot(&store)
+            .into_keys()
+            .filter(|k| k.starts_with("manifests/"))
+    };
+    let before: Vec<String> = manifests().collect();
+    // Signals sent to `flag` alone (as `kill` does; a terminal's Ctrl-C also reaches the
+    // worker, which dies of it by itself).
+    for (sig, code) in [("INT", 130), ("TERM", 143)] {
+        let child = run_cmd(root.path(), &store)
+            .args(["--only", "rl", "--force"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let worker = child_named(child.id(), "flag-worker", Duration::from_secs(60))
+            .expect("the ddqn stage runs in a flag-worker process");
+        signal(child.id(), sig);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "SIG{sig}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("interrupted: stopped 1 stage worker(s)"),
+            "SIG{sig}: {}",
+            stderr(&out)
+        );
+        // The worker is gone with its coordinator (reaped, not orphaned), nothing of the
+        // stage is stored and nothing is left staged.
+        assert!(!alive(worker), "SIG{sig}: the worker {worker} still runs");
+        assert_eq!(manifests().collect::<Vec<_>>(), before, "SIG{sig}");
+        assert!(
+            staging_entries(&store).is_empty(),
+            "SIG{sig}: {:?}",
+            staging_entries(&store)
+        );
+        let vo = flag(root.path(), &store)
+            .args(["verify", "--report-only"])
+            .output()
+            .unwrap();
+        assert!(vo.status.success(), "SIG{sig}: verify: {}", stdout(&vo));
+    }
+    // The lock was given back: the next run does not wait, and completes as the reference.
+    let mut again = run_cmd(root.path(), &store);
+    again.arg("--no-wait");
+    let out = run_ok(&mut again);
+    assert_eq!(statuses(&out)["rl"], "ran");
+    assert_eq!(output_hashes(&out), reference);
 }
 
 #[test]

@@ -135,23 +135,37 @@ pub fn run(
         .build()?;
     let (p, store) = (Arc::new(p), Arc::new(store));
     let slurm = args.executor == ExecutorName::Slurm;
-    if slurm || store.remote().is_some() {
-        // Ctrl-C: the submitted jobs are cancelled, not left running on the cluster, and the
-        // bucket's lease is given back rather than left to expire (workers exit with their
-        // coordinator).
+    {
+        // Ctrl-C or SIGTERM: the running stages are stopped and nothing of them is stored
+        // (their workers are ended, local ones killed and Slurm jobs cancelled, and their
+        // staging removed); stages already committed stay. The bucket's lease is given back
+        // rather than left to expire. Exit 130 (SIGINT) or 143 (SIGTERM), as a shell does.
+        use tokio::signal::unix::{SignalKind, signal};
         let store = store.clone();
+        // Installed here, before any stage starts, not when the task is first polled.
+        let _in_runtime = runtime.enter();
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
         runtime.spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                if slurm {
-                    let n = crate::worker::slurm::cancel_all();
-                    eprintln!("interrupted: cancelled {n} slurm job(s)");
-                }
-                if store.remote().is_some() {
-                    store.release_lease();
-                    eprintln!("interrupted: gave the lease of {} back", store.location());
-                }
-                std::process::exit(130);
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            };
+            let workers = crate::worker::stop_local_workers();
+            if slurm {
+                let n = crate::worker::slurm::cancel_all();
+                eprintln!("interrupted: cancelled {n} slurm job(s)");
             }
+            let staged = store.clean_tmp().unwrap_or(0);
+            eprintln!(
+                "interrupted: stopped {workers} stage worker(s) and removed {staged} staging \
+                 folder(s); stages that had not finished stored nothing"
+            );
+            if store.remote().is_some() {
+                store.release_lease();
+                eprintln!("interrupted: gave the lease of {} back", store.location());
+            }
+            std::process::exit(code);
         });
     }
     let pr = progress.clone();

@@ -194,6 +194,32 @@ pub fn run(
     }
 }
 
+/// The local workers running now, so an interrupted run can end them (std has no way to
+/// signal a pid; a `Child` can be killed). Spawned under the lock: once `interrupted` is set,
+/// no new worker starts.
+struct Running {
+    interrupted: bool,
+    children: BTreeMap<u32, std::process::Child>,
+}
+
+static RUNNING: std::sync::Mutex<Running> = std::sync::Mutex::new(Running {
+    interrupted: false,
+    children: BTreeMap::new(),
+});
+
+/// Ends every local worker of this process (SIGKILL, then reaps it) and lets no new one
+/// start; returns how many were running. What they staged is the caller's to remove.
+pub fn stop_local_workers() -> usize {
+    let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+    running.interrupted = true;
+    let n = running.children.len();
+    for (_, mut child) in std::mem::take(&mut running.children) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    n
+}
+
 /// The CPUs of this machine that local workers share. Each libtorch worker has its own
 /// thread pool (its keyed thread count, usually every core); two of them at once on the same
 /// cores spin against each other (OpenMP) and both slow down several-fold, so a worker waits
@@ -275,22 +301,42 @@ fn run_local(
             ),
         );
     }
-    let mut child = Command::new(program)
-        .arg(command)
-        .arg(job_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("could not start the stage worker: {e}")))?;
-    let stderr = child.stderr.take().expect("piped");
+    let (pid, stdout, stderr) = {
+        let mut running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+        if running.interrupted {
+            return Err(fail("interrupted before its worker started".into()));
+        }
+        let mut child = Command::new(program)
+            .arg(command)
+            .arg(job_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("could not start the stage worker: {e}")))?;
+        let out = (
+            child.id(),
+            child.stdout.take().expect("piped"),
+            child.stderr.take().expect("piped"),
+        );
+        running.children.insert(child.id(), child);
+        out
+    };
     let stderr_reader = std::thread::spawn(move || keep_tail(stderr, STDERR_KEEP_BYTES));
     let mut outcome: Option<Message> = None;
-    let stdout = BufReader::new(child.stdout.take().expect("piped"));
-    for line in stdout.split(b'\n') {
+    for line in BufReader::new(stdout).split(b'\n') {
         let Ok(line) = line else { break };
         handle_line(&line, &progress, &mut outcome);
     }
+    let child = RUNNING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .children
+        .remove(&pid);
+    // None: `stop_local_workers` took and ended it (the run is being interrupted).
+    let Some(mut child) = child else {
+        return Err(fail("interrupted: its worker was stopped".into()));
+    };
     let status = child
         .wait()
         .map_err(|e| fail(format!("waiting for the stage worker: {e}")))?;
