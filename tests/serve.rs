@@ -830,3 +830,154 @@ fn serve_bounds_requests_and_drops_abandoned_sequences() {
     );
     assert!(log.contains("POST /v1/chat/completions -> 413"), "{log}");
 }
+
+/// Writes `bytes` on a new connection to `addr` from another thread (the server may answer
+/// and close before it has them all) and returns the connection.
+fn raw_request(addr: &str, bytes: Vec<u8>) -> (std::net::TcpStream, std::thread::JoinHandle<()>) {
+    use std::io::Write;
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = w.write_all(&bytes);
+    });
+    (s, writer)
+}
+
+/// Whether the server closes `s` (end of stream or reset) within `within`, bytes it sends
+/// first being read and dropped.
+fn closed_within(s: &std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match (&mut &*s).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Issue 15 (hostile re-run): two framing headers are refused (request smuggling), a huge
+/// head gets its 431, idle connections give their slot to a new client, a head trickled
+/// byte by byte is cut off, and an abandoned embeddings request stops.
+#[test]
+fn serve_refuses_ambiguous_framing_and_frees_slots_and_abandoned_embeddings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), &[], &["--http-threads", "3"]);
+    let addr = host_port(&server);
+    let models = format!("{}/models", server.url);
+
+    // (a) Two Content-Length or two Transfer-Encoding headers: 400, naming both.
+    for (headers, want) in [
+        (
+            "Content-Length: 2\r\nContent-Length: 40\r\n",
+            "2 Content-Length headers (2 / 40)",
+        ),
+        (
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+            "2 Transfer-Encoding headers (chunked / identity)",
+        ),
+    ] {
+        let req = format!(
+            "POST /v1/embeddings HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n{{}}\r\n0\r\n\r\n"
+        );
+        let (mut s, writer) = raw_request(&addr, req.into_bytes());
+        let (status, head, body) = read_response(&mut s);
+        writer.join().unwrap();
+        assert_eq!(status, 400, "{head}{body}");
+        assert!(body.contains(want), "{body}");
+        assert!(head.contains("Connection: close"), "{head}");
+    }
+
+    // (b) A 20 MB request head: 431 reaches the client (the server reads what it still
+    // sends before closing, so the answer is not lost to a reset).
+    let mut big = format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nX-Big: ").into_bytes();
+    big.resize(big.len() + 20_000_000, b'a');
+    big.extend_from_slice(b"\r\n\r\n");
+    let (mut s, writer) = raw_request(&addr, big);
+    let (status, head, body) = read_response(&mut s);
+    writer.join().unwrap();
+    assert_eq!(status, 431, "{head}{body}");
+    drop(s);
+
+    // (c) Three connections (all of --http-threads 3) open and silent: a new client is
+    // still served, one of them giving up its slot.
+    let idle: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut resp = agent()
+        .get(&models)
+        .header("Connection", "close")
+        .call()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let _ = resp.body_mut().read_to_string();
+    let reclaimed = idle
+        .iter()
+        .filter(|s| closed_within(s, Duration::from_millis(500)))
+        .count();
+    assert!(reclaimed >= 1, "no idle connection gave up its slot");
+    drop(idle);
+
+    // (d) A head trickled a byte at a time never completes: the server closes it.
+    let slow = std::net::TcpStream::connect(&addr).unwrap();
+    let mut w = slow.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        use std::io::Write;
+        let _ = w.write_all(b"GET /v1/models HTTP/1.1\r\nX-Slow: ");
+        for _ in 0..120 {
+            if w.write_all(b"a").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    assert!(
+        closed_within(&slow, Duration::from_secs(25)),
+        "a trickled head kept its connection for 25 s"
+    );
+    trickle.join().unwrap();
+
+    // (e) An embeddings request of 2,048 long texts (minutes of work on one thread), its
+    // client gone once it is admitted: the embedder stops within a batch of texts ...
+    let long_texts: Vec<String> = (0..2048)
+        .map(|i| format!("item {i}: {}", "the market moved on news ".repeat(60)))
+        .collect();
+    let body = json!({"input": long_texts}).to_string().into_bytes();
+    let (s, writer) = raw_post(&addr, "/v1/embeddings", body);
+    writer.join().unwrap();
+    wait_for_metric(&server, "flag_serve_requests_in_flight", 1);
+    std::thread::sleep(Duration::from_millis(500));
+    drop(s);
+    wait_for_metric(&server, "flag_serve_embeddings_cancelled_total", 1);
+    assert_eq!(metric(&server, "flag_serve_clients_gone_total"), 1);
+    // ... so the next one is answered.
+    let (status, v) = post(
+        &format!("{}/embeddings", server.url),
+        &json!({"input": ["a short text"]}).to_string(),
+        &[],
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 384);
+    assert_eq!(metric(&server, "flag_serve_embeddings_total"), 1);
+    let log = server.log();
+    assert!(
+        log.contains("stopped an embeddings request of 2048 text(s) whose client went away"),
+        "{log}"
+    );
+    assert!(
+        log.contains("POST /v1/embeddings -> client went away"),
+        "{log}"
+    );
+}

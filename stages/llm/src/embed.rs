@@ -188,8 +188,21 @@ impl MiniLmEmbedder {
 
     /// L2-normalised embeddings, one per text, in input order.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.embed_unless(texts, &|| false)?.expect("never stopped"))
+    }
+
+    /// [`embed`](Self::embed), asking `stop` before each batch of texts: None once it says
+    /// yes (a server's client went away), so a long request stops within one batch.
+    pub fn embed_unless(
+        &self,
+        texts: &[String],
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(BATCH) {
+            if stop() {
+                return Ok(None);
+            }
             let encs = self
                 .tokenizer
                 .encode_batch(chunk.to_vec(), true)
@@ -216,7 +229,7 @@ impl MiniLmEmbedder {
             let v = Vec::<f32>::try_from(emb.view([-1])).map_err(LlmError::Torch)?;
             out.extend(v.chunks(self.hidden as usize).map(<[f32]>::to_vec));
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// [b, t] ids/type ids and a 0/1 mask -> [b, hidden] unit vectors.

@@ -245,6 +245,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         pending: Mutex::new((0, 0)),
     });
     let connections = Arc::new(AtomicUsize::new(0));
+    // 1 while a new connection waits for a slot: one idle connection then claims it (back to
+    // 0) and closes.
+    let slot_wanted = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
@@ -255,8 +258,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if connections.fetch_add(1, Ordering::SeqCst) >= args.http_threads {
-            connections.fetch_sub(1, Ordering::SeqCst);
+        if !take_slot(&connections, &slot_wanted, args.http_threads) {
             state
                 .service
                 .metrics()
@@ -273,18 +275,64 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let _ = http::write_response(&stream, &error_response(&e), true, false);
             continue;
         }
-        let (state, connections) = (Arc::clone(&state), Arc::clone(&connections));
+        let (state, connections, wanted) = (
+            Arc::clone(&state),
+            Arc::clone(&connections),
+            Arc::clone(&slot_wanted),
+        );
+        let held = Arc::clone(&connections);
         let spawned = std::thread::Builder::new()
             .name("flag-serve-conn".into())
             .spawn(move || {
-                http::serve_connection(stream, state.max_body, &|ex| handle(&state, ex));
+                http::serve_connection(
+                    stream,
+                    state.max_body,
+                    &|| {
+                        wanted
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                            .is_ok()
+                    },
+                    &|ex| handle(&state, ex),
+                );
                 connections.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
+            held.fetch_sub(1, Ordering::SeqCst);
             eprintln!("starting a connection thread: {e}");
         }
     }
     Ok(())
+}
+
+/// How long a new connection waits for a slot (while idle connections give theirs up)
+/// before it is answered 503.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// Takes one of the `limit` connection slots, waiting at most [`SLOT_WAIT`] with `wanted`
+/// at 1, which makes one connection idle between requests close.
+fn take_slot(connections: &AtomicUsize, wanted: &AtomicUsize, limit: usize) -> bool {
+    let try_take = || {
+        connections
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    };
+    if try_take() {
+        return true;
+    }
+    wanted.store(1, Ordering::SeqCst);
+    let since = Instant::now();
+    let mut took = false;
+    while since.elapsed() < SLOT_WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+        if try_take() {
+            took = true;
+            break;
+        }
+    }
+    wanted.store(0, Ordering::SeqCst);
+    took
 }
 
 fn error_response(e: &ApiError) -> Response {
@@ -360,7 +408,10 @@ fn route(state: &State, ex: &mut Exchange) -> ApiResult<Reply> {
         }
         ("POST", "/v1/embeddings") => {
             let _permit = admit(state, ex)?;
-            service.embeddings(&read_json(state, ex)?).map(Reply::Json)
+            let v = read_json(state, ex)?;
+            service
+                .embeddings(&v, &mut || ex.client_gone())
+                .map(Reply::Json)
         }
         _ => Err(ApiError::with_status(
             405,

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub sequences_cancelled: AtomicU64,
     /// Chat requests whose client was noticed gone while they waited.
     pub clients_gone: AtomicU64,
+    /// Embeddings requests stopped because their client went away.
+    pub embeddings_cancelled: AtomicU64,
     /// Requests refused because the server was at its in-flight limits (503).
     pub rejected_busy: AtomicU64,
     /// Requests refused because the body exceeded the size limit (413).
@@ -76,7 +78,7 @@ pub struct Metrics {
 impl Metrics {
     /// The counters in Prometheus' text format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &str, &AtomicU64); 9] = [
+        let rows: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "flag_serve_chat_completions_total",
                 "counter",
@@ -106,6 +108,12 @@ impl Metrics {
                 "counter",
                 "chat requests whose client closed the connection before the answer",
                 &self.clients_gone,
+            ),
+            (
+                "flag_serve_embeddings_cancelled_total",
+                "counter",
+                "embeddings requests stopped because their client closed the connection",
+                &self.embeddings_cancelled,
             ),
             (
                 "flag_serve_rejected_busy_total",
@@ -145,6 +153,8 @@ impl Metrics {
 
 struct EmbedJob {
     texts: Vec<String>,
+    /// Set when the client went away: the embedder stops before its next batch of texts.
+    cancel: Arc<AtomicBool>,
     reply: Sender<EmbedReply>,
 }
 
@@ -218,13 +228,14 @@ impl Service {
             wait: cfg.batch_wait,
         };
         let engine = cfg.engine;
+        let embed_metrics = Arc::clone(&metrics);
         std::thread::Builder::new()
             .name("flag-serve-decoder".into())
             .spawn(move || decoder_worker(engine, chat_rx, batching, &metrics))?;
         let (dir, device) = (cfg.embed_dir, cfg.device);
         std::thread::Builder::new()
             .name("flag-serve-embedder".into())
-            .spawn(move || embed_worker(dir, device, embed_rx))?;
+            .spawn(move || embed_worker(dir, device, embed_rx, &embed_metrics))?;
         Ok(service)
     }
 
@@ -274,11 +285,7 @@ impl Service {
                     if client_gone() {
                         cancel.store(true, Ordering::Relaxed);
                         self.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
-                        return Err(ApiError {
-                            status: 499,
-                            kind: "client_closed_request",
-                            message: "the client closed the connection".into(),
-                        });
+                        return Err(client_closed());
                     }
                 }
             }
@@ -303,20 +310,46 @@ impl Service {
         ))
     }
 
-    /// POST /v1/embeddings.
-    pub fn embeddings(&self, v: &Value) -> ApiResult<Value> {
+    /// POST /v1/embeddings. While the texts are embedded, `client_gone` is asked every
+    /// [`CLIENT_PROBE`]; once it says yes the embedder stops before its next batch of texts
+    /// and the error returned has status 499.
+    pub fn embeddings(&self, v: &Value, client_gone: &mut dyn FnMut() -> bool) -> ApiResult<Value> {
         let texts = super::parse_embeddings(v)?;
         let (tx, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
         let stopped = || ApiError::server("the embedding worker has stopped");
         self.embed
-            .send(EmbedJob { texts, reply: tx })
+            .send(EmbedJob {
+                texts,
+                cancel: Arc::clone(&cancel),
+                reply: tx,
+            })
             .map_err(|_| stopped())?;
-        let (vecs, n_tokens) = rx
-            .recv()
-            .map_err(|_| stopped())?
-            .map_err(ApiError::server)?;
+        let reply = loop {
+            match rx.recv_timeout(CLIENT_PROBE) {
+                Ok(r) => break r,
+                Err(RecvTimeoutError::Disconnected) => return Err(stopped()),
+                Err(RecvTimeoutError::Timeout) => {
+                    if client_gone() {
+                        cancel.store(true, Ordering::Relaxed);
+                        self.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
+                        return Err(client_closed());
+                    }
+                }
+            }
+        };
+        let (vecs, n_tokens) = reply.map_err(ApiError::server)?;
         self.metrics.embeddings.fetch_add(1, Ordering::Relaxed);
         Ok(super::embeddings_response(&self.embed_id, vecs, n_tokens))
+    }
+}
+
+/// The answer to a request whose client went away (nginx's 499; nobody reads it).
+fn client_closed() -> ApiError {
+    ApiError {
+        status: 499,
+        kind: "client_closed_request",
+        message: "the client closed the connection".into(),
     }
 }
 
@@ -421,7 +454,12 @@ fn decoder_worker(engine: Engine, rx: Receiver<ChatJob>, b: Batching, metrics: &
 }
 
 /// Owns the embedder, loaded on the first request (a missing model fails only those).
-fn embed_worker(dir: Option<PathBuf>, device: tch::Device, rx: Receiver<EmbedJob>) {
+fn embed_worker(
+    dir: Option<PathBuf>,
+    device: tch::Device,
+    rx: Receiver<EmbedJob>,
+    metrics: &Metrics,
+) {
     let mut model: Option<MiniLmEmbedder> = None;
     while let Ok(job) = rx.recv() {
         if model.is_none() {
@@ -440,14 +478,34 @@ fn embed_worker(dir: Option<PathBuf>, device: tch::Device, rx: Receiver<EmbedJob
             }
         }
         let Some(m) = model.as_ref() else { continue };
+        let stop = || job.cancel.load(Ordering::Relaxed);
         let out = (|| -> Result<_, String> {
-            let vecs = m.embed(&job.texts).map_err(|e| e.to_string())?;
+            let Some(vecs) = m
+                .embed_unless(&job.texts, &stop)
+                .map_err(|e| e.to_string())?
+            else {
+                return Ok(None);
+            };
             let mut n = 0;
             for t in &job.texts {
                 n += m.token_ids(t).map_err(|e| e.to_string())?.len();
             }
-            Ok((vecs, n))
+            Ok(Some((vecs, n)))
         })();
-        let _ = job.reply.send(out);
+        match out {
+            Ok(None) => {
+                metrics.embeddings_cancelled.fetch_add(1, Ordering::Relaxed);
+                eprintln!(
+                    "stopped an embeddings request of {} text(s) whose client went away",
+                    job.texts.len()
+                );
+            }
+            Ok(Some(r)) => {
+                let _ = job.reply.send(Ok(r));
+            }
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+            }
+        }
     }
 }

@@ -3,13 +3,15 @@
 //! each connection's socket, which is what lets a request notice that its client went away
 //! while the answer is decoded ([`Exchange::client_gone`]); tiny_http hides the socket.
 //!
-//! Limits: a request head of at most [`MAX_HEAD`] bytes (431 past it), a body of at most
-//! `max_body` bytes (413 from its `Content-Length` before reading it, or as soon as a chunked
-//! body passes it), a connection idle for [`IDLE`] between requests is closed, and a body or
-//! response that stalls for [`IO_TIMEOUT`] ends the connection.
+//! Limits: a request head of at most [`MAX_HEAD`] bytes (431 past it) arriving within
+//! [`HEAD_TIMEOUT`], a body of at most `max_body` bytes (413 from its `Content-Length` before
+//! reading it, or as soon as a chunked body passes it), a connection idle for [`IDLE`]
+//! between requests is closed (at once when another client waits for a slot), and a body or
+//! response that stalls for [`IO_TIMEOUT`] ends the connection. A request with two
+//! `Content-Length` or `Transfer-Encoding` headers is refused (400).
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest request head (request line and headers).
 pub const MAX_HEAD: usize = 64 << 10;
@@ -17,6 +19,10 @@ pub const MAX_HEAD: usize = 64 << 10;
 pub const IDLE: Duration = Duration::from_secs(120);
 /// A body read or response write that makes no progress for this long ends the connection.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request head must arrive whole within this long of its first byte being awaited.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a connection waiting for its next request looks whether the server is full.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 
 /// A request line and headers.
 #[derive(Debug)]
@@ -35,6 +41,14 @@ impl Head {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of the headers named `name` (case-insensitive), in order.
+    fn headers_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 
@@ -177,21 +191,55 @@ impl Exchange<'_> {
 }
 
 fn read_line(r: &mut BufReader<TcpStream>, budget: &mut usize) -> Result<Vec<u8>, BodyError> {
+    read_line_by(r, budget, None)
+}
+
+/// One line (CRLF or LF, without it) of at most `budget` bytes, taken off `budget`; with a
+/// `deadline`, the whole line must arrive by then (each read waits only for what is left),
+/// so a client trickling bytes cannot hold a connection for long.
+fn read_line_by(
+    r: &mut BufReader<TcpStream>,
+    budget: &mut usize,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, BodyError> {
     let mut line = Vec::new();
-    let n = (&mut *r)
-        .take(*budget as u64 + 1)
-        .read_until(b'\n', &mut line)
-        .map_err(BodyError::Io)?;
-    if n > *budget {
-        return Err(BodyError::Bad("a line is too long".into()));
+    loop {
+        if let Some(d) = deadline
+            && r.buffer().is_empty()
+        {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() || r.get_ref().set_read_timeout(Some(left)).is_err() {
+                return Err(BodyError::Io(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    "the request head took too long",
+                )));
+            }
+        }
+        let buf = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(BodyError::Io(e)),
+        };
+        if buf.is_empty() {
+            return Err(BodyError::Io(std::io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "the connection closed inside a line",
+            )));
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if line.len() + take > *budget {
+            return Err(BodyError::Bad("a line is too long".into()));
+        }
+        line.extend_from_slice(&buf[..take]);
+        r.consume(take);
+        if done {
+            break;
+        }
     }
-    *budget -= n;
-    if !line.ends_with(b"\n") {
-        return Err(BodyError::Io(std::io::Error::new(
-            ErrorKind::UnexpectedEof,
-            "the connection closed inside a line",
-        )));
-    }
+    *budget -= line.len();
     line.pop();
     if line.ends_with(b"\r") {
         line.pop();
@@ -248,10 +296,11 @@ enum HeadError {
 
 fn read_head(r: &mut BufReader<TcpStream>) -> Result<Head, HeadError> {
     let mut budget = MAX_HEAD;
+    let deadline = Some(Instant::now() + HEAD_TIMEOUT);
     let too_large = || HeadError::Reject(431, format!("the request head exceeds {MAX_HEAD} bytes"));
     // Blank lines before a request line are allowed (RFC 9112 2.2).
     let line = loop {
-        match read_line(r, &mut budget) {
+        match read_line_by(r, &mut budget, deadline) {
             Ok(l) if l.is_empty() => continue,
             Ok(l) => break l,
             Err(BodyError::Bad(_)) => return Err(too_large()),
@@ -281,7 +330,7 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Result<Head, HeadError> {
     }
     let mut headers = Vec::new();
     loop {
-        let line = match read_line(r, &mut budget) {
+        let line = match read_line_by(r, &mut budget, deadline) {
             Ok(l) => l,
             Err(BodyError::Bad(_)) => return Err(too_large()),
             Err(_) => return Err(HeadError::Closed),
@@ -314,6 +363,19 @@ fn read_head(r: &mut BufReader<TcpStream>) -> Result<Head, HeadError> {
 }
 
 fn framing(head: &Head) -> Result<Framing, String> {
+    // More than one framing header, or a list in one, is refused: a proxy in front that
+    // reads another of them than this server does would see another request boundary
+    // (request smuggling, RFC 9112 6.3).
+    for name in ["Transfer-Encoding", "Content-Length"] {
+        let values: Vec<&str> = head.headers_named(name).collect();
+        if values.len() > 1 {
+            return Err(format!(
+                "a request with {} {name} headers ({}) is ambiguous",
+                values.len(),
+                values.join(" / ")
+            ));
+        }
+    }
     let te = head.header("Transfer-Encoding");
     let cl = head.header("Content-Length");
     match (te, cl) {
@@ -390,9 +452,15 @@ fn error_json(status: u16, message: &str) -> Response {
 /// a response with status 499 means the client went away: nothing is written and the
 /// connection is closed. A request whose body `handle` did not read ends the connection
 /// after its response (the unread bytes cannot be skipped safely).
+///
+/// `wanted` is asked while the connection is idle between requests (or has sent nothing
+/// yet): true means another client waits for a slot and this connection gives it up (the
+/// call claims that), so idle keep-alive connections cannot lock the server out; one inside
+/// a request head has [`HEAD_TIMEOUT`].
 pub fn serve_connection(
     stream: TcpStream,
     max_body: u64,
+    wanted: &dyn Fn() -> bool,
     handle: &dyn Fn(&mut Exchange) -> Response,
 ) {
     let _ = stream.set_nodelay(true);
@@ -402,15 +470,14 @@ pub fn serve_connection(
     };
     let mut reader = BufReader::with_capacity(8 << 10, read_half);
     loop {
-        // Waiting for a request: the idle limit; inside one: the I/O limit.
-        if reader.buffer().is_empty() && stream.set_read_timeout(Some(IDLE)).is_err() {
+        if !await_request(&stream, &mut reader, wanted) {
             return;
         }
         let head = match read_head(&mut reader) {
             Ok(h) => h,
             Err(HeadError::Closed) => return,
             Err(HeadError::Reject(status, msg)) => {
-                let _ = write_response(&stream, &error_json(status, &msg), true, false);
+                reject(&stream, &mut reader, status, &msg);
                 return;
             }
         };
@@ -418,7 +485,7 @@ pub fn serve_connection(
         let framing = match framing(&head) {
             Ok(f) => f,
             Err(msg) => {
-                let _ = write_response(&stream, &error_json(400, &msg), true, false);
+                reject(&stream, &mut reader, 400, &msg);
                 return;
             }
         };
@@ -447,6 +514,42 @@ pub fn serve_connection(
             return;
         }
     }
+}
+
+/// Answers a request that cannot be served and closes its connection, reading what the
+/// client still sends first so the answer is not lost to a reset.
+fn reject(stream: &TcpStream, reader: &mut BufReader<TcpStream>, status: u16, msg: &str) {
+    if write_response(stream, &error_json(status, msg), true, false).is_ok() {
+        linger(stream, reader);
+    }
+}
+
+/// Waits for the first byte of the next request: false when the client closed, the
+/// connection stayed idle for [`IDLE`], or `wanted` claimed its slot for another client.
+fn await_request(
+    stream: &TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    wanted: &dyn Fn() -> bool,
+) -> bool {
+    let since = Instant::now();
+    while reader.buffer().is_empty() {
+        let left = IDLE.saturating_sub(since.elapsed());
+        if left.is_zero() || stream.set_read_timeout(Some(left.min(IDLE_POLL))).is_err() {
+            return false;
+        }
+        match reader.fill_buf() {
+            Ok([]) => return false,
+            Ok(_) => return true,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if wanted() {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// After answering a request whose body was not read (413, 503, 401 ...): stop sending,
