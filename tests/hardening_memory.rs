@@ -251,6 +251,47 @@ fn show_sql_runs_under_a_memory_limit() {
     assert!(help.contains("[default: 1GiB]"), "{help}");
 }
 
+/// Regression (hostile re-run): a result held under the limit was printed through arrow's
+/// pretty table, a String per cell and one for the table (13 GB for a result near 1 GiB).
+/// Printed a line at a time, 4 million rows (64 MB of closes; 90 MB peak RSS here) print
+/// with the process's heap capped at 500 MB (`ulimit -d`).
+#[test]
+fn show_prints_a_large_result_a_line_at_a_time() {
+    let f = fixture();
+    let printed = f.root().join("printed.txt");
+    let out = std::process::Command::new("sh")
+        .current_dir(f.root())
+        .env("FLAG_STORE", f.store())
+        .env("FLAG_ROOT", f.root())
+        .args(["-c", "ulimit -d 500000 && exec \"$0\" \"$@\""])
+        .arg(flag_bin())
+        .args([
+            "show",
+            "ohlcv.bars",
+            "--pipeline",
+            "pipelines/test-small.yaml",
+            "--sql",
+            "SELECT a.close AS x, b.close AS y FROM t a, t b LIMIT 4000000",
+        ])
+        .stdout(std::fs::File::create(&printed).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&printed).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4_000_000 + 4);
+    assert!(
+        lines[1].starts_with("| x ") && lines[1].contains("| y "),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[0], lines[2]);
+    assert_eq!(lines[0], lines[lines.len() - 1]);
+    assert!(lines[0].starts_with("+-") && lines[0].ends_with("-+"));
+    // Every row has the table's width.
+    assert!(lines.iter().all(|l| l.len() == lines[0].len()));
+}
+
 /// Replaces the Close of the AAPL train file's line `line` (1-based) with `close`.
 fn with_close(src: &Path, dest: &Path, line: usize, close: &str) {
     let text = std::fs::read_to_string(src).unwrap();

@@ -9,6 +9,7 @@ pub mod run;
 pub mod show;
 pub mod stages;
 pub mod status;
+mod table;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

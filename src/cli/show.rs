@@ -200,8 +200,20 @@ pub fn run(
             return Err(e.into());
         }
     };
-    println!("{}", arrow::util::pretty::pretty_format_batches(&batches)?);
-    Ok(ExitCode::SUCCESS)
+    // Printed a line at a time: the text of a table is many times its rows' size.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = super::table::write_table(&mut out, &batches)
+        .and_then(|()| std::io::Write::flush(&mut out).map_err(Into::into));
+    match written {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // `flag show ... | head`: the reader has what it wanted.
+        Err(arrow::error::ArrowError::IoError(_, e))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `show` is read-only: the SQL must be exactly one query (SELECT, WITH ... SELECT, VALUES)
