@@ -42,6 +42,8 @@ fn is_regular_file(p: &Path) -> bool {
 /// `flag run --only ohlcv` (forced or not) with the files its processes may write capped
 /// at 20 KB (`ulimit -f`): the stage's Parquet output is larger, so the stage worker is
 /// killed (SIGXFSZ) and the stage fails, with its key unchanged (a limit is part of no key).
+/// `flag` itself must not write a larger file: its cache of the worker's declarations must
+/// be warm.
 fn run_ohlcv_capped(root: &Path, store: &Path, force: bool) -> std::process::Output {
     let mut c = std::process::Command::new("sh");
     c.current_dir(root)
@@ -146,15 +148,41 @@ fn a_failed_first_run_keeps_its_log_at_the_keys_name() {
     let root = tempfile::tempdir().unwrap();
     copy_project(root.path());
     let store = root.path().join("store");
+    // Uncapped first: `flag` caches what the stage worker declares (a file over the cap)
+    // when that cache is cold, as after a build.
+    let mut dry = flag(root.path(), &store);
+    dry.args([
+        "run",
+        "pipelines/test-small.yaml",
+        "--dry-run",
+        "--only",
+        "ohlcv",
+    ])
+    .arg("--set")
+    .arg(format!("data_dir={}", data_dir().display()));
+    run_ok(&mut dry);
     let out = run_ohlcv_capped(root.path(), &store, false);
     assert!(!out.status.success());
-    let rec = &records(&out)["ohlcv"];
+    let recs = records(&out);
+    let rec = recs
+        .get("ohlcv")
+        .unwrap_or_else(|| panic!("no record ({:?}): {}", out.status, both(&out)));
     let key = rec["key"].as_str().unwrap();
     let log = store.join("logs").join(format!("{key}.log"));
     assert_eq!(rec["log"], log.to_string_lossy().as_ref());
     assert!(std::fs::read_to_string(&log).unwrap().contains("FAILED"));
     // No staging folder is left behind.
     assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0);
+    // gc keeps the failure's log (it is what the user reads); --prune removes it.
+    let out = run_ok(flag(root.path(), &store).arg("gc"));
+    assert!(
+        stderr(&out).contains("kept 1 logs of failed or dropped runs"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(log.is_file());
+    run_ok(flag(root.path(), &store).args(["gc", "--prune"]));
+    assert!(!log.exists());
 }
 
 #[test]

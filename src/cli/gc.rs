@@ -1,5 +1,6 @@
-//! `flag gc`: remove what no manifest needs (objects left by killed runs, staging dirs,
-//! orphan logs); with --prune also runs that no pipeline's latest state refers to.
+//! `flag gc`: remove what no manifest needs (objects left by killed runs, staging dirs);
+//! with --prune also runs that no pipeline's latest state refers to, and the logs of failed
+//! runs.
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,7 +99,9 @@ pub fn run(
             }
         }
     }
-    let mut logs = 0;
+    // A log no kept manifest names is a failed run's (or a dropped run's): what the user
+    // reads to find out why, so only --prune removes it.
+    let (mut logs, mut failure_logs) = (0, 0);
     for f in std::fs::read_dir(store.root.join("logs"))?.flatten() {
         let name = f.file_name().to_string_lossy().to_string();
         let key = match log_key(&name) {
@@ -108,7 +111,9 @@ pub fn run(
                 continue;
             }
         };
-        if !keep_keys.contains(key) {
+        if !keep_keys.contains(key) && !args.prune {
+            failure_logs += 1;
+        } else if !keep_keys.contains(key) {
             logs += 1;
             if !args.dry_run {
                 std::fs::remove_file(f.path())?;
@@ -125,6 +130,12 @@ pub fn run(
         },
         bytes as f64 / 1e6
     );
+    if failure_logs > 0 {
+        eprintln!(
+            "kept {failure_logs} logs of failed or dropped runs under {} (--prune removes them)",
+            store.root.join("logs").display()
+        );
+    }
     if !unreadable.is_empty() {
         eprintln!(
             "removed no objects: {} manifests do not parse, so what they name is unknown \
