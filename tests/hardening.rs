@@ -1019,3 +1019,51 @@ fn hold_lock(lock: &Path) -> std::process::Child {
     assert_eq!(line.trim(), "held");
     holder
 }
+
+/// Regression (hostile re-run): a `--set` key that is not a name was looked up as a stage
+/// named '' ("no stage ''"); a ticker that is a path was joined onto the data folder. Both
+/// are refused as what they are, and nothing is written.
+#[test]
+fn set_keys_and_tickers_that_are_paths_are_refused() {
+    let f = fixture();
+    let file = f.root().join("pipelines/test-small.yaml");
+    for (set, want) in [
+        (
+            "../../x=1",
+            "--set '../../x=1': '../../x' is not PARAM or STAGE.PARAM",
+        ),
+        ("ohlcv.=3", "--set 'ohlcv.=3': 'ohlcv.' is not PARAM"),
+        ("a/b=3", "'a/b' is not PARAM or STAGE.PARAM"),
+    ] {
+        refused(&f, &file, &["--set", set], &[want]);
+    }
+    for (tickers, want) in [
+        (
+            "[\"../../../etc/passwd\"]",
+            "ticker '../../../etc/passwd' may not contain '/'",
+        ),
+        ("[\"..\"]", "ticker '..' may not start with '.'"),
+        ("[\"\"]", "ticker '' is empty"),
+    ] {
+        let set = format!("tickers={tickers}");
+        refused(
+            &f,
+            &file,
+            &["--set", &set],
+            &[
+                &format!("{}:16: stage 'ohlcv': param 'tickers'", file.display()),
+                want,
+            ],
+        );
+    }
+    // Real symbols pass the check (and then fail only for lack of data files).
+    let out = flag(f.root(), &f.store())
+        .args(["run", "pipelines/test-small.yaml", "--only", "ohlcv"])
+        .args(["--set", "tickers=[BRK.B, ^GSPC, EURUSD=X, BTC-USD]"])
+        .arg("--set")
+        .arg(format!("data_dir={}", data_dir().display()))
+        .output()
+        .unwrap();
+    assert!(!both(&out).contains("may not"), "{}", both(&out));
+    assert!(both(&out).contains("missing tdqn file"), "{}", both(&out));
+}

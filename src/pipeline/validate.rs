@@ -290,6 +290,17 @@ pub(super) fn validate(
             )));
         };
         let k = k.trim();
+        // PARAM or STAGE.PARAM, each a name: anything else (`../../x`, `a.b.c`, ``) is
+        // refused as what it is, not looked up.
+        let parts: Vec<&str> = k.splitn(2, '.').collect();
+        if parts.iter().any(|part| check_name(part, false).is_err()) {
+            return Err(EngineError::Usage(format!(
+                "--set '{}': '{}' is not PARAM or STAGE.PARAM (a name is ASCII letters, \
+                 digits, '_' and '-')",
+                o.escape_debug(),
+                k.escape_debug()
+            )));
+        }
         let v = yaml_scalar(k, v.trim())?;
         if let Some((stage, p)) = k.split_once('.') {
             stage_overrides

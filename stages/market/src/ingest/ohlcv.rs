@@ -67,6 +67,7 @@ impl Config {
 
 fn config(p: &Params) -> StageResult<Config> {
     let mut tickers = p.str_list("tickers")?;
+    super::util::check_tickers("tickers", &tickers)?;
     tickers.sort();
     tickers.dedup();
     if tickers.is_empty() {

@@ -134,6 +134,37 @@ pub fn parse_ymd(file: &Path, line: u64, column: &str, raw: &str) -> StageResult
 /// At most this many bytes of a value from an input file are quoted in an error.
 pub const QUOTE_MAX: usize = 200;
 
+/// Tickers become parts of file names the stages read (`<source>/<TICKER>_....csv`), so
+/// each must be a symbol: 1 to 24 ASCII letters, digits and `. _ ^ = -` (BRK.B, ^GSPC,
+/// BTC-USD, EURUSD=X), not starting with '.' ('..' and hidden files), never '/'.
+pub fn check_tickers(param: &str, tickers: &[String]) -> StageResult<()> {
+    for t in tickers {
+        let bad = t
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '^' | '=' | '-')));
+        let problem = if t.is_empty() {
+            Some("is empty".to_string())
+        } else if t.len() > 24 {
+            Some("is longer than 24 characters".to_string())
+        } else if let Some(c) = bad {
+            Some(format!(
+                "may not contain {c:?} (a ticker is ASCII letters, digits and . _ ^ = -)"
+            ))
+        } else if t.starts_with('.') {
+            Some("may not start with '.'".to_string())
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            return Err(StageError::param(
+                param,
+                format!("ticker '{}' {p}", quote(t)),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// `s` as an error quotes it: control characters escaped, cut to about [`QUOTE_MAX`] bytes
 /// (at a character boundary) with a marker giving the full length, so a 200 MB field gives
 /// a 250-byte message, not a 200 MB one.
