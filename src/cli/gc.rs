@@ -111,9 +111,11 @@ pub fn run(
                 continue;
             }
         };
-        if !keep_keys.contains(key) && !args.prune {
-            failure_logs += 1;
-        } else if !keep_keys.contains(key) {
+        if !keep_keys.contains(key) {
+            if !args.prune {
+                failure_logs += 1;
+                continue;
+            }
             logs += 1;
             if !args.dry_run {
                 std::fs::remove_file(f.path())?;

@@ -1084,7 +1084,6 @@ impl Store {
         Ok(n)
     }
 
-    /// Points `out/<path>` at the latest outputs (symlinks into objects/).
     /// Makes (or finds) every folder from the store's root down to `dest`'s parent, as a real
     /// folder: one that is a symlink or a file is refused, naming it, because publishing
     /// through it would create and replace files outside the store.
@@ -1132,6 +1131,7 @@ impl Store {
         Ok(parent.to_path_buf())
     }
 
+    /// Points `out/<path>` at the latest outputs (symlinks into objects/).
     pub fn publish(&self, m: &Manifest, paths: &BTreeMap<String, String>) -> Result<()> {
         for (name, rel) in paths {
             let Some(out) = m.outputs.get(name) else {

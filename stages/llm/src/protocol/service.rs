@@ -62,7 +62,7 @@ pub struct Metrics {
     pub sequences_decoding: AtomicU64,
     /// Sequences dropped (before or during decoding) because their client went away.
     pub sequences_cancelled: AtomicU64,
-    /// Chat requests whose client was noticed gone while they waited.
+    /// Model requests (chat, embeddings) whose client was noticed gone while they waited.
     pub clients_gone: AtomicU64,
     /// Embeddings requests stopped because their client went away.
     pub embeddings_cancelled: AtomicU64,
@@ -106,7 +106,7 @@ impl Metrics {
             (
                 "flag_serve_clients_gone_total",
                 "counter",
-                "chat requests whose client closed the connection before the answer",
+                "model requests whose client closed the connection before the answer",
                 &self.clients_gone,
             ),
             (
@@ -277,19 +277,7 @@ impl Service {
         };
         let stopped = || ApiError::server("the model worker has stopped");
         self.chat.send(job).map_err(|_| stopped())?;
-        let reply = loop {
-            match rx.recv_timeout(CLIENT_PROBE) {
-                Ok(r) => break r,
-                Err(RecvTimeoutError::Disconnected) => return Err(stopped()),
-                Err(RecvTimeoutError::Timeout) => {
-                    if client_gone() {
-                        cancel.store(true, Ordering::Relaxed);
-                        self.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
-                        return Err(client_closed());
-                    }
-                }
-            }
-        };
+        let reply = self.await_reply(&rx, &cancel, client_gone, stopped)?;
         let (g, top) = reply.map_err(ApiError::server)?;
         if let Some(e) = &g.error {
             return Err(ApiError::server(format!(
@@ -325,31 +313,40 @@ impl Service {
                 reply: tx,
             })
             .map_err(|_| stopped())?;
-        let reply = loop {
-            match rx.recv_timeout(CLIENT_PROBE) {
-                Ok(r) => break r,
-                Err(RecvTimeoutError::Disconnected) => return Err(stopped()),
-                Err(RecvTimeoutError::Timeout) => {
-                    if client_gone() {
-                        cancel.store(true, Ordering::Relaxed);
-                        self.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
-                        return Err(client_closed());
-                    }
-                }
-            }
-        };
+        let reply = self.await_reply(&rx, &cancel, client_gone, stopped)?;
         let (vecs, n_tokens) = reply.map_err(ApiError::server)?;
         self.metrics.embeddings.fetch_add(1, Ordering::Relaxed);
         Ok(super::embeddings_response(&self.embed_id, vecs, n_tokens))
     }
 }
 
-/// The answer to a request whose client went away (nginx's 499; nobody reads it).
-fn client_closed() -> ApiError {
-    ApiError {
-        status: 499,
-        kind: "client_closed_request",
-        message: "the client closed the connection".into(),
+impl Service {
+    /// Waits for a worker's reply, asking `client_gone` every [`CLIENT_PROBE`]: once it
+    /// says yes, `cancel` is set (the worker drops the job) and the error has status 499
+    /// (nginx's "client closed request"; nobody is left to read it).
+    fn await_reply<T>(
+        &self,
+        rx: &Receiver<T>,
+        cancel: &AtomicBool,
+        client_gone: &mut dyn FnMut() -> bool,
+        stopped: impl Fn() -> ApiError,
+    ) -> ApiResult<T> {
+        loop {
+            match rx.recv_timeout(CLIENT_PROBE) {
+                Ok(r) => return Ok(r),
+                Err(RecvTimeoutError::Disconnected) => return Err(stopped()),
+                Err(RecvTimeoutError::Timeout) if client_gone() => {
+                    cancel.store(true, Ordering::Relaxed);
+                    self.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
+                    return Err(ApiError {
+                        status: 499,
+                        kind: "client_closed_request",
+                        message: "the client closed the connection".into(),
+                    });
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+        }
     }
 }
 
