@@ -290,14 +290,19 @@ fn a_folder_that_is_not_a_store_is_refused_and_left_alone() {
     let dir2 = root.path().join("project");
     std::fs::create_dir_all(dir2.join("tmp")).unwrap();
     std::fs::write(dir2.join("tmp/keep.txt"), "mine").unwrap();
+    std::fs::create_dir_all(dir2.join("objects")).unwrap();
+    std::fs::write(dir2.join("objects/b"), "mine").unwrap();
     let out = run_small(root.path(), &dir2);
     assert!(!out.status.success());
+    let msg = stderr(&out);
+    assert!(msg.contains("not a flag store"), "{msg}");
+    // It names what is missing, not what is there (the hostile re-run's case 2.7).
     assert!(
-        stderr(&out).contains("not a flag store"),
-        "{}",
-        stderr(&out)
+        msg.contains("lacks the store's manifests/, refs/"),
+        "{msg}"
     );
     assert!(dir2.join("tmp/keep.txt").is_file());
+    assert!(dir2.join("objects/b").is_file());
 
     // A marker of another format is refused too.
     let dir3 = root.path().join("future");

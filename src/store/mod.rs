@@ -328,9 +328,11 @@ fn inspect(root: &Path) -> Result<Found> {
             !ours
         })
         .collect();
-    let has_layout = ["objects", "manifests", "refs"]
-        .iter()
-        .all(|d| root.join(d).is_dir());
+    let missing: Vec<&str> = ["objects", "manifests", "refs"]
+        .into_iter()
+        .filter(|d| !root.join(d).is_dir())
+        .collect();
+    let has_layout = missing.is_empty();
     if foreign.is_empty() && has_layout {
         return Ok(Found::Unmarked);
     }
@@ -345,7 +347,14 @@ fn inspect(root: &Path) -> Result<Found> {
     Err(not_a_store(
         root,
         if foreign.is_empty() {
-            "the folder is not empty and lacks the store's objects/, manifests/ and refs/".into()
+            format!(
+                "the folder is not empty, has no '{MARKER}' file and lacks the store's {}",
+                missing
+                    .iter()
+                    .map(|d| format!("{d}/"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         } else {
             format!(
                 "the folder is not empty and has no '{MARKER}' file (it holds {})",
