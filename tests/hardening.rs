@@ -297,10 +297,7 @@ fn a_folder_that_is_not_a_store_is_refused_and_left_alone() {
     let msg = stderr(&out);
     assert!(msg.contains("not a flag store"), "{msg}");
     // It names what is missing, not what is there (the hostile re-run's case 2.7).
-    assert!(
-        msg.contains("lacks the store's manifests/, refs/"),
-        "{msg}"
-    );
+    assert!(msg.contains("lacks the store's manifests/, refs/"), "{msg}");
     assert!(dir2.join("tmp/keep.txt").is_file());
     assert!(dir2.join("objects/b").is_file());
 

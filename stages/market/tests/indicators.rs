@@ -348,6 +348,18 @@ fn warm_up_rows_are_null_then_values_start() {
     }
 }
 
+/// The SQL is planned once per runner and re-run on every group, and that plan neither sorts
+/// nor repartitions: the input is declared sorted by (ticker, date) and runs as one partition.
+#[test]
+fn the_plan_has_no_sort_or_repartition() {
+    let runner = IndicatorRunner::new(&sql()).unwrap();
+    let plan = runner.plan_text();
+    assert!(plan.contains("WindowAggExec"), "{plan}");
+    for op in ["SortExec", "RepartitionExec", "CoalescePartitionsExec"] {
+        assert!(!plan.contains(op), "{op} in the plan:\n{plan}");
+    }
+}
+
 /// Indicators at day t computed from bars up to t equal those computed from the full series.
 #[test]
 fn no_look_ahead() {
