@@ -8,8 +8,8 @@
 #   (b) TA-Lib (C, PyPI wheel) per ticker + pyarrow read/write,
 #   (c) polars, lazy, `.over("ticker")` rolling windows.
 # The anchors live in their own venv ($FLAG_CACHE/bench-venv, pinned versions, created on
-# first use). Writes $FLAG_BENCH_OUT/indicators.json (default artifacts/bench/) and prints a
-# table. Any tool that cannot run fails the script.
+# first use). Writes $FLAG_BENCH_OUT/indicators.json (indicators-10m.json at 10M rows; default
+# artifacts/bench/) and prints a table. Any tool that cannot run fails the script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -19,8 +19,8 @@ VENV="$CACHE/bench-venv"
 HELPER="$ROOT/stages/market/scripts/bench_indicators.py"
 REPEATS="${FLAG_BENCH_REPEATS:-2}"
 case "${FLAG_BENCH_INDICATORS_ROWS:-1M}" in
-  1M) TICKERS=200 ;;
-  10M) TICKERS=2000 ;;
+  1M) TICKERS=200 RESULT=indicators.json ;;
+  10M) TICKERS=2000 RESULT=indicators-10m.json ;;
   *) echo "bench-indicators: FLAG_BENCH_INDICATORS_ROWS must be 1M or 10M" >&2; exit 2 ;;
 esac
 DAYS=5000
@@ -74,4 +74,4 @@ done
   --stage "$(best "${stage_runs[@]}")" --talib "$(best "${talib_runs[@]}")" \
   --polars "$(best "${polars_runs[@]}")" \
   --stage-out "$WORK/stage.parquet" --talib-out "$WORK/talib.parquet" \
-  --polars-out "$WORK/polars.parquet" "$OUT_DIR/indicators.json"
+  --polars-out "$WORK/polars.parquet" "$OUT_DIR/$RESULT"
