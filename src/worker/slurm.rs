@@ -152,8 +152,9 @@ pub fn run(
     beat(beats);
     let mut last_beat = std::time::Instant::now();
     let cwd = std::env::current_dir().map_err(|e| fail(format!("the working directory: {e}")))?;
+    // sbatch passes its environment on to the job (--export=ALL, Slurm's default).
     let mut sbatch = Command::new("sbatch");
-    sbatch
+    super::worker_env(&mut sbatch)
         .arg("--parsable")
         .arg(format!("--job-name={name}"))
         .arg(format!("--output={}", slurm_log.display()))

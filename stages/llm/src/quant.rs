@@ -158,7 +158,7 @@ impl QMatrix {
     /// Rows `r0..r1` as f32, exactly as the dense loader computes them.
     pub fn dequantize_rows(&self, r0: usize, r1: usize, out: &mut [f32]) {
         let rb = self.row_bytes();
-        gguf::dequant_blocks(self.ggml_type, &self.data[r0 * rb..r1 * rb], out);
+        dequant_fast(self.ggml_type, &self.data[r0 * rb..r1 * rb], out);
     }
 
     /// The whole matrix as an f32 tensor [rows, cols] (for code that needs dense weights).
@@ -264,7 +264,9 @@ fn rows_into(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [
             return unsafe { rows_into_fma(w, x, m, r0, r1, out) };
         }
     }
-    rows_into_with(w, x, m, r0, r1, out, |a, b, acc| a * b + acc)
+    let ty = w.ggml_type;
+    let dequant = |bytes: &[u8], row: &mut [f32]| gguf::dequant_blocks(ty, bytes, row);
+    rows_into_with(w, x, m, r0, r1, out, dequant, |a, b, acc| a * b + acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -277,7 +279,80 @@ fn fma_available() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn rows_into_fma(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
-    rows_into_with(w, x, m, r0, r1, out, f32::mul_add)
+    let ty = w.ggml_type;
+    // A closure in a function with AVX2 enabled has it too: the call needs no unsafe.
+    let dequant = |bytes: &[u8], row: &mut [f32]| dequant_avx2(ty, bytes, row);
+    rows_into_with(w, x, m, r0, r1, out, dequant, f32::mul_add)
+}
+
+/// [`gguf::dequant_blocks`], with AVX2 where the CPU has it (the same bits either way).
+fn dequant_fast(ty: u32, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if fma_available() {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2 and FMA, checked at run time.
+            return unsafe { dequant_avx2(ty, bytes, out) };
+        }
+    }
+    gguf::dequant_blocks(ty, bytes, out)
+}
+
+/// [`gguf::dequant_blocks`] for one row with AVX2, 8 elements an instruction: the same
+/// integer-to-float conversions, multiplies and adds (no fused multiply-add), so the same
+/// bits; the compiler left the scalar loops unvectorised (a byte and a convert at a time).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(unsafe_code)]
+fn dequant_avx2(ty: u32, bytes: &[u8], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let scale = |b: &[u8], i: usize| {
+        half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+    };
+    match ty {
+        GGML_Q4_0 | GGML_Q4_1 => {
+            let (bb, at) = if ty == GGML_Q4_0 { (18, 2) } else { (20, 4) };
+            assert!(out.len() / BLOCK <= bytes.len() / bb);
+            for (o, b) in out.chunks_exact_mut(BLOCK).zip(bytes.chunks_exact(bb)) {
+                let d = _mm256_set1_ps(scale(b, 0));
+                let m = _mm256_set1_ps(if ty == GGML_Q4_1 { scale(b, 2) } else { 0.0 });
+                // SAFETY: b has bb bytes, so the 16 at `at` are in it.
+                let q = unsafe { _mm_loadu_si128(b.as_ptr().add(at) as *const __m128i) };
+                let nib = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(q, nib);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), nib);
+                for (first, v) in [(0, lo), (16, hi)] {
+                    for (part, v8) in [(0, v), (8, _mm_srli_si128::<8>(v))] {
+                        let n = _mm256_cvtepu8_epi32(v8);
+                        let x = if ty == GGML_Q4_0 {
+                            let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_set1_epi32(8)));
+                            _mm256_mul_ps(f, d)
+                        } else {
+                            _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(n), d), m)
+                        };
+                        // SAFETY: o has 32 floats; first + part + 8 <= 32.
+                        unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(first + part), x) };
+                    }
+                }
+            }
+        }
+        GGML_Q8_0 => {
+            assert!(out.len() / BLOCK <= bytes.len() / 34);
+            for (o, b) in out.chunks_exact_mut(BLOCK).zip(bytes.chunks_exact(34)) {
+                let d = _mm256_set1_ps(scale(b, 0));
+                for part in 0..4 {
+                    // SAFETY: b has 34 bytes: 8 at 2 + 8 * part (<= 26) are in it; o has 32
+                    // floats, 8 at 8 * part.
+                    unsafe {
+                        let q = _mm_loadl_epi64(b.as_ptr().add(2 + 8 * part) as *const __m128i);
+                        let x = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+                        _mm256_storeu_ps(o.as_mut_ptr().add(8 * part), x);
+                    }
+                }
+            }
+        }
+        _ => gguf::dequant_blocks(ty, bytes, out),
+    }
 }
 
 #[inline(always)]
@@ -288,21 +363,97 @@ fn rows_into_with(
     r0: usize,
     r1: usize,
     out: &mut [f32],
+    dequant: impl Fn(&[u8], &mut [f32]),
     fmadd: impl Fn(f32, f32, f32) -> f32 + Copy,
 ) {
     let k = w.cols;
-    let mut wrow = vec![0f32; k];
-    for (r, o) in (r0..r1).zip(out.chunks_exact_mut(m)) {
-        gguf::dequant_blocks(w.ggml_type, w.row(r), &mut wrow);
-        for (oi, xi) in o.iter_mut().zip(x.chunks_exact(k)) {
-            *oi = dot_lanes(&wrow, xi, fmadd);
+    // Tiles of weight rows x activation rows, so that 8 accumulators are in flight: one dot
+    // alone is 2 dependent FMA chains, a quarter of what the FMA units can take. Each dot in
+    // a tile sums in exactly the order `dot_lanes` does, so the tiling changes no bit.
+    let rows_per_tile = if m == 1 { 4 } else { 1 };
+    let mut wbuf = vec![0f32; rows_per_tile * k];
+    let mut r = r0;
+    while r < r1 {
+        let rt = rows_per_tile.min(r1 - r);
+        for (i, buf) in wbuf.chunks_exact_mut(k).take(rt).enumerate() {
+            dequant(w.row(r + i), buf);
+        }
+        let o = &mut out[(r - r0) * m..(r - r0 + rt) * m];
+        let wr = |i: usize| &wbuf[i * k..(i + 1) * k];
+        let xr = |a: usize| &x[a * k..(a + 1) * k];
+        match rt {
+            4 => {
+                // m == 1: four weight rows against the one activation row.
+                let t = dot_tile::<4, 1>([wr(0), wr(1), wr(2), wr(3)], [xr(0)], fmadd);
+                for (oi, ti) in o.iter_mut().zip(t) {
+                    *oi = ti[0];
+                }
+            }
+            1 if m >= 4 => {
+                let mut a = 0;
+                while a + 4 <= m {
+                    let t = dot_tile::<1, 4>([wr(0)], [xr(a), xr(a + 1), xr(a + 2), xr(a + 3)], fmadd);
+                    o[a..a + 4].copy_from_slice(&t[0]);
+                    a += 4;
+                }
+                for (a, v) in o.iter_mut().enumerate().skip(a) {
+                    *v = dot_tile::<1, 1>([wr(0)], [xr(a)], fmadd)[0][0];
+                }
+            }
+            _ => {
+                for (i, oi) in o.chunks_exact_mut(m).enumerate() {
+                    for (a, v) in oi.iter_mut().enumerate() {
+                        *v = dot_tile::<1, 1>([wr(i)], [xr(a)], fmadd)[0][0];
+                    }
+                }
+            }
+        }
+        r += rt;
+    }
+}
+
+/// The R x A dots of R weight rows with A activation rows (equal lengths, a multiple of 16),
+/// each in 16 lanes summed in a fixed order ([`dot_lanes`]'s), all R x A at once.
+#[inline(always)]
+fn dot_tile<const R: usize, const A: usize>(
+    w: [&[f32]; R],
+    x: [&[f32]; A],
+    fmadd: impl Fn(f32, f32, f32) -> f32 + Copy,
+) -> [[f32; A]; R] {
+    let mut acc = [[[0f32; 16]; A]; R];
+    let wc: [&[[f32; 16]]; R] = w.map(|v| v.as_chunks::<16>().0);
+    let xc: [&[[f32; 16]]; A] = x.map(|v| v.as_chunks::<16>().0);
+    let n = wc[0].len();
+    // Equal lengths up front: the loop below then runs without bounds checks.
+    assert!(wc.iter().all(|v| v.len() == n) && xc.iter().all(|v| v.len() == n));
+    for c in 0..n {
+        for r in 0..R {
+            let wv = &wc[r][c];
+            for a in 0..A {
+                let xv = &xc[a][c];
+                for i in 0..16 {
+                    acc[r][a][i] = fmadd(wv[i], xv[i], acc[r][a][i]);
+                }
+            }
         }
     }
+    acc.map(|row| row.map(|lanes| reduce_lanes(&lanes)))
+}
+
+/// The fixed-order sum of 16 lanes: halves, then quarters, then pairs.
+#[inline(always)]
+fn reduce_lanes(acc: &[f32; 16]) -> f32 {
+    let mut s8 = [0f32; 8];
+    for i in 0..8 {
+        s8[i] = acc[i] + acc[i + 8];
+    }
+    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
+    (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
 /// Dot product of two equal-length slices whose length is a multiple of 16, in 16 lanes
 /// summed in a fixed order (the compiler vectorises the lanes).
-#[inline(always)]
+#[cfg(test)]
 fn dot_lanes(a: &[f32], b: &[f32], fmadd: impl Fn(f32, f32, f32) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     for (ac, bc) in a.chunks_exact(16).zip(b.chunks_exact(16)) {
@@ -310,12 +461,7 @@ fn dot_lanes(a: &[f32], b: &[f32], fmadd: impl Fn(f32, f32, f32) -> f32) -> f32 
             acc[i] = fmadd(ac[i], bc[i], acc[i]);
         }
     }
-    let mut s8 = [0f32; 8];
-    for i in 0..8 {
-        s8[i] = acc[i] + acc[i + 8];
-    }
-    let s4 = [s8[0] + s8[4], s8[1] + s8[5], s8[2] + s8[6], s8[3] + s8[7]];
-    (s4[0] + s4[2]) + (s4[1] + s4[3])
+    reduce_lanes(&acc)
 }
 
 /// A pool for the row kernel with `threads` workers (None for one thread: run inline).
@@ -329,4 +475,95 @@ pub fn kernel_pool(threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>> {
         .build()
         .map(|p| Some(Arc::new(p)))
         .map_err(|e| LlmError::Invalid(format!("kernel thread pool: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    /// A Q8_0, Q4_0 or Q4_1 matrix of seeded pseudo-random blocks (finite scales).
+    fn matrix(ggml_type: u32, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let bb = block_bytes(ggml_type).unwrap();
+        let mut state = seed;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut data = Vec::with_capacity(rows * cols / BLOCK * bb);
+        for _ in 0..rows * cols / BLOCK {
+            let d = f16::from_f32(0.001 + (next() % 1000) as f32 * 1e-5).to_bits();
+            data.extend_from_slice(&d.to_le_bytes());
+            let mut head = 2;
+            if ggml_type == GGML_Q4_1 {
+                let min = f16::from_f32((next() % 2000) as f32 * -1e-4).to_bits();
+                data.extend_from_slice(&min.to_le_bytes());
+                head = 4;
+            }
+            data.extend((head..bb).map(|_| next() as u8));
+        }
+        QMatrix {
+            rows,
+            cols,
+            ggml_type,
+            block_bytes: bb,
+            data,
+        }
+    }
+
+    /// The AVX2 expansion gives the scalar loader's bits, for every block type.
+    #[test]
+    fn fast_dequant_equals_the_loader_bit_for_bit() {
+        for ty in [GGML_Q8_0, GGML_Q4_0, GGML_Q4_1] {
+            let w = matrix(ty, 9, 128, 11);
+            let (mut fast, mut slow) = (vec![0f32; 9 * 128], vec![0f32; 9 * 128]);
+            w.dequantize_rows(0, 9, &mut fast);
+            gguf::dequant_blocks(ty, &w.data, &mut slow);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fast), bits(&slow), "type {ty}");
+        }
+    }
+
+    /// The tiled kernel computes each dot exactly as one dot alone would (same lanes, same
+    /// reduction), for every batch size and row count that exercises a tile edge.
+    #[test]
+    fn tiled_kernel_equals_single_dots_bit_for_bit() {
+        for ty in [GGML_Q8_0, GGML_Q4_0, GGML_Q4_1] {
+            let (rows, cols) = (67, 96);
+            let w = matrix(ty, rows, cols, 7);
+            for m in [1, 2, 3, 5, 8] {
+                let x: Vec<f32> = (0..m * cols)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+                    .collect();
+                let mut got = vec![0f32; rows * m];
+                rows_into(&w, &x, m, 0, rows, &mut got);
+                let mut wrow = vec![0f32; cols];
+                for r in 0..rows {
+                    gguf::dequant_blocks(ty, w.row(r), &mut wrow);
+                    for a in 0..m {
+                        let want = dot_lanes(&wrow, &x[a * cols..(a + 1) * cols], |p, q, acc| {
+                            if fma_or_not() { p.mul_add(q, acc) } else { p * q + acc }
+                        });
+                        assert_eq!(
+                            got[r * m + a].to_bits(),
+                            want.to_bits(),
+                            "type {ty}, m {m}, row {r}, activation {a}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `rows_into` takes the FMA path on this CPU (its dots round once per step).
+    fn fma_or_not() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            fma_available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
 }
