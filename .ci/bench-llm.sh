@@ -63,6 +63,17 @@ echo "bench-llm: flag llm bench (device $DEVICE, $THREADS threads)" >&2
 "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
   --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" \
   --decode-tokens "$DECODE_TOKENS" --repeats "$REPEATS" > "$TMP/flag.json"
+echo "bench-llm: flag llm bench, weights kept as GGUF blocks (FLAG_LLM_WEIGHTS=gguf)" >&2
+FLAG_LLM_WEIGHTS=gguf "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
+  --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" \
+  --decode-tokens "$DECODE_TOKENS" --repeats "$REPEATS" > "$TMP/flag_gguf.json"
+# Resident memory is compared single stream to single stream: a process that ran batch 32
+# holds that batch's KV cache in its peak, llama.cpp's figure is one sequence.
+for w in dense gguf; do
+  FLAG_LLM_WEIGHTS=$w "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
+    --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" --batches 1 \
+    --decode-tokens "$DECODE_TOKENS" --repeats 1 > "$TMP/flag_single_$w.json"
+done
 
 echo "bench-llm: llama.cpp $LLAMA_CPP_VERSION ($THREADS threads)" >&2
 "$LVENV/bin/python" stages/llm/scripts/bench_llamacpp.py --gguf "$GGUF" \
@@ -70,10 +81,14 @@ echo "bench-llm: llama.cpp $LLAMA_CPP_VERSION ($THREADS threads)" >&2
   --decode-tokens "$DECODE_TOKENS" --threads "$THREADS" --repeats "$REPEATS" > "$TMP/llamacpp.json"
 
 mkdir -p "$(dirname "$OUT")"
-"$LVENV/bin/python" - "$TMP/flag.json" "$TMP/llamacpp.json" "$OUT" <<'EOF'
+"$LVENV/bin/python" - "$TMP/flag.json" "$TMP/llamacpp.json" "$OUT" "$TMP/flag_gguf.json" \
+  "$TMP/flag_single_dense.json" "$TMP/flag_single_gguf.json" <<'EOF'
 import json, platform, sys, time
 ours = json.load(open(sys.argv[1]))
 ref = json.load(open(sys.argv[2]))
+ours_gguf = json.load(open(sys.argv[4]))
+ours["single_stream_peak_rss_mib"] = json.load(open(sys.argv[5]))["peak_rss_mib"]
+ours_gguf["single_stream_peak_rss_mib"] = json.load(open(sys.argv[6]))["peak_rss_mib"]
 ratios = []
 for r in ours["results"]:
     ratios.append({
@@ -89,6 +104,7 @@ out = {
     "generated_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
     "flag": ours,
+    "flag_gguf": ours_gguf,
     "llama_cpp": ref,
     "ratios": ratios,
     "goals": {

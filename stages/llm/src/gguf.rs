@@ -413,6 +413,27 @@ impl GgufFile {
         Ok(&self.map[start..start + t.n_bytes as usize])
     }
 
+    /// Drops the file's pages of tensor `name` from this process's resident memory, once a
+    /// loader has copied it out: with weights kept as blocks, the copies and the mapped file
+    /// both counted, and loading peaked at 357 MiB for 97 MB of weights. Pages come back from
+    /// the file if the tensor is read again. Best effort: an error changes nothing else.
+    pub fn release(&self, name: &str) {
+        let Some(t) = self.tensor_info(name) else {
+            return;
+        };
+        let start = (self.data_offset + t.offset) as usize;
+        #[allow(unsafe_code)]
+        // SAFETY: MADV_DONTNEED on a read-only private file mapping this process never writes:
+        // the next access reads the file's bytes again, so no reference into the map changes.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                t.n_bytes as usize,
+            )
+        };
+    }
+
     /// Dequantises a tensor to f32; returns the data and its row-major shape.
     pub fn dequantize(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let t = self

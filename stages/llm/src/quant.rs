@@ -85,12 +85,14 @@ impl QMatrix {
                 rows * cols / BLOCK * bb
             )));
         }
+        let data = bytes.to_vec();
+        g.release(name);
         Ok(Some(QMatrix {
             rows,
             cols,
             ggml_type: info.ggml_type,
             block_bytes: bb,
-            data: bytes.to_vec(),
+            data,
         }))
     }
 
