@@ -123,29 +123,47 @@ impl StageJob {
     }
 }
 
-/// libgomp's spin count for workers that keep the LLM's weights as GGUF blocks
-/// (`FLAG_LLM_WEIGHTS=gguf`), unless the user set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY`.
-/// Their row kernels run on their own threads between libtorch's parallel regions, and
-/// libgomp's threads otherwise spin ~300,000 rounds after each region, taking the cores from
-/// them: on 2 cores that halved decode (10.7 -> 25.3 tok/s at batch 1 before the AVX2 kernel).
-/// libgomp reads it when it loads, before the worker's `main`, so the spawner sets it. It
-/// changes timing only, never a number, so it is no part of any cache key.
+/// libgomp's spin count for workers that keep the LLM's weights as GGUF blocks, unless the
+/// user set `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY`. Their row kernels run on their own
+/// threads between libtorch's parallel regions, and libgomp's threads otherwise spin ~300,000
+/// rounds after each region, taking the cores from them: on 2 cores that halved decode (26 ->
+/// 38-55 tok/s at batch 1). libgomp reads it when it loads, before the worker's `main`, so the
+/// spawner sets it. It changes timing only, never a number, so it is no part of any key.
 const GGUF_SPINCOUNT: &str = "200";
 
-/// Adds [`GGUF_SPINCOUNT`] to a command that starts `flag-worker`, where it applies.
-pub fn worker_env(cmd: &mut Command) -> &mut Command {
-    if let Some((k, v)) = spin_env(|k| std::env::var(k).ok()) {
+/// Adds [`GGUF_SPINCOUNT`] to a command that starts `flag-worker` for work that decodes with
+/// block weights (`gguf`: a stage job whose key says `weights=gguf`, or `flag llm`/`serve`
+/// without `FLAG_LLM_WEIGHTS=dense`). Other jobs keep libgomp's default: dense libtorch work
+/// (PPO, DDQN) has no other threads to give the cores to.
+pub fn worker_env(cmd: &mut Command, gguf: bool) -> &mut Command {
+    if let Some((k, v)) = spin_env(gguf, |k| std::env::var(k).ok()) {
         cmd.env(k, v);
     }
     cmd
 }
 
 /// The variable [`worker_env`] adds, given the environment `get` reads.
-fn spin_env(get: impl Fn(&str) -> Option<String>) -> Option<(&'static str, &'static str)> {
+fn spin_env(
+    gguf: bool,
+    get: impl Fn(&str) -> Option<String>,
+) -> Option<(&'static str, &'static str)> {
     let set = |k: &str| get(k).is_some_and(|v| !v.is_empty());
-    let gguf = get("FLAG_LLM_WEIGHTS").is_some_and(|v| v.trim() == "gguf");
     (gguf && !set("GOMP_SPINCOUNT") && !set("OMP_WAIT_POLICY"))
         .then_some(("GOMP_SPINCOUNT", GGUF_SPINCOUNT))
+}
+
+/// Whether a `flag llm`/`flag serve` worker loads block weights: unless `FLAG_LLM_WEIGHTS`
+/// says dense (the engine's own default is gguf).
+fn gguf_by_env(get: impl Fn(&str) -> Option<String>) -> bool {
+    !matches!(
+        get("FLAG_LLM_WEIGHTS").as_deref().map(str::trim),
+        Some("dense" | "f32")
+    )
+}
+
+/// Whether a stage job decodes with block weights: its keyed environment says so.
+pub fn job_uses_gguf(job: &StageJob) -> bool {
+    job.env.get("weights").is_some_and(|w| w == "gguf")
 }
 
 /// The `flag-worker` binary: `FLAG_WORKER` when set, else the one beside this executable.
@@ -331,7 +349,7 @@ fn run_local(
         if running.interrupted {
             return Err(fail("interrupted before its worker started".into()));
         }
-        let mut child = worker_env(&mut Command::new(program))
+        let mut child = worker_env(&mut Command::new(program), job_uses_gguf(job))
             .arg(command)
             .arg(job_file)
             .stdin(Stdio::null())
@@ -501,7 +519,8 @@ fn log_tail(path: &Path) -> String {
 pub fn forward(subcommand: &str, args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let worker = worker_binary()?;
-    let err = worker_env(&mut Command::new(&worker))
+    let gguf = gguf_by_env(|k| std::env::var(k).ok());
+    let err = worker_env(&mut Command::new(&worker), gguf)
         .arg(subcommand)
         .args(&args)
         .exec();
@@ -510,24 +529,32 @@ pub fn forward(subcommand: &str, args: Vec<OsString>) -> anyhow::Result<ExitCode
 
 #[cfg(test)]
 mod tests {
-    use super::spin_env;
+    use super::{gguf_by_env, spin_env};
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
     fn the_short_spin_applies_to_gguf_workers_unless_the_user_chose_one() {
-        let gguf = ("FLAG_LLM_WEIGHTS", "gguf");
-        assert_eq!(spin_env(env(&[gguf])), Some(("GOMP_SPINCOUNT", "200")));
-        assert_eq!(spin_env(env(&[])), None);
-        assert_eq!(spin_env(env(&[("FLAG_LLM_WEIGHTS", "dense")])), None);
-        assert_eq!(spin_env(env(&[gguf, ("GOMP_SPINCOUNT", "5000")])), None);
-        assert_eq!(spin_env(env(&[gguf, ("OMP_WAIT_POLICY", "active")])), None);
+        assert_eq!(spin_env(true, env(&[])), Some(("GOMP_SPINCOUNT", "200")));
+        assert_eq!(spin_env(false, env(&[])), None);
+        assert_eq!(spin_env(true, env(&[("GOMP_SPINCOUNT", "5000")])), None);
+        assert_eq!(spin_env(true, env(&[("OMP_WAIT_POLICY", "active")])), None);
         // Set but empty counts as not set.
         assert_eq!(
-            spin_env(env(&[gguf, ("GOMP_SPINCOUNT", "")])),
+            spin_env(true, env(&[("GOMP_SPINCOUNT", "")])),
             Some(("GOMP_SPINCOUNT", "200"))
         );
+        // `flag llm`/`serve`: gguf unless the user asks for dense.
+        assert!(gguf_by_env(env(&[])));
+        assert!(gguf_by_env(env(&[("FLAG_LLM_WEIGHTS", "gguf")])));
+        assert!(!gguf_by_env(env(&[("FLAG_LLM_WEIGHTS", " dense")])));
+        assert!(!gguf_by_env(env(&[("FLAG_LLM_WEIGHTS", "f32")])));
     }
 }

@@ -154,7 +154,7 @@ pub fn run(
     let cwd = std::env::current_dir().map_err(|e| fail(format!("the working directory: {e}")))?;
     // sbatch passes its environment on to the job (--export=ALL, Slurm's default).
     let mut sbatch = Command::new("sbatch");
-    super::worker_env(&mut sbatch)
+    super::worker_env(&mut sbatch, super::job_uses_gguf(job))
         .arg("--parsable")
         .arg(format!("--job-name={name}"))
         .arg(format!("--output={}", slurm_log.display()))

@@ -308,9 +308,8 @@ fn dequant_fast(ty: u32, bytes: &[u8], out: &mut [f32]) {
 #[allow(unsafe_code)]
 fn dequant_avx2(ty: u32, bytes: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    let scale = |b: &[u8], i: usize| {
-        half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
-    };
+    let scale =
+        |b: &[u8], i: usize| half::f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32();
     match ty {
         GGML_Q4_0 | GGML_Q4_1 => {
             let (bb, at) = if ty == GGML_Q4_0 { (18, 2) } else { (20, 4) };
@@ -394,7 +393,8 @@ fn rows_into_with(
             1 if m >= 4 => {
                 let mut a = 0;
                 while a + 4 <= m {
-                    let t = dot_tile::<1, 4>([wr(0)], [xr(a), xr(a + 1), xr(a + 2), xr(a + 3)], fmadd);
+                    let t =
+                        dot_tile::<1, 4>([wr(0)], [xr(a), xr(a + 1), xr(a + 2), xr(a + 3)], fmadd);
                     o[a..a + 4].copy_from_slice(&t[0]);
                     a += 4;
                 }
@@ -489,7 +489,9 @@ mod tests {
         let bb = block_bytes(ggml_type).unwrap();
         let mut state = seed;
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut data = Vec::with_capacity(rows * cols / BLOCK * bb);
@@ -544,7 +546,11 @@ mod tests {
                     gguf::dequant_blocks(ty, w.row(r), &mut wrow);
                     for a in 0..m {
                         let want = dot_lanes(&wrow, &x[a * cols..(a + 1) * cols], |p, q, acc| {
-                            if fma_or_not() { p.mul_add(q, acc) } else { p * q + acc }
+                            if fma_or_not() {
+                                p.mul_add(q, acc)
+                            } else {
+                                p * q + acc
+                            }
                         });
                         assert_eq!(
                             got[r * m + a].to_bits(),

@@ -260,8 +260,9 @@ pub fn device_env(p: &Params) -> Vec<(String, String)> {
     if dev == "cpu" {
         // libtorch's intra-op reductions and MKL's blocking follow the thread count.
         env.push(("threads".into(), llm_threads().to_string()));
-        // Block weights sum their products in another order than dense f32 ones. Dense (the
-        // default) adds nothing, so keys made before the choice existed stay valid.
+        // Block weights (the default) sum their products in another order than dense f32
+        // ones. Dense adds nothing, so keys made when dense was the only format still match
+        // with FLAG_LLM_WEIGHTS=dense.
         let weights = crate::generate::cpu_weights_by_env()
             .map_or("invalid", crate::llama::WeightFormat::name);
         if weights != "dense" {
@@ -484,14 +485,16 @@ mod tests {
         } else {
             "off"
         };
-        assert_eq!(
-            device_env(&e),
-            vec![
-                ("threads".into(), llm_threads().to_string()),
-                ("device".into(), "cpu".into()),
-                ("prefix_cache".into(), prefix.into())
-            ]
-        );
+        let mut cpu = vec![("threads".into(), llm_threads().to_string())];
+        let weights = crate::generate::cpu_weights_by_env().unwrap();
+        if weights != crate::llama::WeightFormat::Dense {
+            cpu.push(("weights".into(), weights.name().into()));
+        }
+        cpu.extend([
+            ("device".into(), "cpu".into()),
+            ("prefix_cache".into(), prefix.into()),
+        ]);
+        assert_eq!(device_env(&e), cpu);
         let cuda = params(json!({"device": "cuda"}));
         assert_eq!(
             device_env(&cuda),
