@@ -268,7 +268,7 @@ fn rows_into(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [
     }
     let ty = w.ggml_type;
     let dequant = |bytes: &[u8], row: &mut [f32]| gguf::dequant_blocks(ty, bytes, row);
-    rows_into_with(w, x, m, r0, r1, out, dequant, |a, b, acc| a * b + acc)
+    rows_into_with(w, x, m, r0..r1, out, dequant, |a, b, acc| a * b + acc)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -284,7 +284,7 @@ fn rows_into_fma(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &m
     let ty = w.ggml_type;
     // A closure in a function with AVX2 enabled has it too: the call needs no unsafe.
     let dequant = |bytes: &[u8], row: &mut [f32]| dequant_avx2(ty, bytes, row);
-    rows_into_with(w, x, m, r0, r1, out, dequant, f32::mul_add)
+    rows_into_with(w, x, m, r0..r1, out, dequant, f32::mul_add)
 }
 
 /// [`gguf::dequant_blocks`], with AVX2 where the CPU has it (the same bits either way).
@@ -361,13 +361,12 @@ fn rows_into_with(
     w: &QMatrix,
     x: &[f32],
     m: usize,
-    r0: usize,
-    r1: usize,
+    rows: std::ops::Range<usize>,
     out: &mut [f32],
     dequant: impl Fn(&[u8], &mut [f32]),
     fmadd: impl Fn(f32, f32, f32) -> f32 + Copy,
 ) {
-    let k = w.cols;
+    let (k, r0, r1) = (w.cols, rows.start, rows.end);
     // Tiles of weight rows x activation rows, so that 8 accumulators are in flight: one dot
     // alone is 2 dependent FMA chains, a quarter of what the FMA units can take. Each dot in
     // a tile sums in exactly the order `dot_lanes` does, so the tiling changes no bit.
