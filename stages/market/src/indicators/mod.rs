@@ -9,12 +9,12 @@
 
 mod engine;
 mod rolling;
+mod runner;
 mod talib;
 mod udwf;
 
-pub use engine::{
-    DEFAULT_CHUNK_ROWS, INPUT_TABLE, IndicatorRunner, Options, RunStats, compute_parquet,
-};
+pub use engine::{DEFAULT_CHUNK_ROWS, INPUT_TABLE, Options, RunStats, compute_parquet};
+pub use runner::IndicatorRunner;
 
 use std::time::Instant;
 
