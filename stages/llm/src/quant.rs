@@ -1,7 +1,8 @@
-//! Weights kept in memory as the GGUF stores them (blocks of 32: Q4_0, Q4_1, Q8_0) and
-//! multiplied without ever materialising the f32 matrix: each weight row is expanded into a
-//! small per-thread buffer with exactly the arithmetic of the f32 loader (`gguf::dequant_blocks`),
-//! then dotted with every activation row. The weights the model computes with are therefore
+//! Weights kept in memory as the GGUF stores them (blocks of 32: Q4_0, Q4_1, Q8_0; the CPU
+//! default) and multiplied without ever materialising the f32 matrix: a few weight rows at a
+//! time are expanded into a small per-thread buffer with exactly the arithmetic of the f32
+//! loader (`gguf::dequant_blocks`, or its AVX2 twin that gives the same bits), then dotted
+//! with the activation rows in register tiles (4 weight rows x 1 activation, or 1 x 4). The weights the model computes with are therefore
 //! the dense path's weights bit for bit; only the order of the sums differs (at most 2.7e-5
 //! relative in the logits, measured in `tests/quant_weights.rs`). Activations stay f32: unlike
 //! llama.cpp, nothing is rounded to 8 bits on the way in.
