@@ -330,6 +330,8 @@ fn worker_progress_reaches_the_terminal() {
         .env("FLAG_STORE", &store)
         .env("FLAG_ROOT", root.path())
         .env("COLUMNS", "160")
+        // A terminal type: without TERM (a bare CI environment) nothing is drawn at all.
+        .env("TERM", "xterm")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stdout(&out));
