@@ -628,20 +628,14 @@ pub(crate) fn dequant_blocks(ty: u32, bytes: &[u8], out: &mut [f32]) {
             }
         }
         // Block of 32: f16 scale d, 16 bytes of nibbles; low nibbles are elements 0..16,
-        // high nibbles 16..32; x = (q - 8) * d. Fixed-size halves so that the compiler
-        // vectorises each (the element-wise arithmetic is the same either way).
+        // high nibbles 16..32; x = (q - 8) * d.
         GGML_Q4_0 => {
             for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(18)) {
                 let d = f16_at(b, 0);
-                let q: &[u8; 16] = b[2..18].try_into().expect("16 bytes of nibbles");
                 let (lo, hi) = o.split_at_mut(16);
-                let (lo, hi): (&mut [f32; 16], &mut [f32; 16]) =
-                    (lo.try_into().expect("16"), hi.try_into().expect("16"));
-                for i in 0..16 {
-                    lo[i] = ((q[i] & 0x0f) as i32 - 8) as f32 * d;
-                }
-                for i in 0..16 {
-                    hi[i] = ((q[i] >> 4) as i32 - 8) as f32 * d;
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[2..18]) {
+                    *l = ((q & 0x0f) as i32 - 8) as f32 * d;
+                    *h = ((q >> 4) as i32 - 8) as f32 * d;
                 }
             }
         }
@@ -650,15 +644,10 @@ pub(crate) fn dequant_blocks(ty: u32, bytes: &[u8], out: &mut [f32]) {
             for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
                 let d = f16_at(b, 0);
                 let m = f16_at(b, 2);
-                let q: &[u8; 16] = b[4..20].try_into().expect("16 bytes of nibbles");
                 let (lo, hi) = o.split_at_mut(16);
-                let (lo, hi): (&mut [f32; 16], &mut [f32; 16]) =
-                    (lo.try_into().expect("16"), hi.try_into().expect("16"));
-                for i in 0..16 {
-                    lo[i] = (q[i] & 0x0f) as f32 * d + m;
-                }
-                for i in 0..16 {
-                    hi[i] = (q[i] >> 4) as f32 * d + m;
+                for ((l, h), &q) in lo.iter_mut().zip(hi.iter_mut()).zip(&b[4..20]) {
+                    *l = (q & 0x0f) as f32 * d + m;
+                    *h = (q >> 4) as f32 * d + m;
                 }
             }
         }
@@ -666,10 +655,8 @@ pub(crate) fn dequant_blocks(ty: u32, bytes: &[u8], out: &mut [f32]) {
         GGML_Q8_0 => {
             for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
                 let d = f16_at(b, 0);
-                let q: &[u8; 32] = b[2..34].try_into().expect("32 bytes");
-                let o: &mut [f32; 32] = o.try_into().expect("32");
-                for i in 0..32 {
-                    o[i] = (q[i] as i8) as f32 * d;
+                for (x, &q) in o.iter_mut().zip(&b[2..34]) {
+                    *x = (q as i8) as f32 * d;
                 }
             }
         }

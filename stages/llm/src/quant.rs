@@ -2,10 +2,11 @@
 //! default) and multiplied without ever materialising the f32 matrix: a few weight rows at a
 //! time are expanded into a small per-thread buffer with exactly the arithmetic of the f32
 //! loader (`gguf::dequant_blocks`, or its AVX2 twin that gives the same bits), then dotted
-//! with the activation rows in register tiles (4 weight rows x 1 activation, or 1 x 4). The weights the model computes with are therefore
-//! the dense path's weights bit for bit; only the order of the sums differs (at most 2.7e-5
-//! relative in the logits, measured in `tests/quant_weights.rs`). Activations stay f32: unlike
-//! llama.cpp, nothing is rounded to 8 bits on the way in.
+//! with the activation rows in register tiles (4 weight rows x 1 activation, or 1 x 4). The
+//! weights the model computes with are therefore the dense path's weights bit for bit; only
+//! the order of the sums differs (at most 2.7e-5 relative in the logits, measured in
+//! `tests/quant_weights.rs`). Activations stay f32: unlike llama.cpp, nothing is rounded to 8
+//! bits on the way in.
 //!
 //! Large products (many activation rows: a prompt's prefill) expand the matrix one slab of
 //! rows at a time into a transient f32 tensor and hand it to libtorch's GEMM, which reuses

@@ -149,6 +149,12 @@ fn parquet_rows(path: &Path) -> u64 {
 fn main() {
     let tickers = env_usize("FLAG_BENCH_TICKERS", 2_000);
     let days = env_usize("FLAG_BENCH_DAYS", 5_000);
+    // Generation runs in a child process (this binary again), so the peak RSS measured below
+    // is the stage's alone, as in a real run, not the generator's. The child does only that.
+    if let Some(path) = std::env::var_os(GENERATE_TO) {
+        generate(Path::new(&path), tickers, days);
+        return;
+    }
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let repo = manifest.join("../..");
     let sql = std::fs::read_to_string(repo.join(SQL_FILE)).expect("reading the indicators SQL");
@@ -161,12 +167,6 @@ fn main() {
         .unwrap_or_else(|| work.join("indicators.parquet"));
 
     let gen_start = Instant::now();
-    // Generation runs in a child process (this binary again), so the peak RSS measured below
-    // is the stage's alone, as in a real run, not the generator's.
-    if let Some(path) = std::env::var_os(GENERATE_TO) {
-        generate(Path::new(&path), tickers, days);
-        return;
-    }
     if given.is_none() {
         let status = std::process::Command::new(std::env::current_exe().unwrap())
             .env(GENERATE_TO, &input)
