@@ -35,7 +35,12 @@ pub const INPUT_TABLE: &str = "bars";
 pub const DEFAULT_CHUNK_ROWS: usize = 10_000;
 
 /// Rows after which the output's current row group is closed (at the next group boundary).
-const ROW_GROUP_ROWS: usize = 64 * 1024;
+/// The writer holds one row group encoded (~350 B a row): 64k rows held 21 MiB at peak, and
+/// 32k rows took 1M rows from 134 to 124 MiB with no change in time at 1M or 10M rows.
+const ROW_GROUP_ROWS: usize = 32 * 1024;
+
+/// Rows per batch read from the input (then regrouped into groups of tickers).
+const READ_BATCH_ROWS: usize = 16 * 1024;
 
 pub(super) fn df_err(context: &str, e: impl std::fmt::Display) -> StageError {
     StageError::external(format!("indicators: {context}"), e)
@@ -138,12 +143,13 @@ pub fn compute_parquet(
             };
             for (path, builder) in readers {
                 let rctx = || format!("reading {}", path.display());
-                let reader = builder.with_batch_size(64 * 1024).build().map_err(|e| {
-                    StageError::Parquet {
+                let reader = builder
+                    .with_batch_size(READ_BATCH_ROWS)
+                    .build()
+                    .map_err(|e| StageError::Parquet {
                         context: rctx(),
                         source: e,
-                    }
-                })?;
+                    })?;
                 order.start_file(path);
                 for batch in reader {
                     let batch = batch.map_err(|e| StageError::Arrow {

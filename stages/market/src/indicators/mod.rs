@@ -27,7 +27,7 @@ use flag_core::{
 pub const SQL_FILE: &str = "stages/market/sql/indicators.sql";
 
 /// Bump when the Rust side (UDWFs, grouping, writer) changes behaviour.
-const REVISION: &str = "indicators-3";
+const REVISION: &str = "indicators-4";
 
 flag_core::stage_kinds!(Indicators);
 
