@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::adam::FusedAdam;
 use crate::config::DdqnConfig;
 use crate::features::FeatureMatrix;
 use crate::net::QNet;
@@ -68,13 +69,19 @@ impl Replay {
     }
 }
 
+/// Adam: fused on the CPU (same arithmetic as libtorch's, one pass), libtorch's elsewhere.
+enum Optimiser {
+    Torch(nn::Optimizer),
+    Fused(FusedAdam),
+}
+
 /// Policy and target networks, optimiser, replay memory and the run's random generator.
 pub struct Agent {
     pub cfg: DdqnConfig,
     pub device: Device,
     pub policy: QNet,
     target: QNet,
-    opt: nn::Optimizer,
+    opt: Optimiser,
     pub replay: Replay,
     pub rng: ChaCha8Rng,
     /// Actions chosen so far (drives epsilon and the target update, as `self.iterations`).
@@ -103,11 +110,21 @@ impl Agent {
         let policy = QNet::new(&cfg, inputs, device, Some(&mut rng));
         let mut target = QNet::new(&cfg, inputs, device, None);
         target.vs.copy(&policy.vs)?;
-        let opt = nn::Adam {
-            wd: cfg.weight_decay,
-            ..Default::default()
-        }
-        .build(&policy.vs, cfg.learning_rate)?;
+        let opt = if device == Device::Cpu {
+            let params = policy.vs.trainable_variables();
+            Optimiser::Fused(
+                FusedAdam::new(params, cfg.learning_rate, cfg.weight_decay)
+                    .map_err(tch::TchError::Kind)?,
+            )
+        } else {
+            Optimiser::Torch(
+                nn::Adam {
+                    wd: cfg.weight_decay,
+                    ..Default::default()
+                }
+                .build(&policy.vs, cfg.learning_rate)?,
+            )
+        };
         let feats = Tensor::from_slice(&features.data)
             .view([features.rows as i64, features.width as i64])
             .to_device(device);
@@ -242,10 +259,20 @@ impl Agent {
             r + next_q * nd * gamma
         });
         let loss = q.huber_loss(&expected, Reduction::Mean, 1.0);
-        self.opt.zero_grad();
-        loss.backward();
-        self.opt.clip_grad_norm(self.cfg.grad_clip);
-        self.opt.step();
+        match &mut self.opt {
+            Optimiser::Torch(opt) => {
+                opt.zero_grad();
+                loss.backward();
+                opt.clip_grad_norm(self.cfg.grad_clip);
+                opt.step();
+            }
+            Optimiser::Fused(opt) => {
+                opt.zero_grad();
+                loss.backward();
+                opt.clip_grad_norm(self.cfg.grad_clip);
+                opt.step();
+            }
+        }
         self.learn_steps += 1;
         if self.iterations.is_multiple_of(self.cfg.target_update) {
             // Same names on both sides by construction, so the copy cannot fail.

@@ -7,6 +7,7 @@
 //!   `flag-trading`.
 //! * [`stage`]: the `ddqn` stage kind (TDQN, or LLM-guided DDQN when signals are bound).
 
+pub mod adam;
 pub mod agent;
 pub mod config;
 pub mod data;
