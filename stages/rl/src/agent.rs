@@ -110,20 +110,23 @@ impl Agent {
         let policy = QNet::new(&cfg, inputs, device, Some(&mut rng));
         let mut target = QNet::new(&cfg, inputs, device, None);
         target.vs.copy(&policy.vs)?;
-        let opt = if device == Device::Cpu {
-            let params = policy.vs.trainable_variables();
-            Optimiser::Fused(
-                FusedAdam::new(params, cfg.learning_rate, cfg.weight_decay)
-                    .map_err(tch::TchError::Kind)?,
-            )
-        } else {
-            Optimiser::Torch(
+        let fused = match device {
+            Device::Cpu => FusedAdam::for_this_cpu(
+                policy.vs.trainable_variables(),
+                cfg.learning_rate,
+                cfg.weight_decay,
+            ),
+            _ => None,
+        };
+        let opt = match fused {
+            Some(adam) => Optimiser::Fused(adam.map_err(tch::TchError::Kind)?),
+            None => Optimiser::Torch(
                 nn::Adam {
                     wd: cfg.weight_decay,
                     ..Default::default()
                 }
                 .build(&policy.vs, cfg.learning_rate)?,
-            )
+            ),
         };
         let feats = Tensor::from_slice(&features.data)
             .view([features.rows as i64, features.width as i64])
