@@ -92,9 +92,9 @@ impl FusedAdam {
 
     /// Zeroes every gradient. libtorch's `zero_grad` drops them and backward then stores a
     /// fresh one; accumulating into zeros gives the same values, except that an exact -0.0
-    /// gradient entry becomes +0.0 (tch cannot drop a gradient). The DDQN's gradients are
-    /// never exactly zero in practice (no unit is dropped in all 32 rows), and the pinned run
-    /// is unchanged.
+    /// gradient entry becomes +0.0 (tch cannot drop a gradient). That sign is lost at once:
+    /// the step first adds `weight_decay * p`, and x + 0.0 = x + (-0.0) for any x but zero, so
+    /// it could only show for a parameter that is exactly 0.0 (the pinned run is unchanged).
     pub fn zero_grad(&self) {
         for s in &self.slots {
             let mut g = s.param.grad();
