@@ -69,10 +69,34 @@ impl Replay {
     }
 }
 
-/// Adam: fused on the CPU (same arithmetic as libtorch's, one pass), libtorch's elsewhere.
+/// Adam: fused on x86 CPUs (libtorch's arithmetic in two passes, see [`FusedAdam`]),
+/// libtorch's elsewhere.
 enum Optimiser {
     Torch(nn::Optimizer),
     Fused(FusedAdam),
+}
+
+impl Optimiser {
+    fn zero_grad(&mut self) {
+        match self {
+            Optimiser::Torch(o) => o.zero_grad(),
+            Optimiser::Fused(o) => o.zero_grad(),
+        }
+    }
+
+    fn clip_grad_norm(&self, max: f64) {
+        match self {
+            Optimiser::Torch(o) => o.clip_grad_norm(max),
+            Optimiser::Fused(o) => o.clip_grad_norm(max),
+        }
+    }
+
+    fn step(&mut self) {
+        match self {
+            Optimiser::Torch(o) => o.step(),
+            Optimiser::Fused(o) => o.step(),
+        }
+    }
 }
 
 /// Policy and target networks, optimiser, replay memory and the run's random generator.
@@ -262,20 +286,10 @@ impl Agent {
             r + next_q * nd * gamma
         });
         let loss = q.huber_loss(&expected, Reduction::Mean, 1.0);
-        match &mut self.opt {
-            Optimiser::Torch(opt) => {
-                opt.zero_grad();
-                loss.backward();
-                opt.clip_grad_norm(self.cfg.grad_clip);
-                opt.step();
-            }
-            Optimiser::Fused(opt) => {
-                opt.zero_grad();
-                loss.backward();
-                opt.clip_grad_norm(self.cfg.grad_clip);
-                opt.step();
-            }
-        }
+        self.opt.zero_grad();
+        loss.backward();
+        self.opt.clip_grad_norm(self.cfg.grad_clip);
+        self.opt.step();
         self.learn_steps += 1;
         if self.iterations.is_multiple_of(self.cfg.target_update) {
             // Same names on both sides by construction, so the copy cannot fail.
