@@ -16,10 +16,12 @@ flag := CARGO_TARGET_DIR / "release/flag"
 setup:
     bash .ci/setup
 
-# Build the `flag` binary. Same cargo invocation as the tests (workspace-wide feature
-# unification, release profile), so `just run` and `just test` share one build of datafusion.
+# Build the `flag` and `flag-worker` binaries. Same cargo invocation as the tests (workspace-wide
+# feature unification, release profile), so `just run` and `just test` share one build of
+# datafusion; `cargo test` alone does not build `flag-worker`, a binary of another package.
 build: setup
     cargo test --release --workspace --no-run
+    cargo build --release --workspace --bins
 
 # Run a pipeline: `just run pipelines/flag.yaml --set data_dir=/path/to/data`
 run PIPELINE *ARGS: build
@@ -30,7 +32,7 @@ flag *ARGS: build
     {{flag}} {{ARGS}}
 
 # The whole test suite (unit + end-to-end with the real binary, data and models).
-test: setup
+test: build
     cargo test --release --workspace --no-fail-fast
 
 lint: setup

@@ -37,6 +37,7 @@ if ! "$LVENV/bin/python" -c "import sys, llama_cpp, numpy; sys.exit(llama_cpp.__
 fi
 
 cargo test --release --workspace --no-run  # same build as just test/run
+cargo build --release --workspace --bins   # flag-worker, which `flag llm` hands over to
 FLAG="$CARGO_TARGET_DIR/release/flag"
 
 GGUF="${FLAG_SMOLLM2_GGUF:-}"

@@ -368,6 +368,51 @@ fn only_the_worker_links_libtorch() {
     assert!(w.contains("libtorch_cpu") && w.contains("libc10"), "{w}");
 }
 
+/// Regression: `cargo test` builds `flag` but not the `flag-worker` binary beside it (another
+/// package's binary), so after a source change the suite ran stage jobs in a stale worker, or
+/// on a fresh machine in none. `just build`/`just test` now build every binary; this checks that
+/// the worker is newer than each workspace source cargo's dep-info says it was built from.
+#[test]
+fn the_worker_beside_flag_is_built_from_the_current_sources() {
+    let worker = flag_bin().with_file_name("flag-worker");
+    let dep_info = worker.with_file_name("flag-worker.d");
+    let built = std::fs::metadata(&worker)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e} (run `just build`)", worker.display()));
+    let text = std::fs::read_to_string(&dep_info)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `just build`)", dep_info.display()));
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (_, deps) = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_once(": "))
+        .expect("dep-info starts with `target: deps`");
+    let sources: Vec<PathBuf> = deps
+        .replace("\\ ", "\0")
+        .split_whitespace()
+        .map(|p| PathBuf::from(p.replace('\0', " ")))
+        .filter(|p| p.starts_with(&root))
+        .collect();
+    assert!(
+        sources.len() > 50,
+        "dep-info lists {} workspace sources",
+        sources.len()
+    );
+    for src in sources {
+        let changed = std::fs::metadata(&src).and_then(|m| m.modified());
+        let stale = match &changed {
+            Ok(t) => *t > built,
+            Err(_) => true,
+        };
+        assert!(
+            !stale,
+            "{} is older than {} ({changed:?}): build it with `just build`",
+            worker.display(),
+            src.display()
+        );
+    }
+}
+
 #[test]
 fn an_all_cached_rerun_starts_no_worker() {
     let root = project();
