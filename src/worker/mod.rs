@@ -163,7 +163,9 @@ fn gguf_by_env(get: impl Fn(&str) -> Option<String>) -> bool {
 
 /// Whether a stage job decodes with block weights: its keyed environment says so.
 pub fn job_uses_gguf(job: &StageJob) -> bool {
-    job.env.get("weights").is_some_and(|w| w == "gguf")
+    job.env
+        .get("weights")
+        .is_some_and(|w| w == "gguf" || w == "gguf-int8")
 }
 
 /// The `flag-worker` binary: `FLAG_WORKER` when set, else the one beside this executable.

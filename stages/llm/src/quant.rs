@@ -19,6 +19,18 @@ use tch::{Kind, Tensor};
 use crate::error::{LlmError, Result};
 use crate::gguf::{self, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GgufFile};
 
+mod int8;
+
+/// How a block matrix meets the activations of a small product (decode, below
+/// [`GEMM_MIN_ROWS`] rows); prefill's large products are f32 GEMMs either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32, as they are (the format `gguf`).
+    F32,
+    /// Rounded to 8 bits per block of 32 and dotted as integers (the format `gguf-int8`).
+    Int8,
+}
+
 /// Elements per block in every supported format.
 const BLOCK: usize = 32;
 
@@ -189,7 +201,12 @@ impl QMatrix {
 }
 
 /// `x @ w.T` for f32 activations `x` [..., cols] on the CPU: [..., rows] f32.
-pub fn linear(w: &QMatrix, x: &Tensor, pool: Option<&rayon::ThreadPool>) -> Tensor {
+pub fn linear(
+    w: &QMatrix,
+    x: &Tensor,
+    acts: Activations,
+    pool: Option<&rayon::ThreadPool>,
+) -> Tensor {
     let mut lead = x.size();
     let k = lead.pop().expect("activations have a last dimension");
     debug_assert_eq!(k as usize, w.cols);
@@ -202,7 +219,17 @@ pub fn linear(w: &QMatrix, x: &Tensor, pool: Option<&rayon::ThreadPool>) -> Tens
     let xs = Vec::<f32>::try_from(&x2.view([-1])).expect("contiguous f32 activations");
     // Computed weight-row-major ([rows, m]: each task owns a contiguous run), then transposed.
     let mut out_t = vec![0f32; w.rows * m];
-    row_kernel(w, &xs, m, &mut out_t, pool);
+    match acts {
+        Activations::F32 => row_kernel(w, m, &mut out_t, pool, |r0, r1, o| {
+            rows_into(w, &xs, m, r0, r1, o)
+        }),
+        Activations::Int8 => {
+            let q = int8::Q8Rows::quantize(&xs, w.cols);
+            row_kernel(w, m, &mut out_t, pool, |r0, r1, o| {
+                int8::rows_into(w, &q, r0, r1, o)
+            })
+        }
+    }
     let t = Tensor::from_slice(&out_t).view([w.rows as i64, m as i64]);
     t.transpose(0, 1).contiguous().view(lead.as_slice())
 }
@@ -227,17 +254,19 @@ fn gemm_by_slabs(w: &QMatrix, x2: &Tensor) -> Tensor {
 /// Weight rows per task: enough work to outweigh a task's hand-off, few enough to balance.
 const ROWS_PER_TASK: usize = 64;
 
-/// out_t [w.rows, m] = w . x.T for x [m, cols].
+/// out_t [w.rows, m] = w . x.T for m activation rows: `rows(r0, r1, out)` fills the
+/// [r1 - r0, m] part of rows r0..r1, in tasks of [`ROWS_PER_TASK`] rows on the pool.
 fn row_kernel(
     w: &QMatrix,
-    x: &[f32],
     m: usize,
     out_t: &mut [f32],
     pool: Option<&rayon::ThreadPool>,
+    rows: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
+    debug_assert_eq!(out_t.len(), w.rows * m);
     let task = |(t, chunk): (usize, &mut [f32])| {
         let r0 = t * ROWS_PER_TASK;
-        rows_into(w, x, m, r0, r0 + chunk.len() / m, chunk);
+        rows(r0, r0 + chunk.len() / m, chunk);
     };
     match pool {
         Some(p) if p.current_num_threads() > 1 => {
@@ -486,7 +515,7 @@ mod tests {
     use half::f16;
 
     /// A Q8_0, Q4_0 or Q4_1 matrix of seeded pseudo-random blocks (finite scales).
-    fn matrix(ggml_type: u32, rows: usize, cols: usize, seed: u64) -> QMatrix {
+    pub(super) fn matrix(ggml_type: u32, rows: usize, cols: usize, seed: u64) -> QMatrix {
         let bb = block_bytes(ggml_type).unwrap();
         let mut state = seed;
         let mut next = move || {

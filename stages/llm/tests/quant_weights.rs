@@ -2,7 +2,9 @@
 //! transformers' fixtures: the weights the blocks expand to are the dense weights bit for bit
 //! (so the Q/K permutation and the fused stacks are right), the next-token logits keep
 //! transformers' top-10 ids within 1e-3 relative, greedy continuations are transformers'
-//! alone and batched, and the weights take under a third of the dense bytes.
+//! alone and batched, and the weights take under a third of the dense bytes. The opt-in
+//! `gguf-int8` (decode's activations rounded to 8 bits) keeps the next token, with logits
+//! within the rounding's bound.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
@@ -161,4 +163,75 @@ fn block_weights_on_cuda_or_in_bf16_are_refused() {
         WeightFormat::parse("gguf").unwrap(),
         WeightFormat::GgufBlocks
     );
+    assert_eq!(
+        WeightFormat::parse("gguf-int8").unwrap(),
+        WeightFormat::GgufInt8
+    );
+    let Err(err) = Engine::load_as(&path, Device::Cpu, Kind::BFloat16, WeightFormat::GgufInt8)
+    else {
+        panic!("bf16 with int8 activations is refused");
+    };
+    assert!(err.to_string().contains("CPU in f32"), "{err}");
+}
+
+/// `gguf-int8` rounds decode's activations to 8 bits per block of 32, so its logits move by
+/// that rounding: on these cases at most 1.2e-1 relative to transformers' (top 10; "hello",
+/// whose logits are near 4), where llama.cpp on the same GGUF, which rounds the same way, is
+/// 5.8e-2 off. The next token must not move, and the logits must stay within twice that.
+#[test]
+fn int8_activations_keep_transformers_next_tokens() {
+    const INT8_REL_TOL: f64 = 0.25;
+    let path = models::smollm2_gguf(None).expect("SmolLM2 GGUF installed (just setup)");
+    let _lock = engines();
+    let int8 = Engine::load_as(&path, Device::Cpu, Kind::Float, WeightFormat::GgufInt8)
+        .expect("engine loads");
+    assert_eq!(int8.model().weight_format(), WeightFormat::GgufInt8);
+    let fx: LogitsFixture = read("reference_logits.json");
+    let mut worst = 0f64;
+    for c in &fx.cases {
+        let got = int8.next_token_logits_ids(&c.ids).unwrap();
+        let top = (0..got.len())
+            .max_by(|&a, &b| got[a].total_cmp(&got[b]).then(b.cmp(&a)))
+            .unwrap();
+        assert_eq!(top, c.top_ids[0], "{}: next token", c.name);
+        for (&id, &want) in c.top_ids.iter().zip(&c.top_logits) {
+            let rel = (f64::from(got[id]) - want).abs() / want.abs().max(1.0);
+            worst = worst.max(rel);
+            assert!(
+                rel <= INT8_REL_TOL,
+                "{}: logit of {id} {} vs {want}",
+                c.name,
+                got[id]
+            );
+        }
+    }
+    eprintln!("gguf-int8: largest relative logit difference vs transformers (top 10) {worst:.3e}");
+    let fx: GreedyFixture = read("reference_greedy.json");
+    let opts = GenerateOptions {
+        max_tokens: fx.max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    for c in &fx.cases {
+        let alone = int8
+            .generate_ids(std::slice::from_ref(&c.ids), &opts)
+            .unwrap()
+            .remove(0);
+        assert_eq!(
+            alone.ids[0], c.continuation.ids[0],
+            "{}: first token",
+            c.name
+        );
+        let same = alone
+            .ids
+            .iter()
+            .zip(&c.continuation.ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "gguf-int8 {}: greedy text follows transformers' for {same} of {} tokens",
+            c.name,
+            c.continuation.ids.len()
+        );
+    }
 }

@@ -47,8 +47,9 @@ pub use prefix::{MIN_PREFIX, PrefixStats};
 
 /// The weight format of engines loaded for the CPU: env `FLAG_LLM_WEIGHTS` = `gguf` (the
 /// GGUF's blocks as stored, the default: a third of dense's resident memory and faster decode
-/// up to batch ~8) or `dense` (f32; slightly faster batched decode at 32; the format of keys
-/// made before the choice existed). See README "LLM weights on the CPU".
+/// up to batch ~8), `gguf-int8` (the same blocks, decode's activations rounded to 8 bits:
+/// faster, logits within the rounding of f32's) or `dense` (f32; the format of keys made
+/// before the choice existed). See README "LLM weights on the CPU".
 pub fn cpu_weights_by_env() -> Result<WeightFormat> {
     match std::env::var("FLAG_LLM_WEIGHTS") {
         Ok(v) if !v.trim().is_empty() => {

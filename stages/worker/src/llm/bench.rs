@@ -131,6 +131,7 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         "gguf": path.file_name().map(|f| f.to_string_lossy().into_owned()),
         "device": format!("{device:?}"),
         "kind": format!("{:?}", engine.model().kind()),
+        "weights": engine.model().weight_format().name(),
         "threads": tch::get_num_threads(),
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
