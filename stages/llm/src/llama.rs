@@ -166,7 +166,7 @@ pub enum Weight {
     Blocks {
         matrix: std::sync::Arc<QMatrix>,
         acts: quant::Activations,
-        pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+        pool: Option<std::sync::Arc<quant::Team>>,
     },
 }
 
@@ -402,7 +402,7 @@ fn load_weight(
     g: &GgufFile,
     parts: &[Part],
     format: WeightFormat,
-    pool: &Option<std::sync::Arc<rayon::ThreadPool>>,
+    pool: &Option<std::sync::Arc<quant::Team>>,
     put: &dyn Fn(Tensor) -> Tensor,
 ) -> Result<Weight> {
     if format.is_blocks() {

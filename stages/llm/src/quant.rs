@@ -20,6 +20,9 @@ use crate::error::{LlmError, Result};
 use crate::gguf::{self, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GgufFile};
 
 mod int8;
+mod team;
+
+pub use team::Team;
 
 /// How a block matrix meets the activations of a small product (decode, below
 /// [`GEMM_MIN_ROWS`] rows); prefill's large products are f32 GEMMs either way.
@@ -201,12 +204,7 @@ impl QMatrix {
 }
 
 /// `x @ w.T` for f32 activations `x` [..., cols] on the CPU: [..., rows] f32.
-pub fn linear(
-    w: &QMatrix,
-    x: &Tensor,
-    acts: Activations,
-    pool: Option<&rayon::ThreadPool>,
-) -> Tensor {
+pub fn linear(w: &QMatrix, x: &Tensor, acts: Activations, pool: Option<&Team>) -> Tensor {
     let mut lead = x.size();
     let k = lead.pop().expect("activations have a last dimension");
     debug_assert_eq!(k as usize, w.cols);
@@ -216,22 +214,33 @@ pub fn linear(
     if m >= GEMM_MIN_ROWS {
         return gemm_by_slabs(w, &x2).view(lead.as_slice());
     }
-    let xs = Vec::<f32>::try_from(&x2.view([-1])).expect("contiguous f32 activations");
-    // Computed weight-row-major ([rows, m]: each task owns a contiguous run), then transposed.
-    let mut out_t = vec![0f32; w.rows * m];
+    #[allow(unsafe_code)]
+    // SAFETY: x2 is a contiguous f32 CPU tensor of m x k elements (to_kind + contiguous above;
+    // block weights exist on the CPU only), alive and unchanged until this function returns.
+    let xs: &[f32] =
+        unsafe { std::slice::from_raw_parts(x2.data_ptr() as *const f32, m * k as usize) };
+    // Computed weight-row-major ([rows, m]: each task owns a contiguous run), then transposed
+    // (nothing to transpose for one activation row, the decode of one sequence).
+    let out = Tensor::empty([w.rows as i64, m as i64], (Kind::Float, tch::Device::Cpu));
+    #[allow(unsafe_code)]
+    // SAFETY: `out` is a new contiguous f32 tensor of rows x m elements, written only here.
+    let out_t: &mut [f32] =
+        unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, w.rows * m) };
     match acts {
-        Activations::F32 => row_kernel(w, m, &mut out_t, pool, |r0, r1, o| {
-            rows_into(w, &xs, m, r0, r1, o)
+        Activations::F32 => row_kernel(w, m, out_t, pool, |r0, r1, o| {
+            rows_into(w, xs, m, r0, r1, o)
         }),
         Activations::Int8 => {
-            let q = int8::Q8Rows::quantize(&xs, w.cols);
-            row_kernel(w, m, &mut out_t, pool, |r0, r1, o| {
+            let q = int8::Q8Rows::quantize(xs, w.cols);
+            row_kernel(w, m, out_t, pool, |r0, r1, o| {
                 int8::rows_into(w, &q, r0, r1, o)
             })
         }
     }
-    let t = Tensor::from_slice(&out_t).view([w.rows as i64, m as i64]);
-    t.transpose(0, 1).contiguous().view(lead.as_slice())
+    if m == 1 {
+        return out.view(lead.as_slice());
+    }
+    out.transpose(0, 1).contiguous().view(lead.as_slice())
 }
 
 fn gemm_by_slabs(w: &QMatrix, x2: &Tensor) -> Tensor {
@@ -255,33 +264,35 @@ fn gemm_by_slabs(w: &QMatrix, x2: &Tensor) -> Tensor {
 const ROWS_PER_TASK: usize = 64;
 
 /// out_t [w.rows, m] = w . x.T for m activation rows: `rows(r0, r1, out)` fills the
-/// [r1 - r0, m] part of rows r0..r1, in tasks of [`ROWS_PER_TASK`] rows on the pool.
+/// [r1 - r0, m] part of rows r0..r1, in tasks of [`ROWS_PER_TASK`] rows across the team.
 fn row_kernel(
     w: &QMatrix,
     m: usize,
     out_t: &mut [f32],
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Team>,
     rows: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     debug_assert_eq!(out_t.len(), w.rows * m);
-    let task = |(t, chunk): (usize, &mut [f32])| {
-        let r0 = t * ROWS_PER_TASK;
-        rows(r0, r0 + chunk.len() / m, chunk);
-    };
     match pool {
-        Some(p) if p.current_num_threads() > 1 => {
-            use rayon::prelude::*;
-            p.install(|| {
-                out_t
-                    .par_chunks_mut(ROWS_PER_TASK * m)
-                    .enumerate()
-                    .for_each(task)
+        Some(team) if team.threads() > 1 => {
+            // Disjoint parts of the output, one per task (a lock each: never contended).
+            let parts: Vec<std::sync::Mutex<&mut [f32]>> = out_t
+                .chunks_mut(ROWS_PER_TASK * m)
+                .map(std::sync::Mutex::new)
+                .collect();
+            team.run(parts.len(), &|t| {
+                let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+                let r0 = t * ROWS_PER_TASK;
+                let r1 = r0 + part.len() / m;
+                rows(r0, r1, &mut part);
             });
         }
-        _ => out_t
-            .chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(task),
+        _ => {
+            for (t, chunk) in out_t.chunks_mut(ROWS_PER_TASK * m).enumerate() {
+                let r0 = t * ROWS_PER_TASK;
+                rows(r0, r0 + chunk.len() / m, chunk);
+            }
+        }
     }
 }
 
@@ -496,17 +507,13 @@ fn dot_lanes(a: &[f32], b: &[f32], fmadd: impl Fn(f32, f32, f32) -> f32) -> f32 
     reduce_lanes(&acc)
 }
 
-/// A pool for the row kernel with `threads` workers (None for one thread: run inline).
-pub fn kernel_pool(threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>> {
+/// The team for the row kernel: `threads` threads, the caller included (None for one thread:
+/// run inline).
+pub fn kernel_pool(threads: usize) -> Result<Option<Arc<Team>>> {
     if threads <= 1 {
         return Ok(None);
     }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("flag-qkernel-{i}"))
-        .build()
-        .map(|p| Some(Arc::new(p)))
-        .map_err(|e| LlmError::Invalid(format!("kernel thread pool: {e}")))
+    Team::new(threads).map(|t| Some(Arc::new(t)))
 }
 
 #[cfg(test)]
