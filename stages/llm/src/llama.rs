@@ -221,6 +221,12 @@ pub struct AttnInputs {
 
 /// RMSNorm exactly as transformers computes it: in f32, scaled by the weight in the model kind.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    // f32 activations (the CPU's) skip the two conversions: the same values, two fewer
+    // dispatches (a decode step runs ~60 norms).
+    if x.kind() == Kind::Float {
+        let var = x.square().mean_dim(-1, true, Kind::Float);
+        return w * (x * (var + eps).rsqrt());
+    }
     let xf = x.to_kind(Kind::Float);
     let var = xf.square().mean_dim(-1, true, Kind::Float);
     w * (xf * (var + eps).rsqrt()).to_kind(x.kind())

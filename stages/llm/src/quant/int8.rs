@@ -6,9 +6,10 @@
 //! Every path gives the same bits. The integer part is exact whichever instructions form it
 //! (AVX-512 VNNI's `dpbusd`, AVX2's `maddubs` + `madd` pairs, plain Rust), and the float steps
 //! after it are spelled out and taken in the same order everywhere (no fused multiply-add):
-//! per block, 8 lanes of 4 products each, `acc[j] += float(p[j]) * (d_w * d_x)`; for Q4_1 also
-//! `acc_min += m_w * s_x` in block order; at the end `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))`
-//! plus `acc_min`.
+//! per block, 8 lanes of 4 products each, `acc[j] = fma(float(p[j]), d_w * d_x, acc[j])`; for
+//! Q4_1 also `acc_min = fma(m_w, s_x, acc_min)` in block order; at the end
+//! `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` plus `acc_min`. A fused multiply-add rounds once
+//! wherever it runs (`f32::mul_add` is the correctly rounded one without the instruction).
 
 use super::{BLOCK, QMatrix};
 use crate::gguf::{GGML_Q4_0, GGML_Q4_1, GGML_Q8_0};
@@ -18,7 +19,8 @@ pub struct Q8Rows {
     /// Elements per row (a multiple of 32).
     k: usize,
     q: Vec<i8>,
-    /// Per block: the scale (q * d is the rounded activation)...
+    /// Per block, block-major ([block][row], so a tile's rows are adjacent): the scale (q * d
+    /// is the rounded activation)...
     d: Vec<f32>,
     /// ...and d times the block's sum of q (what a Q4_1 minimum multiplies).
     s: Vec<f32>,
@@ -32,22 +34,27 @@ impl Q8Rows {
     /// NaN or an infinity gets a NaN scale, so the products it enters are NaN, as in f32.
     pub fn quantize(x: &[f32], k: usize) -> Self {
         assert!(k.is_multiple_of(BLOCK) && x.len().is_multiple_of(k));
-        let blocks = x.len() / BLOCK;
+        let (blocks, m, nb) = (x.len() / BLOCK, x.len() / k, k / BLOCK);
         let mut q = vec![0i8; x.len()];
-        let (mut d, mut s) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        let (mut d, mut s) = (vec![0f32; blocks], vec![0f32; blocks]);
         let mut lane_sums = vec![0i32; blocks * 8];
-        for (xb, qb) in x.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)) {
+        for (i, (xb, qb)) in x
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let at = (i % nb) * m + i / nb;
             if !xb.iter().all(|v| v.is_finite()) {
-                d.push(f32::NAN);
-                s.push(f32::NAN);
+                d[at] = f32::NAN;
+                s[at] = f32::NAN;
                 continue;
             }
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let scale = amax / 127.0;
             let inv = if amax > 0.0 { 1.0 / scale } else { 0.0 };
             let sum = round_block(xb, inv, qb);
-            d.push(scale);
-            s.push(scale * sum as f32);
+            d[at] = scale;
+            s[at] = scale * sum as f32;
         }
         for (l, qb) in lane_sums.iter_mut().zip(q.chunks_exact(4)) {
             *l = qb.iter().map(|&v| i32::from(v)).sum();
@@ -177,14 +184,14 @@ fn rows_scalar(w: &QMatrix, x: &Q8Rows, r0: usize, r1: usize, out: &mut [f32]) {
             for b in 0..nb {
                 let blk = &row[b * bb..(b + 1) * bb];
                 let xq = &x.q[(a * nb + b) * BLOCK..(a * nb + b + 1) * BLOCK];
-                let (ai, scale) = (a * nb + b, f16_at(blk, 0) * x.d[a * nb + b]);
+                let (ai, scale) = (b * m + a, f16_at(blk, 0) * x.d[b * m + a]);
                 let wv = block_values(w.ggml_type, blk);
                 for (j, lane) in acc.iter_mut().enumerate() {
                     let p: i32 = (4 * j..4 * j + 4).map(|e| wv[e] * i32::from(xq[e])).sum();
-                    *lane += p as f32 * scale;
+                    *lane = (p as f32).mul_add(scale, *lane);
                 }
                 if w.ggml_type == GGML_Q4_1 {
-                    acc_min += f16_at(blk, 2) * x.s[ai];
+                    acc_min = f16_at(blk, 2).mul_add(x.s[ai], acc_min);
                 }
             }
             *v = reduce8(&acc) + acc_min;
@@ -251,7 +258,8 @@ mod x86 {
                 }
 
                 /// Tiles of 4 weight rows x 1 activation row (one activation: 4 independent
-                /// chains) or 1 x 4 (a batch: each weight block unpacked once for 4 rows).
+                /// chains) or 2 x 4 (a batch: each weight block unpacked once for 4 rows, each
+                /// activation block loaded once for 2 weight rows).
                 #[target_feature(enable = $features)]
                 #[inline]
                 fn rows_of<const TY: u8>(
@@ -271,6 +279,25 @@ mod x86 {
                                 *oi = ti[0];
                             }
                             r += 4;
+                            continue;
+                        }
+                        if m >= 4 && r + 2 <= r1 {
+                            // Two weight rows share each activation block's loads.
+                            let mut a = 0;
+                            while a + 4 <= m {
+                                let acts = [a, a + 1, a + 2, a + 3];
+                                let t = tile::<TY, 2, 4>(w, x, [r, r + 1], acts);
+                                o[a..a + 4].copy_from_slice(&t[0]);
+                                o[m + a..m + a + 4].copy_from_slice(&t[1]);
+                                a += 4;
+                            }
+                            while a < m {
+                                let t = tile::<TY, 2, 1>(w, x, [r, r + 1], [a]);
+                                o[a] = t[0][0];
+                                o[m + a] = t[1][0];
+                                a += 1;
+                            }
+                            r += 2;
                             continue;
                         }
                         let mut a = 0;
@@ -347,8 +374,8 @@ mod x86 {
                     let (nb, bb) = (w.cols / BLOCK, w.block_bytes);
                     let wrow: [&[u8]; R] = rows.map(|r| w.row(r));
                     let xq: [&[i8]; A] = acts.map(|a| &x.q[a * nb * BLOCK..(a + 1) * nb * BLOCK]);
-                    let xd: [&[f32]; A] = acts.map(|a| &x.d[a * nb..(a + 1) * nb]);
-                    let xs: [&[f32]; A] = acts.map(|a| &x.s[a * nb..(a + 1) * nb]);
+                    let m = x.rows();
+                    assert!(acts.iter().all(|&a| a < m) && x.d.len() == nb * m);
                     let xl: [&[i32]; A] = acts.map(|a| &x.lane_sums[a * nb * 8..(a + 1) * nb * 8]);
                     // Signed weights are dotted as w + offset: each lane starts at
                     // -offset * (its activations' sum), so the integer is exactly sum(w * x).
@@ -396,10 +423,11 @@ mod x86 {
                                 } else {
                                     _mm256_cvtepi32_ps(idot(init[a], wv, xv[a]))
                                 };
-                                let scale = _mm256_set1_ps(dw * xd[a][b]);
-                                acc[r][a] = _mm256_add_ps(acc[r][a], _mm256_mul_ps(p, scale));
+                                let at = b * m + acts[a];
+                                let scale = _mm256_set1_ps(dw * x.d[at]);
+                                acc[r][a] = _mm256_fmadd_ps(p, scale, acc[r][a]);
                                 if TY == 1 {
-                                    acc_min[r][a] += mw * xs[a][b];
+                                    acc_min[r][a] = mw.mul_add(x.s[at], acc_min[r][a]);
                                 }
                             }
                         }
@@ -521,7 +549,7 @@ mod tests {
                     let bound: f64 = wrow
                         .iter()
                         .enumerate()
-                        .map(|(i, p)| f64::from(p.abs()) * f64::from(x.d[a * cols / 32 + i / 32]))
+                        .map(|(i, p)| f64::from(p.abs()) * f64::from(x.d[(i / 32) * m + a]))
                         .sum::<f64>()
                         / 2.0;
                     let diff = (f64::from(got[r * m + a]) - exact).abs();
@@ -555,5 +583,11 @@ mod tests {
         assert_eq!(q.s[0], q.d[0] * (-127 + 70 + 32) as f32);
         assert!(q.q[32..].iter().all(|&v| v == 0));
         assert_eq!(q.d[1], 0.0);
+        // Two rows of two blocks: scales are stored block-major ([block][row]).
+        let mut x2 = vec![0f32; 128];
+        x2[64] = 127.0; // row 1, block 0
+        x2[96] = 254.0; // row 1, block 1
+        let q2 = Q8Rows::quantize(&x2, 64);
+        assert_eq!(q2.d, vec![0.0, 1.0, 0.0, 2.0]);
     }
 }
