@@ -68,9 +68,13 @@ echo "bench-llm: flag llm bench, weights kept as GGUF blocks (FLAG_LLM_WEIGHTS=g
 FLAG_LLM_WEIGHTS=gguf "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
   --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" \
   --decode-tokens "$DECODE_TOKENS" --repeats "$REPEATS" > "$TMP/flag_gguf.json"
+echo "bench-llm: flag llm bench, GGUF blocks with int8 activations (FLAG_LLM_WEIGHTS=gguf-int8)" >&2
+FLAG_LLM_WEIGHTS=gguf-int8 "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
+  --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" \
+  --decode-tokens "$DECODE_TOKENS" --repeats "$REPEATS" > "$TMP/flag_gguf_int8.json"
 # Resident memory is compared single stream to single stream: a process that ran batch 32
 # holds that batch's KV cache in its peak, llama.cpp's figure is one sequence.
-for w in dense gguf; do
+for w in dense gguf gguf-int8; do
   FLAG_LLM_WEIGHTS=$w "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
     --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" --batches 1 \
     --decode-tokens "$DECODE_TOKENS" --repeats 1 > "$TMP/flag_single_$w.json"
@@ -83,13 +87,16 @@ echo "bench-llm: llama.cpp $LLAMA_CPP_VERSION ($THREADS threads)" >&2
 
 mkdir -p "$(dirname "$OUT")"
 "$LVENV/bin/python" - "$TMP/flag.json" "$TMP/llamacpp.json" "$OUT" "$TMP/flag_gguf.json" \
-  "$TMP/flag_single_dense.json" "$TMP/flag_single_gguf.json" <<'EOF'
+  "$TMP/flag_single_dense.json" "$TMP/flag_single_gguf.json" \
+  "$TMP/flag_gguf_int8.json" "$TMP/flag_single_gguf-int8.json" <<'EOF'
 import json, platform, sys, time
 ours = json.load(open(sys.argv[1]))
 ref = json.load(open(sys.argv[2]))
 ours_gguf = json.load(open(sys.argv[4]))
 ours["single_stream_peak_rss_mib"] = json.load(open(sys.argv[5]))["peak_rss_mib"]
 ours_gguf["single_stream_peak_rss_mib"] = json.load(open(sys.argv[6]))["peak_rss_mib"]
+ours_int8 = json.load(open(sys.argv[7]))
+ours_int8["single_stream_peak_rss_mib"] = json.load(open(sys.argv[8]))["peak_rss_mib"]
 ratios = []
 for r in ours["results"]:
     ratios.append({
@@ -106,6 +113,7 @@ out = {
     "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
     "flag": ours,
     "flag_gguf": ours_gguf,
+    "flag_gguf_int8": ours_int8,
     "llama_cpp": ref,
     "ratios": ratios,
     "goals": {

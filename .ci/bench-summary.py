@@ -84,7 +84,8 @@ if d:
             f"{d['ceiling_ratio_episodes_per_s']:.2f}x", "(bound)", None, src)
 
 d, src = load("llm.json")
-for key, weights in (("flag", "dense f32"), ("flag_gguf", "GGUF blocks")):
+for key, weights in (("flag", "dense f32"), ("flag_gguf", "GGUF blocks"),
+                     ("flag_gguf_int8", "GGUF blocks, int8 activations (opt-in gguf-int8)")):
     if not d or key not in d:
         continue
     ours, ref = d[key], d["llama_cpp"]
