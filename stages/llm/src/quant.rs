@@ -24,13 +24,14 @@ mod team;
 
 pub use team::Team;
 
-/// How a block matrix meets the activations of a small product (decode, below
-/// [`GEMM_MIN_ROWS`] rows); prefill's large products are f32 GEMMs either way.
+/// How a block matrix meets its activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activations {
     /// f32, as they are (the format `gguf`).
     F32,
-    /// Rounded to 8 bits per block of 32 and dotted as integers (the format `gguf-int8`).
+    /// Rounded to 8 bits per block of 32 (the format `gguf-int8`): dotted as integers in
+    /// small products, and handed rounded to the f32 GEMM in large ones (prefill), so a row's
+    /// result does not depend on how many rows share its product beyond summation order.
     Int8,
 }
 
@@ -215,14 +216,27 @@ pub fn linear(w: &QMatrix, x: &Tensor, acts: Activations, pool: Option<&Team>) -
     };
     let m = x2.size()[0] as usize;
     lead.push(w.rows as i64);
-    if m >= GEMM_MIN_ROWS {
-        return gemm_by_slabs(w, &x2).view(lead.as_slice());
+    assert_eq!(
+        x2.device(),
+        tch::Device::Cpu,
+        "block weights multiply on the CPU"
+    );
+    if m == 0 {
+        return Tensor::zeros(lead.as_slice(), (Kind::Float, tch::Device::Cpu));
     }
     #[allow(unsafe_code)]
-    // SAFETY: x2 is a contiguous f32 CPU tensor of m x k elements (to_kind + contiguous above;
-    // block weights exist on the CPU only), alive and unchanged until this function returns.
+    // SAFETY: x2 is a contiguous f32 CPU tensor (checked above) of m >= 1 rows of k elements,
+    // alive and unchanged until this function returns.
     let xs: &[f32] =
         unsafe { std::slice::from_raw_parts(x2.data_ptr() as *const f32, m * k as usize) };
+    if m >= GEMM_MIN_ROWS {
+        if acts == Activations::Int8 {
+            let rounded = int8::rounded_f32(xs, w.cols);
+            let xr = Tensor::from_slice(&rounded).view([m as i64, k]);
+            return gemm_by_slabs(w, &xr).view(lead.as_slice());
+        }
+        return gemm_by_slabs(w, &x2).view(lead.as_slice());
+    }
     // Computed weight-row-major ([rows, m]: each task owns a contiguous run), then transposed
     // (nothing to transpose for one activation row, the decode of one sequence).
     let out = Tensor::empty([w.rows as i64, m as i64], (Kind::Float, tch::Device::Cpu));
@@ -606,6 +620,73 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn acts_tensor(m: usize, cols: usize, seed: usize) -> Tensor {
+        let v: Vec<f32> = (0..m * cols)
+            .map(|i| (((i * 31 + seed * 7) % 97) as f32 - 48.0) / 17.0)
+            .collect();
+        Tensor::from_slice(&v).view([m as i64, cols as i64])
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(&t.contiguous().view([-1])).unwrap()
+    }
+
+    /// A product's bits do not depend on the team: tasks own disjoint rows, m = 1 is written
+    /// in place, m > 1 transposed; the same for both activation formats.
+    #[test]
+    fn products_on_a_team_equal_those_on_one_thread_bit_for_bit() {
+        let w = matrix(GGML_Q4_1, 300, 128, 9);
+        let team = Team::new(2).unwrap();
+        for acts in [Activations::F32, Activations::Int8] {
+            for m in [1, 5] {
+                let x = acts_tensor(m, 128, m);
+                let one = values(&linear(&w, &x, acts, None));
+                let two = values(&linear(&w, &x, acts, Some(&team)));
+                assert_eq!(one.len(), 300 * m);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&one), bits(&two), "{acts:?}, m {m}");
+            }
+        }
+    }
+
+    /// Regression: with int8 activations a row's products must not depend on whether its
+    /// product is large (the GEMM path, prefill or a big batch) or small (the integer path).
+    /// The GEMM path used the unrounded f32 activations, so a row batched with 49 others
+    /// moved by the whole rounding (~4e-3 of sum |w x| here); now only summation order
+    /// differs.
+    #[test]
+    fn int8_rows_give_the_same_products_alone_and_in_a_large_batch() {
+        let (rows, cols, m) = (40, 256, GEMM_MIN_ROWS + 2);
+        let w = matrix(GGML_Q4_1, rows, cols, 4);
+        let x = acts_tensor(m, cols, 3);
+        let batched = values(&linear(&w, &x, Activations::Int8, None));
+        let xs = values(&x);
+        let mut wrow = vec![0f32; cols];
+        let mut worst = 0f64;
+        for a in 0..m {
+            let alone = values(&linear(
+                &w,
+                &x.narrow(0, a as i64, 1),
+                Activations::Int8,
+                None,
+            ));
+            for r in 0..rows {
+                gguf::dequant_blocks(GGML_Q4_1, w.row(r), &mut wrow);
+                let scale: f64 = wrow
+                    .iter()
+                    .zip(&xs[a * cols..(a + 1) * cols])
+                    .map(|(p, q)| f64::from((p * q).abs()))
+                    .sum();
+                let diff = f64::from((alone[r] - batched[a * rows + r]).abs());
+                worst = worst.max(diff / scale);
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "alone vs batched differ by {worst:.2e} of sum |w x|"
+        );
     }
 
     /// Whether `rows_into` takes the FMA path on this CPU (its dots round once per step).

@@ -174,10 +174,12 @@ fn block_weights_on_cuda_or_in_bf16_are_refused() {
     assert!(err.to_string().contains("CPU in f32"), "{err}");
 }
 
-/// `gguf-int8` rounds decode's activations to 8 bits per block of 32, so its logits move by
-/// that rounding: on these cases at most 1.2e-1 relative to transformers' (top 10; "hello",
-/// whose logits are near 4), where llama.cpp on the same GGUF, which rounds the same way, is
-/// 5.8e-2 off. The next token must not move, and the logits must stay within twice that.
+/// `gguf-int8` rounds activations to 8 bits per block of 32, so its logits move by that
+/// rounding: on these cases at most 4.9e-2 relative to transformers' (top 10; "hello", whose
+/// logits are near 4), where llama.cpp on the same GGUF, which rounds the same way, is 5.8e-2
+/// off. The figure is chaotic: a last-bit change upstream flips some roundings, and an
+/// earlier build of the kernel (two roundings per step instead of one) gave 1.2e-1. The next
+/// token must not move, and the logits must stay within 0.25 (twice the largest seen).
 #[test]
 fn int8_activations_keep_transformers_next_tokens() {
     const INT8_REL_TOL: f64 = 0.25;
@@ -194,8 +196,10 @@ fn int8_activations_keep_transformers_next_tokens() {
             .max_by(|&a, &b| got[a].total_cmp(&got[b]).then(b.cmp(&a)))
             .unwrap();
         assert_eq!(top, c.top_ids[0], "{}: next token", c.name);
+        let mut case_worst = 0f64;
         for (&id, &want) in c.top_ids.iter().zip(&c.top_logits) {
             let rel = (f64::from(got[id]) - want).abs() / want.abs().max(1.0);
+            case_worst = case_worst.max(rel);
             worst = worst.max(rel);
             assert!(
                 rel <= INT8_REL_TOL,
@@ -204,6 +208,10 @@ fn int8_activations_keep_transformers_next_tokens() {
                 got[id]
             );
         }
+        eprintln!(
+            "gguf-int8 {}: largest relative logit difference {case_worst:.2e}",
+            c.name
+        );
     }
     eprintln!("gguf-int8: largest relative logit difference vs transformers (top 10) {worst:.3e}");
     let fx: GreedyFixture = read("reference_greedy.json");

@@ -5,7 +5,7 @@
 //!
 //! Every path gives the same bits. The integer part is exact whichever instructions form it
 //! (AVX-512 VNNI's `dpbusd`, AVX2's `maddubs` + `madd` pairs, plain Rust), and the float steps
-//! after it are spelled out and taken in the same order everywhere (no fused multiply-add):
+//! after it are spelled out and taken in the same order everywhere:
 //! per block, 8 lanes of 4 products each, `acc[j] = fma(float(p[j]), d_w * d_x, acc[j])`; for
 //! Q4_1 also `acc_min = fma(m_w, s_x, acc_min)` in block order; at the end
 //! `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` plus `acc_min`. A fused multiply-add rounds once
@@ -71,6 +71,72 @@ impl Q8Rows {
     fn rows(&self) -> usize {
         self.q.len() / self.k
     }
+
+    /// The rounded activations as f32 ([m, k] row-major): q * d, what the integer dots
+    /// multiply; the reference for [`rounded_f32`], which large products (prefill) hand to an
+    /// f32 GEMM, so a row gives the same logits up to summation order whichever path its
+    /// batch takes.
+    #[cfg(test)]
+    fn rounded(&self) -> Vec<f32> {
+        let (m, nb) = (self.rows(), self.k / BLOCK);
+        let mut out = vec![0f32; self.q.len()];
+        for (i, (o, q)) in out
+            .chunks_exact_mut(BLOCK)
+            .zip(self.q.chunks_exact(BLOCK))
+            .enumerate()
+        {
+            let d = self.d[(i % nb) * m + i / nb];
+            for (ov, &qv) in o.iter_mut().zip(q) {
+                *ov = f32::from(qv) * d;
+            }
+        }
+        out
+    }
+}
+
+/// [`Q8Rows::quantize`] then [`Q8Rows::rounded`] in one pass (the same bits): what a large
+/// product hands to the f32 GEMM.
+pub fn rounded_f32(x: &[f32], k: usize) -> Vec<f32> {
+    assert!(k.is_multiple_of(BLOCK) && x.len().is_multiple_of(k));
+    let mut out = vec![0f32; x.len()];
+    for (xb, ob) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
+        if !xb.iter().all(|v| v.is_finite()) {
+            ob.fill(f32::NAN);
+            continue;
+        }
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if amax > 0.0 { 1.0 / scale } else { 0.0 };
+        round_block_to_f32(xb, inv, scale, ob);
+    }
+    out
+}
+
+/// o = round(x * inv) (as [`round_block`]) times scale.
+fn round_block_to_f32(x: &[f32], inv: f32, scale: f32, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2.
+            return unsafe { round_block_to_f32_avx2(x, inv, scale, o) };
+        }
+    }
+    round_block_to_f32_with(x, inv, scale, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn round_block_to_f32_avx2(x: &[f32], inv: f32, scale: f32, o: &mut [f32]) {
+    round_block_to_f32_with(x, inv, scale, o)
+}
+
+#[inline(always)]
+fn round_block_to_f32_with(x: &[f32], inv: f32, scale: f32, o: &mut [f32]) {
+    for (ov, &v) in o.iter_mut().zip(x) {
+        // The integer q as an f32 (exact), times the scale: f32::from(q as i8) * d.
+        *ov = (v * inv).round_ties_even().clamp(-127.0, 127.0) * scale;
+    }
 }
 
 /// q = round(x * inv) to nearest, ties to even, within +-127; returns the sum of q.
@@ -129,19 +195,11 @@ enum SimdLevel {
     Scalar,
 }
 
-/// The best path this CPU runs; `FLAG_LLM_INT8_PATH` = avx2 | scalar forces a lower one (the
-/// tests compare paths with it; all give the same bits).
+/// The best path this CPU runs (all give the same bits; the tests compare them directly).
 fn simd_level() -> SimdLevel {
     use std::sync::OnceLock;
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let best = best_level();
-        match std::env::var("FLAG_LLM_INT8_PATH").as_deref() {
-            Ok("scalar") => SimdLevel::Scalar,
-            Ok("avx2") if best != SimdLevel::Scalar => SimdLevel::Avx2,
-            _ => best,
-        }
-    })
+    *LEVEL.get_or_init(best_level)
 }
 
 fn best_level() -> SimdLevel {
@@ -568,6 +626,19 @@ mod tests {
             assert!((0..rows).all(|r| got[r * m].is_nan()), "type {ty}");
             assert!((0..rows).all(|r| got[r * m + 1].is_finite()), "type {ty}");
         }
+    }
+
+    /// The one-pass rounding for the GEMM path gives quantize-then-expand's bits.
+    #[test]
+    fn one_pass_rounding_equals_quantize_then_expand() {
+        let mut x = activations(3, 96, 2);
+        x[100] = f32::NAN;
+        x[7] = 1e-30;
+        let want = Q8Rows::quantize(&x, 96).rounded();
+        let got = rounded_f32(&x, 96);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+        assert!(got[96..128].iter().all(|v| v.is_nan()));
     }
 
     /// Rounding: the block's largest magnitude maps to +-127, zeros stay zero.

@@ -7,7 +7,8 @@
 //! runs itself. Tasks are claimed from a shared counter, so a task's result never depends on
 //! which thread ran it.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -28,7 +29,8 @@ struct Job {
     tasks: usize,
     next: AtomicUsize,
     done: AtomicUsize,
-    panicked: AtomicBool,
+    /// The first task panic's payload, re-raised on the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 // SAFETY: `f` points at a `Sync` closure and is only called while the caller keeps it alive
@@ -49,8 +51,8 @@ impl Job {
             #[allow(unsafe_code)]
             // SAFETY: t < tasks, so the caller is still waiting for this task (see `Job::f`).
             let f = unsafe { &*self.f };
-            if catch_unwind(AssertUnwindSafe(|| f(t))).is_err() {
-                self.panicked.store(true, Ordering::Relaxed);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(t))) {
+                lock(&self.panic).get_or_insert(payload);
             }
             self.done.fetch_add(1, Ordering::Release);
         }
@@ -83,17 +85,20 @@ impl std::fmt::Debug for Team {
 impl Team {
     /// A team of `threads` (the caller and `threads - 1` helpers).
     pub fn new(threads: usize) -> Result<Self> {
-        let shared = Arc::new(Shared::default());
-        let mut helpers = Vec::new();
+        let mut team = Team {
+            shared: Arc::new(Shared::default()),
+            helpers: Vec::new(),
+        };
         for i in 1..threads.max(1) {
-            let s = Arc::clone(&shared);
+            let s = Arc::clone(&team.shared);
+            // On an error `team` drops here, which stops and joins the helpers already started.
             let h = std::thread::Builder::new()
                 .name(format!("flag-qkernel-{i}"))
                 .spawn(move || helper(&s))
                 .map_err(|e| LlmError::Invalid(format!("kernel helper thread: {e}")))?;
-            helpers.push(h);
+            team.helpers.push(h);
         }
-        Ok(Team { shared, helpers })
+        Ok(team)
     }
 
     pub fn threads(&self) -> usize {
@@ -101,7 +106,9 @@ impl Team {
     }
 
     /// Runs `f(t)` for every t in 0..tasks across the team; returns when all have run.
-    /// Panics (after all tasks ran) if any task panicked.
+    /// Re-raises (after all tasks ran) the first panic of a task. Two callers at once are
+    /// correct but share the helpers badly (each runs what no helper took): a team has one
+    /// caller at a time in practice, the engine that owns it.
     pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         if self.helpers.is_empty() || tasks <= 1 {
             (0..tasks).for_each(f);
@@ -116,7 +123,7 @@ impl Team {
             tasks,
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            panic: Mutex::new(None),
         });
         *lock(&self.shared.current) = Some(Arc::clone(&job));
         // SeqCst on both sides (here and in `helper`): a helper about to park either sees this
@@ -128,13 +135,25 @@ impl Team {
             self.shared.wake.notify_all();
         }
         job.work();
-        // Only tasks a helper already claimed are left: each is running now.
+        // Only tasks a helper already claimed are left: each is running now. Spin, then yield,
+        // in case that helper's core was taken from it.
+        let mut spins = 0u32;
         while job.done.load(Ordering::Acquire) < tasks {
-            std::hint::spin_loop();
+            spins = spins.saturating_add(1);
+            if spins < 4096 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
-        *lock(&self.shared.current) = None;
-        if job.panicked.load(Ordering::Relaxed) {
-            panic!("a task of a block product panicked on a kernel helper thread");
+        {
+            let mut current = lock(&self.shared.current);
+            if current.as_ref().is_some_and(|j| Arc::ptr_eq(j, &job)) {
+                *current = None;
+            }
+        }
+        if let Some(payload) = lock(&job.panic).take() {
+            resume_unwind(payload);
         }
     }
 }
@@ -158,7 +177,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn helper(s: &Shared) {
-    let mut seen = s.generation.load(Ordering::Acquire);
+    // Generation 0 is the team's start, not a load here: a team dropped before this thread
+    // first ran has already bumped it, and a load would wait for a bump that never comes
+    // (regression: `products_on_a_team_equal_those_on_one_thread_bit_for_bit` hung in drop).
+    let mut seen = 0;
     loop {
         let start = Instant::now();
         let mut spins = 0u32;
@@ -169,7 +191,8 @@ fn helper(s: &Shared) {
             if spins.is_multiple_of(256) && start.elapsed() > SPIN {
                 let mut g = lock(&s.current);
                 s.parked.fetch_add(1, Ordering::SeqCst);
-                while s.generation.load(Ordering::SeqCst) == seen {
+                while s.generation.load(Ordering::SeqCst) == seen && !s.stop.load(Ordering::SeqCst)
+                {
                     g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
                 }
                 s.parked.fetch_sub(1, Ordering::AcqRel);
@@ -214,12 +237,51 @@ mod tests {
         let r = catch_unwind(AssertUnwindSafe(|| {
             team.run(8, &|t| assert!(t != 5, "task 5 fails"));
         }));
-        assert!(r.is_err());
+        let payload = r.expect_err("the task's panic reaches the caller");
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(msg.contains("task 5 fails"), "{msg}");
         // The team still works after a panic.
         let sum = AtomicUsize::new(0);
         team.run(10, &|t| {
             sum.fetch_add(t, Ordering::Relaxed);
         });
         assert_eq!(sum.load(Ordering::Relaxed), 45);
+    }
+
+    /// Regression: a team dropped before its helper thread first ran hung in `drop` (the
+    /// helper waited for a generation after the one that told it to stop).
+    #[test]
+    fn a_team_dropped_at_once_stops_its_helpers() {
+        for _ in 0..200 {
+            let team = Team::new(3).unwrap();
+            team.run(4, &|_| {});
+            drop(team);
+            drop(Team::new(2).unwrap());
+        }
+    }
+
+    /// Two threads calling one team at once: every task of each call runs exactly once.
+    #[test]
+    fn two_callers_at_once_each_get_all_their_tasks() {
+        let team = Team::new(2).unwrap();
+        std::thread::scope(|s| {
+            for caller in 0..2 {
+                let team = &team;
+                s.spawn(move || {
+                    for round in 0..500usize {
+                        let n = 1 + (round + caller) % 23;
+                        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                        team.run(n, &|t| {
+                            hits[t].fetch_add(1, Ordering::Relaxed);
+                        });
+                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                    }
+                });
+            }
+        });
     }
 }
