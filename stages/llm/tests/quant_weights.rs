@@ -52,6 +52,43 @@ fn read<T: serde::de::DeserializeOwned>(name: &str) -> T {
     serde_json::from_slice(&std::fs::read(&p).expect("fixture readable")).expect("fixture parses")
 }
 
+/// Asserts each of transformers' top logits of case `c` within `tol` (relative, at least 1
+/// absolute) in `got`; returns the largest difference.
+fn check_top_logits(c: &LogitsCase, got: &[f32], tol: f64) -> f64 {
+    let mut worst = 0f64;
+    for (&id, &want) in c.top_ids.iter().zip(&c.top_logits) {
+        let rel = (f64::from(got[id]) - want).abs() / want.abs().max(1.0);
+        worst = worst.max(rel);
+        assert!(
+            rel <= tol,
+            "{}: logit of {id} {} vs {want}",
+            c.name,
+            got[id]
+        );
+    }
+    worst
+}
+
+/// The greedy fixture and options that decode its continuations (temperature 0).
+fn greedy_fixture() -> (GreedyFixture, GenerateOptions) {
+    let fx: GreedyFixture = read("reference_greedy.json");
+    let opts = GenerateOptions {
+        max_tokens: fx.max_tokens,
+        temperature: 0.0,
+        ..Default::default()
+    };
+    (fx, opts)
+}
+
+/// The greedy continuation of one case, decoded alone (batch 1).
+fn greedy_alone(engine: &Engine, c: &GreedyCase, opts: &GenerateOptions) -> Vec<u32> {
+    engine
+        .generate_ids(std::slice::from_ref(&c.ids), opts)
+        .unwrap()
+        .remove(0)
+        .ids
+}
+
 /// Both engines, behind one lock (the tests share two cores).
 fn engines() -> std::sync::MutexGuard<'static, (Engine, Engine)> {
     static E: OnceLock<Mutex<(Engine, Engine)>> = OnceLock::new();
@@ -107,16 +144,7 @@ fn block_weights_keep_transformers_logits_and_greedy_text() {
         let mut order: Vec<usize> = (0..got.len()).collect();
         order.sort_by(|&a, &b| got[b].total_cmp(&got[a]).then(a.cmp(&b)));
         assert_eq!(order[..fx.top_k], c.top_ids[..], "{}: top ids", c.name);
-        for (&id, &want) in c.top_ids.iter().zip(&c.top_logits) {
-            let rel = (f64::from(got[id]) - want).abs() / want.abs().max(1.0);
-            worst_ref = worst_ref.max(rel);
-            assert!(
-                rel <= REL_TOL,
-                "{}: logit of {id} {} vs {want}",
-                c.name,
-                got[id]
-            );
-        }
+        worst_ref = worst_ref.max(check_top_logits(c, &got, REL_TOL));
         let d = dense.next_token_logits_ids(&c.ids).unwrap();
         for (a, b) in d.iter().zip(&got) {
             worst_dense = worst_dense.max(f64::from((a - b).abs()) / f64::from(a.abs()).max(1.0));
@@ -127,18 +155,14 @@ fn block_weights_keep_transformers_logits_and_greedy_text() {
          vs the dense f32 model (all 49,152 logits) {worst_dense:.3e}"
     );
 
-    let fx: GreedyFixture = read("reference_greedy.json");
-    let opts = GenerateOptions {
-        max_tokens: fx.max_tokens,
-        temperature: 0.0,
-        ..Default::default()
-    };
+    let (fx, opts) = greedy_fixture();
     for c in &fx.cases {
-        let alone = blocks
-            .generate_ids(std::slice::from_ref(&c.ids), &opts)
-            .unwrap()
-            .remove(0);
-        assert_eq!(alone.ids, c.continuation.ids, "{} alone", c.name);
+        assert_eq!(
+            greedy_alone(blocks, c, &opts),
+            c.continuation.ids,
+            "{} alone",
+            c.name
+        );
     }
     let prompts: Vec<Vec<u32>> = fx.cases.iter().map(|c| c.ids.clone()).collect();
     for (c, g) in fx
@@ -196,42 +220,19 @@ fn int8_activations_keep_transformers_next_tokens() {
             .max_by(|&a, &b| got[a].total_cmp(&got[b]).then(b.cmp(&a)))
             .unwrap();
         assert_eq!(top, c.top_ids[0], "{}: next token", c.name);
-        let mut case_worst = 0f64;
-        for (&id, &want) in c.top_ids.iter().zip(&c.top_logits) {
-            let rel = (f64::from(got[id]) - want).abs() / want.abs().max(1.0);
-            case_worst = case_worst.max(rel);
-            worst = worst.max(rel);
-            assert!(
-                rel <= INT8_REL_TOL,
-                "{}: logit of {id} {} vs {want}",
-                c.name,
-                got[id]
-            );
-        }
+        let case_worst = check_top_logits(c, &got, INT8_REL_TOL);
+        worst = worst.max(case_worst);
         eprintln!(
             "gguf-int8 {}: largest relative logit difference {case_worst:.2e}",
             c.name
         );
     }
     eprintln!("gguf-int8: largest relative logit difference vs transformers (top 10) {worst:.3e}");
-    let fx: GreedyFixture = read("reference_greedy.json");
-    let opts = GenerateOptions {
-        max_tokens: fx.max_tokens,
-        temperature: 0.0,
-        ..Default::default()
-    };
+    let (fx, opts) = greedy_fixture();
     for c in &fx.cases {
-        let alone = int8
-            .generate_ids(std::slice::from_ref(&c.ids), &opts)
-            .unwrap()
-            .remove(0);
-        assert_eq!(
-            alone.ids[0], c.continuation.ids[0],
-            "{}: first token",
-            c.name
-        );
+        let alone = greedy_alone(&int8, c, &opts);
+        assert_eq!(alone[0], c.continuation.ids[0], "{}: first token", c.name);
         let same = alone
-            .ids
             .iter()
             .zip(&c.continuation.ids)
             .take_while(|(a, b)| a == b)
