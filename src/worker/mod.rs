@@ -161,11 +161,13 @@ fn gguf_by_env(get: impl Fn(&str) -> Option<String>) -> bool {
     )
 }
 
-/// Whether a stage job decodes with block weights: its keyed environment says so.
+/// Whether a stage job decodes with block weights: its keyed environment names a format other
+/// than dense (`gguf`, `gguf-int8`; dense adds no `weights` entry), as [`gguf_by_env`] reads
+/// `FLAG_LLM_WEIGHTS`.
 pub fn job_uses_gguf(job: &StageJob) -> bool {
     job.env
         .get("weights")
-        .is_some_and(|w| w == "gguf" || w == "gguf-int8")
+        .is_some_and(|w| !matches!(w.as_str(), "dense" | "f32"))
 }
 
 /// The `flag-worker` binary: `FLAG_WORKER` when set, else the one beside this executable.

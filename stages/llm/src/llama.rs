@@ -497,11 +497,10 @@ impl LlamaModel {
         let _guard = tch::no_grad_guard();
         let (d, v) = (cfg.d_model, cfg.vocab);
         let put = |t: Tensor| t.to_device(device).to_kind(kind);
-        let pool = match format {
-            WeightFormat::GgufBlocks | WeightFormat::GgufInt8 => {
-                quant::kernel_pool(tch::get_num_threads().max(1) as usize)?
-            }
-            WeightFormat::Dense => None,
+        let pool = if format.is_blocks() {
+            quant::kernel_pool(tch::get_num_threads().max(1) as usize)?
+        } else {
+            None
         };
         let w = |parts: &[Part]| load_weight(g, parts, format, &pool, &put);
         let embed = w(&[part("token_embd.weight".into(), v, d, None)])?;

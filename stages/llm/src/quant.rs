@@ -295,24 +295,25 @@ fn row_kernel(
     rows: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     debug_assert_eq!(out_t.len(), w.rows * m);
+    let per_task = rows_per_task(m);
+    let task = |t: usize, part: &mut [f32]| {
+        let r0 = t * per_task;
+        rows(r0, r0 + part.len() / m, part);
+    };
     match pool {
         Some(team) if team.threads() > 1 => {
             // Disjoint parts of the output, one per task (a lock each: never contended).
             let parts: Vec<std::sync::Mutex<&mut [f32]>> = out_t
-                .chunks_mut(rows_per_task(m) * m)
+                .chunks_mut(per_task * m)
                 .map(std::sync::Mutex::new)
                 .collect();
             team.run(parts.len(), &|t| {
-                let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
-                let r0 = t * rows_per_task(m);
-                let r1 = r0 + part.len() / m;
-                rows(r0, r1, &mut part);
+                task(t, &mut parts[t].lock().unwrap_or_else(|e| e.into_inner()))
             });
         }
         _ => {
-            for (t, chunk) in out_t.chunks_mut(rows_per_task(m) * m).enumerate() {
-                let r0 = t * rows_per_task(m);
-                rows(r0, r0 + chunk.len() / m, chunk);
+            for (t, part) in out_t.chunks_mut(per_task * m).enumerate() {
+                task(t, part);
             }
         }
     }

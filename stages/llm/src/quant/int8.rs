@@ -44,14 +44,11 @@ impl Q8Rows {
             .enumerate()
         {
             let at = (i % nb) * m + i / nb;
-            if !xb.iter().all(|v| v.is_finite()) {
+            let Some((scale, inv)) = block_scale(xb) else {
                 d[at] = f32::NAN;
                 s[at] = f32::NAN;
                 continue;
-            }
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if amax > 0.0 { 1.0 / scale } else { 0.0 };
+            };
             let sum = round_block(xb, inv, qb);
             d[at] = scale;
             s[at] = scale * sum as f32;
@@ -94,58 +91,43 @@ impl Q8Rows {
     }
 }
 
-/// [`Q8Rows::quantize`] then [`Q8Rows::rounded`] in one pass (the same bits): what a large
-/// product hands to the f32 GEMM.
+/// [`Q8Rows::quantize`] then [`Q8Rows::rounded`] block by block (the same bits, without the
+/// integer rows the GEMM does not need): what a large product hands to the f32 GEMM.
 pub fn rounded_f32(x: &[f32], k: usize) -> Vec<f32> {
     assert!(k.is_multiple_of(BLOCK) && x.len().is_multiple_of(k));
     let mut out = vec![0f32; x.len()];
+    let mut q = [0i8; BLOCK];
     for (xb, ob) in x.chunks_exact(BLOCK).zip(out.chunks_exact_mut(BLOCK)) {
-        if !xb.iter().all(|v| v.is_finite()) {
+        let Some((scale, inv)) = block_scale(xb) else {
             ob.fill(f32::NAN);
             continue;
+        };
+        round_block(xb, inv, &mut q);
+        for (o, &qv) in ob.iter_mut().zip(&q) {
+            *o = f32::from(qv) * scale;
         }
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if amax > 0.0 { 1.0 / scale } else { 0.0 };
-        round_block_to_f32(xb, inv, scale, ob);
     }
     out
 }
 
-/// o = round(x * inv) (as [`round_block`]) times scale.
-fn round_block_to_f32(x: &[f32], inv: f32, scale: f32, o: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") {
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX2.
-            return unsafe { round_block_to_f32_avx2(x, inv, scale, o) };
-        }
+/// A block's (scale, 1 / scale): scale = largest magnitude / 127, and 0 for 1 / 0. None when
+/// the block holds a NaN or an infinity.
+fn block_scale(x: &[f32]) -> Option<(f32, f32)> {
+    if !x.iter().all(|v| v.is_finite()) {
+        return None;
     }
-    round_block_to_f32_with(x, inv, scale, o)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn round_block_to_f32_avx2(x: &[f32], inv: f32, scale: f32, o: &mut [f32]) {
-    round_block_to_f32_with(x, inv, scale, o)
-}
-
-#[inline(always)]
-fn round_block_to_f32_with(x: &[f32], inv: f32, scale: f32, o: &mut [f32]) {
-    for (ov, &v) in o.iter_mut().zip(x) {
-        // The integer q as an f32 (exact), times the scale: f32::from(q as i8) * d.
-        *ov = (v * inv).round_ties_even().clamp(-127.0, 127.0) * scale;
-    }
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    Some((scale, if amax > 0.0 { 1.0 / scale } else { 0.0 }))
 }
 
 /// q = round(x * inv) to nearest, ties to even, within +-127; returns the sum of q.
 fn round_block(x: &[f32], inv: f32, q: &mut [i8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") {
+        if simd_level() != SimdLevel::Scalar {
             #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX2 (and with it SSE4.1's rounding instruction).
+            // SAFETY: both SIMD levels include AVX2 (and with it SSE4.1's rounding instruction).
             return unsafe { round_block_avx2(x, inv, q) };
         }
     }
@@ -205,22 +187,15 @@ fn simd_level() -> SimdLevel {
 fn best_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
-        let has = |f: &str| match f {
-            "avx2" => is_x86_feature_detected!("avx2"),
-            "f16c" => is_x86_feature_detected!("f16c"),
-            "avx512f" => is_x86_feature_detected!("avx512f"),
-            "avx512vl" => is_x86_feature_detected!("avx512vl"),
-            "avx512vnni" => is_x86_feature_detected!("avx512vnni"),
-            _ => false,
-        };
-        if ["avx2", "f16c", "avx512f", "avx512vl", "avx512vnni"]
-            .iter()
-            .all(|f| has(f))
-        {
-            return SimdLevel::Vnni;
-        }
-        if has("avx2") && has("f16c") {
-            return SimdLevel::Avx2;
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            let vnni = is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            return if vnni {
+                SimdLevel::Vnni
+            } else {
+                SimdLevel::Avx2
+            };
         }
     }
     SimdLevel::Scalar
