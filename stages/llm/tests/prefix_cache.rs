@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use flag_llm::constrain::Constraint;
-use flag_llm::generate::{Engine, GenerateOptions, Generation, MIN_PREFIX};
+use flag_llm::generate::{Engine, GenerateOptions, Generation, MIN_PREFIX, PrefixStore};
 use tch::Device;
 
 const TOL: f32 = 1e-3;
@@ -39,7 +39,8 @@ fn prompts() -> Vec<String> {
     let at = p3
         .find("Weigh the feature groups")
         .expect("P3 instructions");
-    let head = &p3[at..];
+    let end = p3.find("Market data (").expect("P3 data blocks");
+    let head = &p3[at..end];
     let days = [
         "day t: close 100.0, volume 1.2M",
         "day t-1: close 98.7, volume 1.5M",
@@ -152,7 +153,7 @@ fn prefix_caching_equals_full_prefill_free_and_constrained() {
     assert_eq!(s.computed_tokens, 2 * total as u64, "{s:?}");
 
     e.set_prefix_cache(true);
-    e.set_prefix_store(true);
+    e.set_prefix_store(PrefixStore::Any);
     e.reset_prefix_stats();
     let on_free = e.generate(&prompts, &free()).unwrap();
     let s = e.prefix_stats();
@@ -201,7 +202,7 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     let off_other = e.generate(std::slice::from_ref(&other), &opts).unwrap();
 
     e.set_prefix_cache(true);
-    e.set_prefix_store(true);
+    e.set_prefix_store(PrefixStore::Any);
     e.generate(&prompts[2..], &opts).unwrap();
     e.reset_prefix_stats();
     let on: Vec<Generation> = prompts[..2]
@@ -240,28 +241,42 @@ fn single_prompts_reuse_the_stored_head_and_match() {
     assert!(s.reused_tokens > s0.reused_tokens, "{s:?}");
 }
 
-/// Without the store (the default, what stages use), a call's numbers depend on its own
-/// prompts only: the same batch before and after other calls gives identical bits, and a
-/// single prompt is prefilled in full.
+/// With the default store (exact heads, what stages use), a call's numbers depend on its own
+/// prompts only: a batch that reuses its kept head after other calls gives the bits it gives
+/// with nothing kept, and a single prompt is prefilled in full.
 #[test]
-fn without_the_store_a_call_does_not_depend_on_earlier_calls() {
+fn exact_heads_are_reused_without_changing_a_bit() {
     let e = engine();
     let prompts = prompts();
     let opts = free();
-    // The engine is shared by this file's tests: set the defaults stages run with.
+    // The engine is shared by this file's tests: start from nothing kept.
     e.set_prefix_cache(true);
-    e.set_prefix_store(false);
+    e.set_prefix_store(PrefixStore::Off);
+    let alone = e.generate(&prompts[..2], &opts).unwrap();
+
+    e.set_prefix_store(PrefixStore::Exact);
+    e.reset_prefix_stats();
     let first = e.generate(&prompts[..2], &opts).unwrap();
+    let s = e.prefix_stats();
+    assert_eq!((s.with_prefix, s.reused_tokens), (1, 0), "{s:?}");
     e.generate(&prompts[1..], &opts).unwrap();
     e.generate(std::slice::from_ref(&prompts[0]), &opts)
         .unwrap();
     e.reset_prefix_stats();
     let again = e.generate(&prompts[..2], &opts).unwrap();
     let s = e.prefix_stats();
-    assert_eq!((s.with_prefix, s.reused_tokens), (1, 0), "{s:?}");
-    for (a, b) in first.iter().zip(&again) {
-        assert_eq!(a.ids, b.ids);
-        assert_eq!(a.logprobs, b.logprobs, "bit-identical scores");
+    let (head, _) = shared_head(&e, &prompts[..2]);
+    assert_eq!(
+        (s.with_prefix, s.reused_tokens),
+        (1, head as u64),
+        "the head is taken whole from the store: {s:?}"
+    );
+    for run in [&first, &again] {
+        for (a, b) in alone.iter().zip(run) {
+            assert_eq!(a.ids, b.ids);
+            assert_eq!(a.logprobs, b.logprobs, "bit-identical scores");
+            assert_eq!(a.entropies, b.entropies, "bit-identical entropies");
+        }
     }
     e.reset_prefix_stats();
     e.generate(std::slice::from_ref(&prompts[0]), &opts)
@@ -272,4 +287,23 @@ fn without_the_store_a_call_does_not_depend_on_earlier_calls() {
         (0, s.prompt_tokens),
         "{s:?}"
     );
+
+    // A batch whose head only starts like a kept one computes its own.
+    let longer: Vec<String> = prompts[..2]
+        .iter()
+        .map(|p| format!("{p}\nNote: none."))
+        .collect();
+    let other_head = vec![prompts[0].clone(), format!("{} Volume: n/a.", prompts[0])];
+    e.reset_prefix_stats();
+    e.generate(&longer, &opts).unwrap();
+    let s = e.prefix_stats();
+    assert_eq!(
+        s.reused_tokens, head as u64,
+        "same head, longer rows: {s:?}"
+    );
+    e.reset_prefix_stats();
+    e.generate(&other_head, &opts).unwrap();
+    let s = e.prefix_stats();
+    assert_eq!((s.with_prefix, s.reused_tokens), (1, 0), "{s:?}");
+    assert!(s.computed_tokens > s.prompt_tokens / 2, "{s:?}");
 }

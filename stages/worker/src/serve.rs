@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use flag_llm::generate::Engine;
+use flag_llm::generate::{Engine, PrefixStore};
 use flag_llm::models;
 use flag_llm::protocol::{ApiError, ApiResult, Service, ServiceConfig};
 use serde_json::Value;
@@ -198,7 +198,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         Engine::load(&gguf, device).with_context(|| format!("loading {}", gguf.display()))?;
     // One warm model for many clients: heads (chat template, a client's fixed instructions)
     // are kept across requests.
-    engine.set_prefix_store(true);
+    engine.set_prefix_store(PrefixStore::Any);
     let model_id = gguf
         .file_stem()
         .map_or_else(|| "model".to_string(), |s| s.to_string_lossy().into_owned());

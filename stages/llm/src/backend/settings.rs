@@ -277,7 +277,23 @@ pub fn device_env(p: &Params) -> Vec<(String, String)> {
         "off"
     };
     env.push(("prefix_cache".into(), prefix.into()));
+    if let Some(store) = prefix_store_key(crate::generate::prefix_store_by_env()) {
+        env.push(("prefix_store".into(), store.into()));
+    }
     env
+}
+
+/// The key entry for the heads kept across calls: none for `off` and `exact` (`exact` reuses
+/// only the bits a call computes itself, so both give the same bytes and keys made before the
+/// setting existed still match); `any` makes numbers depend on earlier calls.
+fn prefix_store_key(
+    mode: std::result::Result<crate::generate::PrefixStore, String>,
+) -> Option<&'static str> {
+    match mode {
+        Ok(crate::generate::PrefixStore::Any) => Some("any"),
+        Ok(_) => None,
+        Err(_) => Some("invalid"),
+    }
 }
 
 /// The libtorch threads the embedded engine will decode with: `FLAG_LLM_THREADS` when it
@@ -452,6 +468,15 @@ mod tests {
         LlmSettings::from_params(&params(given), Vec::new())
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn only_partial_head_reuse_enters_the_key() {
+        use crate::generate::PrefixStore;
+        assert_eq!(prefix_store_key(Ok(PrefixStore::Off)), None);
+        assert_eq!(prefix_store_key(Ok(PrefixStore::Exact)), None);
+        assert_eq!(prefix_store_key(Ok(PrefixStore::Any)), Some("any"));
+        assert_eq!(prefix_store_key(Err("bad".into())), Some("invalid"));
     }
 
     #[test]

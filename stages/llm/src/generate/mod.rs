@@ -43,7 +43,7 @@ mod prefix;
 mod scoring;
 mod types;
 
-pub use prefix::{MIN_PREFIX, PrefixStats};
+pub use prefix::{MIN_PREFIX, PrefixStats, PrefixStore};
 
 /// The weight format of engines loaded for the CPU: env `FLAG_LLM_WEIGHTS` = `gguf` (the
 /// GGUF's blocks as stored, the default: a third of dense's resident memory and faster decode
@@ -57,6 +57,11 @@ pub fn cpu_weights_by_env() -> Result<WeightFormat> {
         }
         _ => Ok(WeightFormat::GgufBlocks),
     }
+}
+
+/// What engines keep across calls (`FLAG_LLM_PREFIX_STORE`, default `exact`).
+pub fn prefix_store_by_env() -> std::result::Result<PrefixStore, String> {
+    prefix::store_by_env()
 }
 
 /// Whether engines start with prefix caching on (`FLAG_LLM_PREFIX_CACHE`, default on).
@@ -82,8 +87,8 @@ pub struct Engine {
     prefix_log: bool,
     /// The prefix kept across calls.
     prefix_store: std::cell::RefCell<prefix::Store>,
-    /// Whether heads are kept across calls (off by default: see [`Engine::set_prefix_store`]).
-    prefix_store_on: std::cell::Cell<bool>,
+    /// Which heads are kept across calls and reused (see [`PrefixStore`]).
+    prefix_store_mode: std::cell::Cell<PrefixStore>,
     prefix_stats: std::cell::Cell<PrefixStats>,
 }
 
@@ -191,7 +196,9 @@ impl Engine {
             prefix_on: std::cell::Cell::new(prefix::enabled_by_env()),
             prefix_log: prefix::log_by_env(),
             prefix_store: std::cell::RefCell::new(prefix::Store::default()),
-            prefix_store_on: std::cell::Cell::new(false),
+            prefix_store_mode: std::cell::Cell::new(
+                prefix::store_by_env().map_err(LlmError::Invalid)?,
+            ),
             prefix_stats: std::cell::Cell::new(PrefixStats::default()),
         })
     }
@@ -205,13 +212,10 @@ impl Engine {
         }
     }
 
-    /// Keeps heads across calls and reuses them (a long-lived server: `flag serve`). Off by
-    /// default, so a call's numbers depend only on that call's prompts, never on which calls
-    /// came before (a stage rerun on a subset, or resumed in segments, gives the same bytes);
-    /// within a batch the shared head is still run once.
-    pub fn set_prefix_store(&self, on: bool) {
-        self.prefix_store_on.set(on);
-        if !on {
+    /// Sets which heads are kept across calls and reused (see [`PrefixStore`]; the default,
+    /// what stages run with, is [`PrefixStore::Exact`]). Changing the mode drops what is kept.
+    pub fn set_prefix_store(&self, mode: PrefixStore) {
+        if self.prefix_store_mode.replace(mode) != mode {
             self.clear_prefix_store();
         }
     }
@@ -410,6 +414,8 @@ impl Engine {
         }
         // Cache row -> sequence index.
         let mut active: Vec<usize> = (0..n).collect();
+        let decode_started = std::time::Instant::now();
+        let mut steps = 0usize;
         loop {
             let next = if active.iter().all(|&s| states[s].finish.is_some()) {
                 // Every row ended before its first token (an empty complete answer or a
@@ -443,6 +449,14 @@ impl Engine {
             let v = Tensor::ones([feed.len() as i64, 1], (Kind::Bool, dev));
             let h = self.model.forward_cached(&x, &v, &mut cache)?;
             logits = self.model.logits(&h.select(1, 0));
+            steps += 1;
+        }
+        if self.prefix_log {
+            let tokens: usize = states.iter().map(|s| s.ids.len()).sum();
+            eprintln!(
+                "decode: {n} row(s), {steps} steps, {tokens} tokens, {:.0} ms",
+                decode_started.elapsed().as_secs_f64() * 1e3
+            );
         }
         states
             .into_iter()
@@ -490,11 +504,19 @@ impl Engine {
         } else {
             0
         };
-        let store_on = self.prefix_store_on.get();
-        let (entry, reuse) = if store_on {
-            self.prefix_store.borrow().best(&prompts[0][..p])
-        } else {
-            (0, 0)
+        let mode = self.prefix_store_mode.get();
+        let (entry, reuse) = match mode {
+            PrefixStore::Off => (0, 0),
+            PrefixStore::Any => self.prefix_store.borrow().best(&prompts[0][..p]),
+            // A batch runs its head apart from its suffixes anyway, so a kept head of exactly
+            // these tokens holds the very bits this call would compute. A single prompt would
+            // be prefilled in one pass instead: it never takes a kept head here.
+            PrefixStore::Exact if n > 1 => self
+                .prefix_store
+                .borrow()
+                .exact(&prompts[0][..p])
+                .map_or((0, 0), |i| (i, p)),
+            PrefixStore::Exact => (0, 0),
         };
         // A single prompt takes the prefix path only when a stored head covers at least half
         // of it: the rest then runs under an explicit attention mask (past keys), which costs
@@ -510,11 +532,11 @@ impl Engine {
             stats.computed_tokens += prompt_tokens as u64;
             stats.computed_positions += (n * longest) as u64;
             self.prefix_stats.set(stats);
-            if store_on && n == 1 && p >= prefix::MIN_PREFIX {
+            if mode == PrefixStore::Any && n == 1 && p >= prefix::MIN_PREFIX {
                 // Keep this prompt's head for the next call (a copy of its first p slots).
                 self.store_prefix(&prompts[0][..p], &cache)?;
             }
-            self.log_prefill(t0, n, prompt_tokens, 0, 0, prompt_tokens);
+            self.log_prefill(t0, n, prompt_tokens, 0, 0, (prompt_tokens, n * longest));
             return Ok((cache, logits));
         }
         // The head: reuse what the store holds of it, run the rest at batch 1, keep it.
@@ -534,7 +556,8 @@ impl Engine {
             stats.computed_tokens += rest as u64;
             stats.computed_positions += rest as u64;
             let cache = self.model.new_cache_with_prefix(&c, p, n, cap)?;
-            if store_on {
+            // Under `Exact`, reuse is 0 or p: what it keeps was computed whole.
+            if mode != PrefixStore::Off {
                 let stored = prefix::Stored {
                     ids: head.to_vec(),
                     kv: c,
@@ -560,7 +583,17 @@ impl Engine {
         stats.computed_positions += (n * longest_suffix) as u64;
         stats.with_prefix += 1;
         self.prefix_stats.set(stats);
-        self.log_prefill(t0, n, prompt_tokens, p, reuse, (p - reuse) + suffix_tokens);
+        self.log_prefill(
+            t0,
+            n,
+            prompt_tokens,
+            p,
+            reuse,
+            (
+                (p - reuse) + suffix_tokens,
+                (p - reuse) + n * longest_suffix,
+            ),
+        );
         Ok((cache, logits))
     }
 
@@ -591,12 +624,12 @@ impl Engine {
         tokens: usize,
         shared: usize,
         reused: usize,
-        run: usize,
+        (run, positions): (usize, usize),
     ) {
         if self.prefix_log {
             eprintln!(
                 "prefill: {rows} prompt(s), {tokens} tokens, shared head {shared} (reused {reused}), \
-                 {run} tokens run, {:.0} ms",
+                 {run} tokens run in {positions} positions (padding included), {:.0} ms",
                 t0.elapsed().as_secs_f64() * 1e3
             );
         }

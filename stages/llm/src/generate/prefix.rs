@@ -16,14 +16,18 @@
 //! (different matmul shapes and attention masks).
 //!
 //! Across calls, the engine keeps the keys/values of the last heads it ran (at most
-//! [`MAX_ENTRIES`] of them and [`STORE_BYTES`] together, least recently used dropped first;
-//! a single prompt's head is its whole prompt but the last token); a later batch or single
-//! prompt whose head starts with the same tokens as one of them reuses that part and runs
-//! only the rest (a single prompt only when the stored part is at least half of it, e.g. a
-//! retry that repeats a prompt and appends the error). Several entries let agents that alternate templates (FinAgent's intel,
+//! [`MAX_ENTRIES`] of them and [`STORE_BYTES`] together, least recently used dropped first).
+//! By default ([`PrefixStore::Exact`]) a later batch reuses one only when it is exactly that
+//! batch's head, so its bits are what the batch would compute: a template's fixed head runs
+//! once per stage. A server ([`PrefixStore::Any`]) also keeps a single prompt's head (its whole
+//! prompt but the last token), and a later batch or single prompt whose head starts with the
+//! same tokens as a kept one reuses that part and runs only the rest (a single prompt only when
+//! the kept part is at least half of it, e.g. a retry that repeats a prompt and appends the
+//! error). Several entries let agents that alternate templates (FinAgent's intel,
 //! reflection and decision prompts) each find their own head. Set `FLAG_LLM_PREFIX_CACHE=0` (or call
 //! [`Engine::set_prefix_cache`](super::Engine::set_prefix_cache)) to prefill every prompt in
-//! full instead; `FLAG_LLM_PREFIX_LOG=1` prints one line per prefill to stderr.
+//! full instead; `FLAG_LLM_PREFIX_STORE=off|exact|any` sets what is kept across calls;
+//! `FLAG_LLM_PREFIX_LOG=1` prints one line per prefill to stderr.
 
 use crate::llama::KvCache;
 
@@ -59,6 +63,24 @@ pub(super) struct Stored {
     pub kv: KvCache,
 }
 
+/// Which heads an engine keeps across calls and reuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixStore {
+    /// None: every call runs its own head.
+    Off,
+    /// The default, what stages run with: a batch reuses a kept head only when it is exactly
+    /// the batch's head, kept only when computed whole. The reused keys/values are then the
+    /// bits the call would have computed itself, so a call's numbers still depend on its own
+    /// prompts only (a stage rerun on a subset, or resumed in segments, gives the same bytes),
+    /// and a fixed template head (the strategist's instructions) runs once per stage, not
+    /// once per batch.
+    Exact,
+    /// Any kept head that starts the prompts, in part or whole, single prompts included (a
+    /// long-lived server: `flag serve`). Numbers then depend on earlier calls, up to
+    /// floating-point summation order.
+    Any,
+}
+
 /// The heads kept across calls, least recently used first.
 #[derive(Default)]
 pub(super) struct Store {
@@ -78,6 +100,11 @@ impl Store {
             .map(|(i, e)| (i, common_prefix(&e.ids, ids)))
             .max_by_key(|&(i, n)| (n, i))
             .unwrap_or((0, 0))
+    }
+
+    /// The entry whose head is exactly `ids`.
+    pub fn exact(&self, ids: &[u32]) -> Option<usize> {
+        self.entries.iter().position(|e| e.ids == ids)
     }
 
     pub fn get(&self, i: usize) -> &Stored {
@@ -142,6 +169,23 @@ pub fn enabled_by_env() -> bool {
     }
 }
 
+/// The store mode from `FLAG_LLM_PREFIX_STORE` (`off`, `exact` or `any`; unset: `exact`).
+pub fn store_by_env() -> Result<PrefixStore, String> {
+    store_from(std::env::var("FLAG_LLM_PREFIX_STORE").ok().as_deref())
+}
+
+/// The store mode a value of `FLAG_LLM_PREFIX_STORE` names (None: unset).
+pub fn store_from(value: Option<&str>) -> Result<PrefixStore, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "exact") => Ok(PrefixStore::Exact),
+        Some("off") => Ok(PrefixStore::Off),
+        Some("any") => Ok(PrefixStore::Any),
+        Some(other) => Err(format!(
+            "FLAG_LLM_PREFIX_STORE: '{other}' is not off, exact or any"
+        )),
+    }
+}
+
 pub fn log_by_env() -> bool {
     std::env::var("FLAG_LLM_PREFIX_LOG").is_ok_and(|v| v.trim() == "1")
 }
@@ -149,6 +193,20 @@ pub fn log_by_env() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_mode_reads_its_three_names_and_refuses_others() {
+        assert_eq!(store_from(None), Ok(PrefixStore::Exact));
+        assert_eq!(store_from(Some(" ")), Ok(PrefixStore::Exact));
+        assert_eq!(store_from(Some("exact")), Ok(PrefixStore::Exact));
+        assert_eq!(store_from(Some("OFF")), Ok(PrefixStore::Off));
+        assert_eq!(store_from(Some(" any\n")), Ok(PrefixStore::Any));
+        let e = store_from(Some("always")).unwrap_err();
+        assert!(
+            e.contains("FLAG_LLM_PREFIX_STORE") && e.contains("always"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn shared_len_leaves_every_prompt_a_token() {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Args;
 use flag_llm::constrain::Constraint;
-use flag_llm::generate::{Engine, GenerateOptions};
+use flag_llm::generate::{Engine, GenerateOptions, PrefixStore};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
@@ -226,13 +226,13 @@ fn prefix_cost(
     let was = engine.prefix_cache();
     let mut out = serde_json::Map::new();
     let mut first: Option<Vec<u32>> = None;
-    for (name, on, warm) in [
-        ("off", false, false),
-        ("on", true, false),
-        ("on_stored", true, true),
+    for (name, on, store) in [
+        ("off", false, PrefixStore::Off),
+        ("on", true, PrefixStore::Off),
+        ("on_stored", true, PrefixStore::Any),
     ] {
         engine.set_prefix_cache(on);
-        engine.set_prefix_store(warm);
+        engine.set_prefix_store(store);
         let mut secs = Vec::new();
         let mut stats = Default::default();
         for _ in 0..repeats {
@@ -267,7 +267,7 @@ fn prefix_cost(
         );
     }
     engine.set_prefix_cache(was);
-    engine.set_prefix_store(false);
+    engine.set_prefix_store(PrefixStore::Exact);
     out.insert("shared_tokens".into(), json!(n));
     Ok(serde_json::Value::Object(out))
 }
