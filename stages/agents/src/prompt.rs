@@ -158,6 +158,39 @@ mod tests {
         );
     }
 
+    /// The strategist prompts keep what is the same for every stock (instructions, answer
+    /// form) before the stock's data, so a batch's shared head, and the head kept across
+    /// batches, covers all of it (`FLAG_LLM_PREFIX_STORE`).
+    #[test]
+    fn strategist_prompts_put_their_fixed_instructions_before_the_data() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../prompts/strategist");
+        for name in ["P0", "P1", "P2", "P3", "P4"] {
+            let t = std::fs::read_to_string(format!("{dir}/{name}.txt")).unwrap();
+            let vars = |stock: &str| -> BTreeMap<&str, String> {
+                placeholders(&t)
+                    .into_iter()
+                    .map(|p| {
+                        let v = if p == "period" {
+                            "20".to_string()
+                        } else {
+                            format!("{stock} {p}")
+                        };
+                        (p, v)
+                    })
+                    .collect()
+            };
+            let a = render(&t, name, &vars("A")).unwrap();
+            let b = render(&t, name, &vars("B")).unwrap();
+            let shared = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+            let form = a.find("Answer with one JSON object").expect("answer form");
+            let form_end = form + a[form..].find("\n\n").expect("data after the form");
+            assert!(
+                shared >= form_end,
+                "{name}: stocks share the first {shared} bytes, the fixed part ends at {form_end}"
+            );
+        }
+    }
+
     #[test]
     fn names_cannot_escape_the_prompt_folder() {
         assert!(valid_name("P4") && valid_name("v1-short"));

@@ -1,7 +1,7 @@
 //! `strategist`: every `period` trading days, per ticker, the LLM writes a strategy for the
 //! next period (direction, confidence 1-3, explanation, weighted features), parsed strictly
 //! and turned into the daily `llm_signal` rows the LLM-guided DDQN and `llm_only` read.
-//! All tickers of one decision date go to the model as one batch.
+//! The i-th decision of every ticker goes to the model as one batch.
 pub mod blocks;
 
 use std::collections::BTreeMap;
@@ -93,22 +93,27 @@ pub struct Decision {
     pub signal: SignalValues,
 }
 
-/// Decision rows per date: every `period`-th trading day of each ticker within [start, end].
-/// Returns date -> [(ticker index, row, last row it applies to)].
+/// Decision rows, every `period`-th trading day of each ticker within [start, end], in
+/// batches: batch i holds the i-th decision of every ticker that has one. A ticker's
+/// decisions stay in order (its memory needs that) and no prompt reads another ticker, so a
+/// ticker whose calendar is a day off the others' (a missing day, a later listing) still
+/// shares their batch instead of running alone. Entries: (ticker index, row, last row it
+/// applies to).
 pub fn plan(
     series: &[Series],
     start: i32,
     end: i32,
     period: usize,
-) -> BTreeMap<i32, Vec<(usize, usize, usize)>> {
-    let mut out: BTreeMap<i32, Vec<(usize, usize, usize)>> = BTreeMap::new();
+) -> Vec<Vec<(usize, usize, usize)>> {
+    let mut out: Vec<Vec<(usize, usize, usize)>> = Vec::new();
     for (k, s) in series.iter().enumerate() {
         let r = s.range(start, end);
-        for row in r.clone().step_by(period) {
+        for (i, row) in r.clone().step_by(period).enumerate() {
             let valid_to = (row + period).min(r.end) - 1;
-            out.entry(s.dates[row])
-                .or_default()
-                .push((k, row, valid_to));
+            if out.len() <= i {
+                out.push(Vec::new());
+            }
+            out[i].push((k, row, valid_to));
         }
     }
     out
@@ -134,7 +139,7 @@ pub struct Inputs<'a> {
     pub news: &'a [Vec<(usize, Vec<String>)>],
 }
 
-/// Runs every decision date in order (memory makes them sequential), one batch per date.
+/// Runs the decisions batch by batch (see [`plan`]; memory makes each ticker's sequential).
 pub fn decide(
     inp: &Inputs,
     backend: &dyn LlmBackend,
@@ -153,8 +158,8 @@ pub fn decide(
     let mut memory: Vec<Vec<Decided>> = vec![Vec::new(); inp.series.len()];
     let plan = plan(inp.series, cfg.start, cfg.end, cfg.period);
     let mut out = Vec::new();
-    let total: u64 = plan.values().map(|items| items.len() as u64).sum();
-    for items in plan.values() {
+    let total: u64 = plan.iter().map(|items| items.len() as u64).sum();
+    for items in &plan {
         progress(out.len() as u64, total, "decisions");
         let prefill = cfg.llm.answer_prefill(PREFILL);
         let requests = items
@@ -531,5 +536,54 @@ impl flag_core::RunStage for Strategist {
         let batch = signal_batch(&series, &decisions, &cfg.prompt)?;
         ctx.write_parquet("signals", &[batch])?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(ticker: &str, dates: Vec<i32>) -> Series {
+        Series {
+            ticker: ticker.into(),
+            close: vec![100.0; dates.len()],
+            dates,
+            cols: BTreeMap::new(),
+        }
+    }
+
+    /// Regression: batches were decision dates, so a ticker missing one day (or listed later)
+    /// decided alone on its own dates, prefilling its whole prompt at batch 1 (in flag.yaml
+    /// 96 of 197 model calls). Now batch i is every ticker's i-th decision.
+    #[test]
+    fn a_ticker_a_day_off_the_others_shares_their_batches() {
+        let full: Vec<i32> = (0..10).collect();
+        let missing_day: Vec<i32> = (0..10).filter(|&d| d != 1).collect();
+        let later: Vec<i32> = (4..10).collect();
+        let s = [
+            series("A", full),
+            series("B", missing_day),
+            series("C", later),
+        ];
+        let p = plan(&s, 0, 9, 3);
+        assert_eq!(
+            p,
+            vec![
+                vec![(0, 0, 2), (1, 0, 2), (2, 0, 2)],
+                vec![(0, 3, 5), (1, 3, 5), (2, 3, 5)],
+                vec![(0, 6, 8), (1, 6, 8)],
+                vec![(0, 9, 9)],
+            ]
+        );
+        // Each ticker's rows stay in order across batches.
+        for k in 0..3 {
+            let rows: Vec<usize> = p
+                .iter()
+                .flatten()
+                .filter(|e| e.0 == k)
+                .map(|e| e.1)
+                .collect();
+            assert!(rows.windows(2).all(|w| w[0] < w[1]), "{rows:?}");
+        }
     }
 }
