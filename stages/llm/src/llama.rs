@@ -309,6 +309,20 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// A cache of no layers and no positions: for tests of code that only moves caches.
+    #[cfg(test)]
+    pub(crate) fn empty_for_tests() -> KvCache {
+        KvCache {
+            k: Vec::new(),
+            v: Vec::new(),
+            key_valid: Tensor::zeros([1, 0], (Kind::Bool, Device::Cpu)),
+            next_pos: Tensor::zeros([1], (Kind::Int64, Device::Cpu)),
+            len: 0,
+            capacity: 0,
+            batch: 1,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len as usize
     }

@@ -563,7 +563,7 @@ impl Engine {
                     kv: c,
                 };
                 let bpp = self.model.kv_bytes_per_position();
-                self.prefix_store.borrow_mut().insert(stored, bpp);
+                self.prefix_store.borrow_mut().insert(stored, bpp, mode);
             }
             cache
         } else {
@@ -611,7 +611,8 @@ impl Engine {
             ids: ids.to_vec(),
             kv,
         };
-        self.prefix_store.borrow_mut().insert(stored, bpp);
+        let mode = self.prefix_store_mode.get();
+        self.prefix_store.borrow_mut().insert(stored, bpp, mode);
         Ok(())
     }
 

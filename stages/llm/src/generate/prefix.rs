@@ -118,16 +118,24 @@ impl Store {
         self.entries.last().expect("just pushed")
     }
 
-    /// Adds a head (dropping entries it extends), then evicts the least recently used until
-    /// the bounds hold; `bytes_per_position` is the cache's size of one position.
-    pub fn insert(&mut self, e: Stored, bytes_per_position: usize) {
+    /// Adds a head, then evicts the least recently used until the bounds hold;
+    /// `bytes_per_position` is the cache's size of one position. Under [`PrefixStore::Any`]
+    /// the entries the new head extends are dropped (it serves their prompts too, in part);
+    /// under [`PrefixStore::Exact`] they stay, since only an exact match is reused: a batch
+    /// whose head runs a token or two into its data (two stocks whose first price starts with
+    /// the same digit) must not evict the template's head that the next batch needs whole.
+    pub fn insert(&mut self, e: Stored, bytes_per_position: usize, mode: PrefixStore) {
         // A head over the whole budget is not kept (it would push out every entry, itself
         // last, and leave the store empty).
         if e.ids.len() * bytes_per_position > STORE_BYTES {
             return;
         }
-        self.entries
-            .retain(|old| common_prefix(&old.ids, &e.ids) < old.ids.len());
+        match mode {
+            PrefixStore::Any => self
+                .entries
+                .retain(|old| common_prefix(&old.ids, &e.ids) < old.ids.len()),
+            PrefixStore::Exact | PrefixStore::Off => self.entries.retain(|old| old.ids != e.ids),
+        }
         self.entries.push(e);
         let bytes =
             |es: &[Stored]| es.iter().map(|e| e.ids.len()).sum::<usize>() * bytes_per_position;
@@ -206,6 +214,37 @@ mod tests {
             e.contains("FLAG_LLM_PREFIX_STORE") && e.contains("always"),
             "{e}"
         );
+    }
+
+    /// A store whose entries are empty caches: `insert` and `exact` only look at the ids.
+    fn head(ids: &[u32]) -> Stored {
+        Stored {
+            ids: ids.to_vec(),
+            kv: KvCache::empty_for_tests(),
+        }
+    }
+
+    #[test]
+    fn an_exact_store_keeps_the_head_a_longer_one_extends() {
+        let template: Vec<u32> = (0..40).collect();
+        let longer: Vec<u32> = (0..42).collect();
+        let mut exact = Store::default();
+        exact.insert(head(&template), 1, PrefixStore::Exact);
+        exact.insert(head(&longer), 1, PrefixStore::Exact);
+        assert!(
+            exact.exact(&template).is_some(),
+            "the template head was evicted"
+        );
+        assert!(exact.exact(&longer).is_some());
+        // The same head twice is kept once.
+        exact.insert(head(&template), 1, PrefixStore::Exact);
+        assert_eq!(exact.entries.len(), 2);
+
+        let mut any = Store::default();
+        any.insert(head(&template), 1, PrefixStore::Any);
+        any.insert(head(&longer), 1, PrefixStore::Any);
+        assert!(any.exact(&template).is_none());
+        assert_eq!(any.best(&template), (0, 40));
     }
 
     #[test]
