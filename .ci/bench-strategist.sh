@@ -19,10 +19,12 @@ results = []
 settings = [(b, t, c) for c in ("true", "false")
             for b, t in [("batch 1", "[AAPL]"), ("batch 6", "[AAPL, AMZN, GOOGL, FB, MSFT, TSLA]")]]
 for label, tickers, constrain in settings:
-    with tempfile.TemporaryDirectory() as store:
+    with tempfile.TemporaryDirectory() as tmp:
+        # The store is a folder of its own: flag refuses a non-empty folder it did not create.
+        store = os.path.join(tmp, "store")
         env = dict(os.environ, FLAG_STORE=store, FLAG_ROOT=os.getcwd())
         # The pipeline's own strategist params, plus the constrain switch for this setting.
-        pipeline = os.path.join(store, "bench.yaml")
+        pipeline = os.path.join(tmp, "bench.yaml")
         text = open("pipelines/guided.yaml").read().replace(
             "      top_k_entropy: 5\n", f"      top_k_entropy: 5\n      constrain: {constrain}\n", 1)
         open(pipeline, "w").write(text)
