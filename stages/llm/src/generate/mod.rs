@@ -534,7 +534,7 @@ impl Engine {
             self.prefix_stats.set(stats);
             if mode == PrefixStore::Any && n == 1 && p >= prefix::MIN_PREFIX {
                 // Keep this prompt's head for the next call (a copy of its first p slots).
-                self.store_prefix(&prompts[0][..p], &cache)?;
+                self.store_prefix(&prompts[0][..p], &cache, mode)?;
             }
             self.log_prefill(t0, n, prompt_tokens, 0, 0, (prompt_tokens, n * longest));
             return Ok((cache, logits));
@@ -599,7 +599,7 @@ impl Engine {
 
     /// Keeps a copy of the first `ids.len()` slots of row 0 of `cache` as a stored head (if
     /// it fits [`prefix::STORE_BYTES`]).
-    fn store_prefix(&self, ids: &[u32], cache: &KvCache) -> Result<()> {
+    fn store_prefix(&self, ids: &[u32], cache: &KvCache, mode: PrefixStore) -> Result<()> {
         let bpp = self.model.kv_bytes_per_position();
         if ids.len() * bpp > prefix::STORE_BYTES {
             return Ok(());
@@ -611,7 +611,6 @@ impl Engine {
             ids: ids.to_vec(),
             kv,
         };
-        let mode = self.prefix_store_mode.get();
         self.prefix_store.borrow_mut().insert(stored, bpp, mode);
         Ok(())
     }
