@@ -22,6 +22,8 @@ use crate::error::{LlmError, Result};
 use crate::gguf::GgufFile;
 use crate::quant::{self, QMatrix};
 
+mod rope;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub n_layer: usize,
@@ -232,12 +234,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     w * (xf * (var + eps).rsqrt()).to_kind(x.kind())
 }
 
-fn rotate_half(x: &Tensor, half: i64) -> Tensor {
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    Tensor::cat(&[x2.neg(), x1], -1)
-}
-
 impl Block {
     /// One block. `kv` is this layer's cache (k, v: [B, n_kv, cap, hd]) and `start` the cache
     /// length before this call; without a cache, attention covers the T new tokens only.
@@ -253,20 +249,12 @@ impl Block {
         let (nh, nkv, hd) = (cfg.n_head as i64, cfg.n_kv_head as i64, cfg.head_dim as i64);
         let h = rms_norm(x, &self.attn_norm, cfg.eps);
         let qkv = self.wqkv.apply(&h);
-        let q = qkv
-            .narrow(-1, 0, nh * hd)
-            .view([b, t, nh, hd])
-            .transpose(1, 2);
-        let k = qkv
-            .narrow(-1, nh * hd, nkv * hd)
-            .view([b, t, nkv, hd])
-            .transpose(1, 2);
+        let heads = rope::Heads { b, t, nh, nkv, hd };
+        let (q, k) = rope::rope_qk(&qkv, &att.cos, &att.sin, heads);
         let v = qkv
             .narrow(-1, (nh + nkv) * hd, nkv * hd)
             .view([b, t, nkv, hd])
             .transpose(1, 2);
-        let q = &q * &att.cos + rotate_half(&q, hd / 2) * &att.sin;
-        let k = &k * &att.cos + rotate_half(&k, hd / 2) * &att.sin;
         let (k_all, v_all) = match kv {
             Some((kc, vc)) => {
                 kc.narrow(2, start, t).copy_(&k);

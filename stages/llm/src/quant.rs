@@ -480,6 +480,11 @@ fn rows_into_with<const WIDE: bool>(
         let rt = rows_per_tile.min(r1 - r);
         for (i, buf) in wbuf.chunks_exact_mut(k).take(rt).enumerate() {
             dequant(w.row(r + i), buf);
+            // The same row of the next tile, asked for while this tile is dotted (as the
+            // single-row kernels do; the hardware's prefetcher alone leaves them waiting).
+            if r + i + rows_per_tile < w.rows {
+                prefetch(w.row(r + i + rows_per_tile));
+            }
         }
         let o = &mut out[(r - r0) * m..(r - r0 + rt) * m];
         let wr = |i: usize| &wbuf[i * k..(i + 1) * k];
@@ -521,6 +526,20 @@ fn rows_into_with<const WIDE: bool>(
             }
         }
         r += rt;
+    }
+}
+
+/// Asks for `bytes` to be brought into the cache (a hint: it never faults).
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: prefetch only hints; the address is inside `bytes` anyway.
+        #[allow(unsafe_code)]
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8)
+        };
     }
 }
 

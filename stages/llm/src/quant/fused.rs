@@ -1,7 +1,7 @@
 //! Single-stream decode (one activation row) of the default format `gguf` on AVX-512: each
 //! weight block is expanded in registers and dotted at once, instead of being written to a
 //! row buffer and read back (the expansion had taken five times the dot: 51% of batch-1
-//! decode against 11%).
+//! decode against 11%), and the next tile's blocks are prefetched while this one's are dotted.
 //!
 //! A 4-bit block has only 16 distinct weights, so its 16 values are computed once, in the
 //! loader's arithmetic (`float(n) * d + m` for Q4_1, `float(n - 8) * d` for Q4_0, as
@@ -126,6 +126,11 @@ fn tile<const TY: u8, const R: usize>(w: &QMatrix, x: &[f32], rows: [usize; R]) 
     let wrow: [&[u8]; R] = rows.map(|r| w.row(r));
     assert!(x.len() == nb * BLOCK && wrow.iter().all(|v| v.len() == nb * bb));
     let mut acc = [_mm512_setzero_ps(); R];
+    // The same block of the next tile's rows (the rows are adjacent in memory), asked for
+    // now: the product streams ~100 MB a token and waited on memory without it (measured:
+    // single-stream decode ~135 -> ~175 tok/s on 2 cores; 512 or 2,048 bytes ahead gained
+    // less). A prefetch past the matrix's end is a no-op.
+    let ahead = R * nb * bb;
     for b in 0..nb {
         // SAFETY: x holds nb blocks of 32 floats, so the 32 at 32 b are in it.
         let (xl, xh) = unsafe {
@@ -135,6 +140,7 @@ fn tile<const TY: u8, const R: usize>(w: &QMatrix, x: &[f32], rows: [usize; R]) 
         for (a, row) in acc.iter_mut().zip(&wrow) {
             // SAFETY: each row holds nb blocks of bb bytes (asserted above).
             let (wl, wh) = unsafe { expand::<TY>(row.as_ptr().add(b * bb)) };
+            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8);
             *a = _mm512_fmadd_ps(wl, xl, *a);
             *a = _mm512_fmadd_ps(wh, xh, *a);
         }
