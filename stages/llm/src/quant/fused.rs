@@ -1,7 +1,8 @@
-//! Single-stream decode (one activation row) of the default format `gguf` on AVX-512: each
-//! weight block is expanded in registers and dotted at once, instead of being written to a
-//! row buffer and read back (the expansion had taken five times the dot: 51% of batch-1
-//! decode against 11%), and the next tile's blocks are prefetched while this one's are dotted.
+//! Decode of the default format `gguf` on AVX-512 (one activation row, or a batch's few):
+//! each weight block is expanded in registers and dotted at once with every activation row
+//! of the tile, instead of being written to a row buffer and read back (at one row the
+//! expansion had taken five times the dot: 51% of batch-1 decode against 11%), and the next
+//! tile's blocks are prefetched while this one's are dotted.
 //!
 //! A 4-bit block has only 16 distinct weights, so its 16 values are computed once, in the
 //! loader's arithmetic (`float(n) * d + m` for Q4_1, `float(n - 8) * d` for Q4_0, as
@@ -33,40 +34,88 @@ pub(super) fn available() -> bool {
     })
 }
 
-/// out [r1 - r0]: rows r0..r1 of `w` dotted with the one activation row `x` (w.cols floats).
+/// out [r1 - r0, m]: rows r0..r1 of `w` dotted with each of the m activation rows of `x`
+/// ([m, w.cols] row-major).
 ///
 /// # Safety
 /// The CPU must have AVX-512F, FMA and F16C ([`available`]).
 #[target_feature(enable = "avx512f,fma,f16c")]
-pub(super) unsafe fn rows(w: &QMatrix, x: &[f32], r0: usize, r1: usize, out: &mut [f32]) {
-    assert!(x.len() == w.cols && out.len() == r1 - r0 && r1 <= w.rows);
+pub(super) unsafe fn rows(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    assert!(x.len() == m * w.cols && out.len() == (r1 - r0) * m && r1 <= w.rows);
     match w.ggml_type {
-        GGML_Q4_1 => rows_of::<1>(w, x, r0, r1, out),
-        GGML_Q4_0 => rows_of::<0>(w, x, r0, r1, out),
-        GGML_Q8_0 => rows_of::<8>(w, x, r0, r1, out),
+        GGML_Q4_1 => rows_of::<1>(w, x, m, r0, r1, out),
+        GGML_Q4_0 => rows_of::<0>(w, x, m, r0, r1, out),
+        GGML_Q8_0 => rows_of::<8>(w, x, m, r0, r1, out),
         _ => unreachable!("QMatrix holds only Q4_0, Q4_1 and Q8_0 blocks"),
     }
 }
 
-/// Tiles of 8 weight rows (16 independent multiply-add chains a block; measured on 2 cores:
-/// single-stream decode ~127 tok/s against ~107 with 4, ~96 with 16), then 4, then 1.
+/// One activation row: tiles of 8 weight rows (16 independent multiply-add chains a block;
+/// measured on 2 cores: single-stream decode ~127 tok/s against ~107 with 4, ~96 with 16),
+/// then 4, then 1. Several: tiles of 4 weight rows x 4 activation rows (each block expanded
+/// once for 4 rows of a batch; 16 accumulators), then 4 x 2 and 4 x 1; then single weight
+/// rows.
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn rows_of<const TY: u8>(w: &QMatrix, x: &[f32], r0: usize, r1: usize, out: &mut [f32]) {
+fn rows_of<const TY: u8>(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    let k = w.cols;
+    let xr = |a: usize| &x[a * k..(a + 1) * k];
     let mut r = r0;
-    while r + 8 <= r1 {
-        let t = tile::<TY, 8>(w, x, [r, r + 1, r + 2, r + 3, r + 4, r + 5, r + 6, r + 7]);
-        out[r - r0..r - r0 + 8].copy_from_slice(&t);
-        r += 8;
+    if m == 1 {
+        while r + 8 <= r1 {
+            let t = tile::<TY, 8, 1>(w, [xr(0)], std::array::from_fn(|i| r + i));
+            store(out, 1, r - r0, 0, t);
+            r += 8;
+        }
     }
     while r + 4 <= r1 {
-        let t = tile::<TY, 4>(w, x, [r, r + 1, r + 2, r + 3]);
-        out[r - r0..r - r0 + 4].copy_from_slice(&t);
+        across::<TY, 4>(w, &xr, m, [r, r + 1, r + 2, r + 3], out, r - r0);
         r += 4;
     }
     while r < r1 {
-        out[r - r0] = tile::<TY, 1>(w, x, [r])[0];
+        across::<TY, 1>(w, &xr, m, [r], out, r - r0);
         r += 1;
+    }
+}
+
+/// The R weight rows `rows` against all m activation rows, 4, then 2, then 1 at a time,
+/// into out's rows from `at`.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn across<'x, const TY: u8, const R: usize>(
+    w: &QMatrix,
+    xr: &impl Fn(usize) -> &'x [f32],
+    m: usize,
+    rows: [usize; R],
+    out: &mut [f32],
+    at: usize,
+) {
+    let mut a = 0;
+    while a + 4 <= m {
+        let t = tile::<TY, R, 4>(w, [xr(a), xr(a + 1), xr(a + 2), xr(a + 3)], rows);
+        store(out, m, at, a, t);
+        a += 4;
+    }
+    if a + 2 <= m {
+        store(out, m, at, a, tile::<TY, R, 2>(w, [xr(a), xr(a + 1)], rows));
+        a += 2;
+    }
+    if a < m {
+        store(out, m, at, a, tile::<TY, R, 1>(w, [xr(a)], rows));
+    }
+}
+
+/// Writes an R x A tile into out [.., m] at weight row `at`, activation `a`.
+#[inline(always)]
+fn store<const R: usize, const A: usize>(
+    out: &mut [f32],
+    m: usize,
+    at: usize,
+    a: usize,
+    t: [[f32; A]; R],
+) {
+    for (i, ti) in t.iter().enumerate() {
+        out[(at + i) * m + a..(at + i) * m + a + A].copy_from_slice(ti);
     }
 }
 
@@ -118,38 +167,46 @@ unsafe fn expand<const TY: u8>(blk: *const u8) -> (__m512, __m512) {
     }
 }
 
-/// The dots of R weight rows with `x`.
+/// The dots of R weight rows with A activation rows.
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-fn tile<const TY: u8, const R: usize>(w: &QMatrix, x: &[f32], rows: [usize; R]) -> [f32; R] {
+fn tile<const TY: u8, const R: usize, const A: usize>(
+    w: &QMatrix,
+    x: [&[f32]; A],
+    rows: [usize; R],
+) -> [[f32; A]; R] {
     let (nb, bb) = (w.cols / BLOCK, w.block_bytes);
     let wrow: [&[u8]; R] = rows.map(|r| w.row(r));
-    assert!(x.len() == nb * BLOCK && wrow.iter().all(|v| v.len() == nb * bb));
-    let mut acc = [_mm512_setzero_ps(); R];
+    assert!(x.iter().all(|v| v.len() == nb * BLOCK) && wrow.iter().all(|v| v.len() == nb * bb));
+    let mut acc = [[_mm512_setzero_ps(); A]; R];
     // The same block of the next tile's rows (the rows are adjacent in memory), asked for
     // now: the product streams ~100 MB a token and waited on memory without it (measured:
     // single-stream decode ~135 -> ~175 tok/s on 2 cores; 512 or 2,048 bytes ahead gained
-    // less). A prefetch past the matrix's end is a no-op.
+    // less; the int8 kernel does the same). A prefetch past the matrix's end is a no-op.
     let ahead = R * nb * bb;
     for b in 0..nb {
-        // SAFETY: x holds nb blocks of 32 floats, so the 32 at 32 b are in it.
-        let (xl, xh) = unsafe {
-            let p = x.as_ptr().add(b * BLOCK);
-            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-        };
-        for (a, row) in acc.iter_mut().zip(&wrow) {
+        for (ar, row) in acc.iter_mut().zip(&wrow) {
             // SAFETY: each row holds nb blocks of bb bytes (asserted above).
             let (wl, wh) = unsafe { expand::<TY>(row.as_ptr().add(b * bb)) };
             _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8);
-            *a = _mm512_fmadd_ps(wl, xl, *a);
-            *a = _mm512_fmadd_ps(wh, xh, *a);
+            for (acc_ra, xa) in ar.iter_mut().zip(&x) {
+                // SAFETY: each activation row holds nb blocks of 32 floats (asserted above).
+                let (xl, xh) = unsafe {
+                    let p = xa.as_ptr().add(b * BLOCK);
+                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
+                };
+                *acc_ra = _mm512_fmadd_ps(wl, xl, *acc_ra);
+                *acc_ra = _mm512_fmadd_ps(wh, xh, *acc_ra);
+            }
         }
     }
-    acc.map(|a| {
-        let mut lanes = [0f32; 16];
-        // SAFETY: lanes holds 16 floats.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
-        reduce_lanes(&lanes)
+    acc.map(|ar| {
+        ar.map(|a| {
+            let mut lanes = [0f32; 16];
+            // SAFETY: lanes holds 16 floats.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
+            reduce_lanes(&lanes)
+        })
     })
 }
 
