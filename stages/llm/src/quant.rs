@@ -44,10 +44,6 @@ const BLOCK: usize = 32;
 /// GEMM instead of the row kernel (batched decode stays below it, a prompt's prefill above).
 pub const GEMM_MIN_ROWS: usize = 48;
 
-/// Activation rows up to which the AVX-512 kernel expands blocks in registers (more: through
-/// a row buffer).
-const FUSED_MAX_ROWS: usize = 16;
-
 /// Weight rows expanded at once on the GEMM path: bounds the transient f32 slab (at most
 /// 8,192 x 1,536 x 4 bytes = 48 MiB; the tied 49,152-row output matrix goes in six slabs).
 const SLAB_ROWS: usize = 8192;
@@ -331,15 +327,14 @@ fn row_kernel(
 fn rows_into(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        // Up to 16 activation rows, each block expanded in registers and dotted at once
+        // Up to a few activation rows, each block expanded in registers and dotted at once
         // (through the row buffer below, a store and a load a weight, the expansion had taken
-        // five times the dot at one row). Measured on 2 cores, decode tok/s, registers vs
-        // buffer: batch 2 199 vs 112, 4 357 vs 200, 8 415 vs 323, 16 412 vs 382, 24 426 vs
-        // 430, 32 423 vs 452: from ~24 rows the buffer's one expansion a row wins.
-        if m <= FUSED_MAX_ROWS && fused::available() {
+        // five times the dot at one row); from `max_rows` on, the buffer's one expansion a
+        // row wins (see `fused::Level::max_rows`).
+        if let Some(level) = fused::level().filter(|l| m <= l.max_rows()) {
             #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX-512F, FMA and F16C, checked at run time.
-            return unsafe { fused::rows(w, x, m, r0, r1, out) };
+            // SAFETY: `level` is what the CPU has, checked at run time.
+            return unsafe { fused::rows(level, w, x, m, r0, r1, out) };
         }
         if m > 1 && avx512_available() {
             #[allow(unsafe_code)]
@@ -357,18 +352,35 @@ fn rows_into(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [
     rows_into_with::<false>(w, x, m, r0..r1, out, dequant, |a, b, acc| a * b + acc)
 }
 
+/// The widest instructions these kernels may use, as libtorch's own: 0 plain, 1 AVX2, 2
+/// AVX-512. `ATEN_CPU_CAPABILITY` caps it (`avx2`: no AVX-512; `default`: plain Rust), so a
+/// machine can run, and be measured, as a narrower one; the CPU's features still decide what
+/// it has. The capability is in every LLM stage's key already. The int8 paths give the same
+/// bits at every level; the f32 path's plain level rounds its multiply-adds twice.
+pub(crate) fn simd_cap() -> u8 {
+    use std::sync::OnceLock;
+    static CAP: OnceLock<u8> = OnceLock::new();
+    *CAP.get_or_init(|| match flag_core::numerics::cpu_capability().as_str() {
+        "avx512" => 2,
+        "avx2" => 1,
+        _ => 0,
+    })
+}
+
 #[cfg(target_arch = "x86_64")]
 fn fma_available() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *HAS.get_or_init(|| {
+        simd_cap() >= 1 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 fn avx512_available() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| fma_available() && is_x86_feature_detected!("avx512f"))
+    *HAS.get_or_init(|| simd_cap() >= 2 && fma_available() && is_x86_feature_detected!("avx512f"))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -715,18 +727,28 @@ mod tests {
                 paths.push(("avx512", wide));
             }
             #[allow(unsafe_code)]
-            fn fused_rows(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, o: &mut [f32]) {
+            fn fused512(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, o: &mut [f32]) {
                 // SAFETY: only listed when the CPU has AVX-512F, FMA and F16C.
-                unsafe { fused::rows(w, x, m, r0, r1, o) }
+                unsafe { fused::rows(fused::Level::Avx512, w, x, m, r0, r1, o) }
             }
-            if fused::available() {
-                paths.push(("avx512 in registers", fused_rows));
+            #[allow(unsafe_code)]
+            fn fused2(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, o: &mut [f32]) {
+                // SAFETY: only listed when the CPU has AVX2, FMA and F16C.
+                unsafe { fused::rows(fused::Level::Avx2, w, x, m, r0, r1, o) }
+            }
+            match fused::level() {
+                Some(fused::Level::Avx512) => {
+                    paths.push(("avx512 in registers", fused512));
+                    paths.push(("avx2 in registers", fused2));
+                }
+                Some(fused::Level::Avx2) => paths.push(("avx2 in registers", fused2)),
+                None => {}
             }
         }
         for ty in [GGML_Q8_0, GGML_Q4_0, GGML_Q4_1] {
             let (rows, cols) = (67, 96);
             let w = matrix(ty, rows, cols, 7);
-            for m in (1..=9).chain([FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1]) {
+            for m in (1..=9).chain([16, 17]) {
                 let x: Vec<f32> = (0..m * cols)
                     .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
                     .collect();

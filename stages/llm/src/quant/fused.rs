@@ -1,20 +1,21 @@
-//! Decode of the default format `gguf` on AVX-512 (one activation row, or a batch's few):
-//! each weight block is expanded in registers and dotted at once with every activation row
-//! of the tile, instead of being written to a row buffer and read back (at one row the
-//! expansion had taken five times the dot: 51% of batch-1 decode against 11%), and the next
-//! tile's blocks are prefetched while this one's are dotted.
+//! Decode of the default format `gguf` (one activation row, or a batch's few) with AVX-512
+//! or AVX2: each weight block is expanded in registers and dotted at once with every
+//! activation row of the tile, instead of being written to a row buffer and read back (at
+//! one row the expansion had taken five times the dot: 51% of batch-1 decode against 11%),
+//! and the next tile's blocks are prefetched while this one's are dotted.
 //!
-//! A 4-bit block has only 16 distinct weights, so its 16 values are computed once, in the
-//! loader's arithmetic (`float(n) * d + m` for Q4_1, `float(n - 8) * d` for Q4_0, as
+//! AVX-512: a 4-bit block has only 16 distinct weights, so its 16 values are computed once,
+//! in the loader's arithmetic (`float(n) * d + m` for Q4_1, `float(n - 8) * d` for Q4_0, as
 //! `gguf::dequant_blocks` rounds them), and each nibble picks its weight with one permute
-//! (`vpermps` reads the index's low 4 bits, so the low nibbles need no mask). Q4_1's table is
-//! one fused multiply-add: `n * d` is exact in f32 (an f16 scale has 11 significant bits, n
-//! 4), so rounding once gives the loader's separate multiply and add bit for bit (a test
-//! checks every f16). Q8_0 is converted and scaled directly. The weights are therefore the
-//! loader's bit for bit, and each dot runs in [`super::dot_tile`]'s order: 16 lanes, lane i
-//! takes elements 16c + i for c = 0, 1, ... through one fused multiply-add each, then
-//! [`super::reduce_lanes`]. So this path gives the bits of the AVX2 and plain ones (the
-//! kernel test compares them).
+//! (`vpermps` reads the index's low 4 bits, so the low nibbles need no mask). AVX2 (8-entry
+//! permutes) converts each nibble and applies the same arithmetic. Q4_1's multiply-add is
+//! fused: `n * d` is exact in f32 (an f16 scale has 11 significant bits, n 4), so rounding
+//! once gives the loader's separate multiply and add bit for bit (a test checks every f16).
+//! Q8_0 is converted and scaled directly. The weights are therefore the loader's bit for
+//! bit, and each dot runs in [`super::dot_tile`]'s order: 16 lanes (one register, or two of
+//! 8), lane i takes elements 16c + i for c = 0, 1, ... through one fused multiply-add each,
+//! then [`super::reduce_lanes`]. So every path gives the same bits (the kernel test compares
+//! them).
 
 #![allow(unsafe_code)]
 
@@ -23,14 +24,42 @@ use std::arch::x86_64::*;
 use super::{BLOCK, QMatrix, reduce_lanes};
 use crate::gguf::{GGML_Q4_0, GGML_Q4_1, GGML_Q8_0};
 
-/// Whether this CPU runs [`rows`].
-pub(super) fn available() -> bool {
+/// The register kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Level {
+    /// AVX-512F, FMA, F16C: 16-lane registers, tiles of 8 x 1 or 4 x 4.
+    Avx512,
+    /// AVX2, FMA, F16C: 8-lane registers (a dot's 16 lanes in two), tiles of 4 x 1 or 2 x 2.
+    Avx2,
+}
+
+impl Level {
+    /// Activation rows up to which a product takes this kernel. Measured on 2 cores (Zen 5),
+    /// decode tok/s, registers vs the row buffer: AVX-512 at batch 2 199 vs 112, 4 357 vs
+    /// 200, 8 415 vs 323, 16 412 vs 382, 24 426 vs 430, 32 423 vs 452; AVX2 (the same machine
+    /// under `ATEN_CPU_CAPABILITY=avx2`) at 1 128 vs 72, 2 169 vs 92, 4 215 vs 175, 6 244 vs
+    /// 204, 8 249 vs 255, 16 266 vs 295.
+    pub(super) fn max_rows(self) -> usize {
+        match self {
+            Level::Avx512 => 16,
+            Level::Avx2 => 7,
+        }
+    }
+}
+
+/// The register kernel this machine runs, within `ATEN_CPU_CAPABILITY` ([`super::simd_cap`]).
+pub(super) fn level() -> Option<Level> {
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
+    static LEVEL: OnceLock<Option<Level>> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let base = is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c");
+        if !base {
+            return None;
+        }
+        if super::simd_cap() >= 2 && is_x86_feature_detected!("avx512f") {
+            return Some(Level::Avx512);
+        }
+        (super::simd_cap() >= 1 && is_x86_feature_detected!("avx2")).then_some(Level::Avx2)
     })
 }
 
@@ -38,51 +67,113 @@ pub(super) fn available() -> bool {
 /// ([m, w.cols] row-major).
 ///
 /// # Safety
-/// The CPU must have AVX-512F, FMA and F16C ([`available`]).
-#[target_feature(enable = "avx512f,fma,f16c")]
-pub(super) unsafe fn rows(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+/// The CPU must have the level's features (a level [`level`] returned, or a narrower one).
+pub(super) unsafe fn rows(
+    level: Level,
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
     assert!(x.len() == m * w.cols && out.len() == (r1 - r0) * m && r1 <= w.rows);
-    match w.ggml_type {
-        GGML_Q4_1 => rows_of::<1>(w, x, m, r0, r1, out),
-        GGML_Q4_0 => rows_of::<0>(w, x, m, r0, r1, out),
-        GGML_Q8_0 => rows_of::<8>(w, x, m, r0, r1, out),
-        _ => unreachable!("QMatrix holds only Q4_0, Q4_1 and Q8_0 blocks"),
+    // SAFETY: the caller vouches for the level's features.
+    unsafe {
+        match (level, w.ggml_type) {
+            (Level::Avx512, GGML_Q4_1) => rows_of::<Wide, 1, 8, 4, 4>(w, x, m, r0, r1, out),
+            (Level::Avx512, GGML_Q4_0) => rows_of::<Wide, 0, 8, 4, 4>(w, x, m, r0, r1, out),
+            (Level::Avx512, GGML_Q8_0) => rows_of::<Wide, 8, 8, 4, 4>(w, x, m, r0, r1, out),
+            (Level::Avx2, GGML_Q4_1) => rows_of::<Narrow, 1, 4, 2, 2>(w, x, m, r0, r1, out),
+            (Level::Avx2, GGML_Q4_0) => rows_of::<Narrow, 0, 4, 2, 2>(w, x, m, r0, r1, out),
+            (Level::Avx2, GGML_Q8_0) => rows_of::<Narrow, 8, 4, 2, 2>(w, x, m, r0, r1, out),
+            _ => unreachable!("QMatrix holds only Q4_0, Q4_1 and Q8_0 blocks"),
+        }
     }
 }
 
-/// One activation row: tiles of 8 weight rows (16 independent multiply-add chains a block;
-/// measured on 2 cores: single-stream decode ~127 tok/s against ~107 with 4, ~96 with 16),
-/// then 4, then 1. Several: tiles of 4 weight rows x 4 activation rows (each block expanded
-/// once for 4 rows of a batch; 16 accumulators), then 4 x 2 and 4 x 1; then single weight
-/// rows.
-#[target_feature(enable = "avx512f,fma,f16c")]
-#[inline]
-fn rows_of<const TY: u8>(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [f32]) {
+/// One instruction set's tile: the dots of R weight rows with A activation rows.
+trait Tiles {
+    /// # Safety
+    /// The CPU has the instruction set's features.
+    unsafe fn tile<const TY: u8, const R: usize, const A: usize>(
+        w: &QMatrix,
+        x: [&[f32]; A],
+        rows: [usize; R],
+    ) -> [[f32; A]; R];
+}
+
+struct Wide;
+struct Narrow;
+
+impl Tiles for Wide {
+    unsafe fn tile<const TY: u8, const R: usize, const A: usize>(
+        w: &QMatrix,
+        x: [&[f32]; A],
+        rows: [usize; R],
+    ) -> [[f32; A]; R] {
+        // SAFETY: the caller vouches for AVX-512F, FMA and F16C.
+        unsafe { tile_avx512::<TY, R, A>(w, x, rows) }
+    }
+}
+
+impl Tiles for Narrow {
+    unsafe fn tile<const TY: u8, const R: usize, const A: usize>(
+        w: &QMatrix,
+        x: [&[f32]; A],
+        rows: [usize; R],
+    ) -> [[f32; A]; R] {
+        // SAFETY: the caller vouches for AVX2, FMA and F16C.
+        unsafe { tile_avx2::<TY, R, A>(w, x, rows) }
+    }
+}
+
+/// One activation row: tiles of RS weight rows (AVX-512: 8, 16 independent multiply-add
+/// chains a block; measured on 2 cores: single-stream decode ~127 tok/s against ~107 with 4,
+/// ~96 with 16), then single rows. Several: tiles of RB weight rows x AB activation rows
+/// (each block expanded once for AB rows of a batch), then fewer activations; then single
+/// weight rows. A tile covers whole rows, so one call a tile costs nothing measurable.
+///
+/// # Safety
+/// The CPU has `I`'s features.
+unsafe fn rows_of<I: Tiles, const TY: u8, const RS: usize, const RB: usize, const AB: usize>(
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
     let k = w.cols;
     let xr = |a: usize| &x[a * k..(a + 1) * k];
     let mut r = r0;
-    if m == 1 {
-        while r + 8 <= r1 {
-            let t = tile::<TY, 8, 1>(w, [xr(0)], std::array::from_fn(|i| r + i));
-            store(out, 1, r - r0, 0, t);
-            r += 8;
+    // SAFETY (the tiles): the caller vouches for I's features.
+    unsafe {
+        if m == 1 {
+            while r + RS <= r1 {
+                let t = I::tile::<TY, RS, 1>(w, [xr(0)], std::array::from_fn(|i| r + i));
+                store(out, 1, r - r0, 0, t);
+                r += RS;
+            }
         }
-    }
-    while r + 4 <= r1 {
-        across::<TY, 4>(w, &xr, m, [r, r + 1, r + 2, r + 3], out, r - r0);
-        r += 4;
-    }
-    while r < r1 {
-        across::<TY, 1>(w, &xr, m, [r], out, r - r0);
-        r += 1;
+        while r + RB <= r1 {
+            let rows = std::array::from_fn(|i| r + i);
+            across::<I, TY, RB, AB>(w, &xr, m, rows, out, r - r0);
+            r += RB;
+        }
+        while r < r1 {
+            across::<I, TY, 1, AB>(w, &xr, m, [r], out, r - r0);
+            r += 1;
+        }
     }
 }
 
-/// The R weight rows `rows` against all m activation rows, 4, then 2, then 1 at a time,
+/// The R weight rows `rows` against all m activation rows, AB, then 2, then 1 at a time,
 /// into out's rows from `at`.
-#[target_feature(enable = "avx512f,fma,f16c")]
-#[inline]
-fn across<'x, const TY: u8, const R: usize>(
+///
+/// # Safety
+/// The CPU has `I`'s features.
+unsafe fn across<'x, I: Tiles, const TY: u8, const R: usize, const AB: usize>(
     w: &QMatrix,
     xr: &impl Fn(usize) -> &'x [f32],
     m: usize,
@@ -91,17 +182,26 @@ fn across<'x, const TY: u8, const R: usize>(
     at: usize,
 ) {
     let mut a = 0;
-    while a + 4 <= m {
-        let t = tile::<TY, R, 4>(w, [xr(a), xr(a + 1), xr(a + 2), xr(a + 3)], rows);
-        store(out, m, at, a, t);
-        a += 4;
-    }
-    if a + 2 <= m {
-        store(out, m, at, a, tile::<TY, R, 2>(w, [xr(a), xr(a + 1)], rows));
-        a += 2;
-    }
-    if a < m {
-        store(out, m, at, a, tile::<TY, R, 1>(w, [xr(a)], rows));
+    // SAFETY (the tiles): the caller vouches for I's features.
+    unsafe {
+        while a + AB <= m {
+            let t = I::tile::<TY, R, AB>(w, std::array::from_fn(|i| xr(a + i)), rows);
+            store(out, m, at, a, t);
+            a += AB;
+        }
+        if a + 2 <= m {
+            store(
+                out,
+                m,
+                at,
+                a,
+                I::tile::<TY, R, 2>(w, [xr(a), xr(a + 1)], rows),
+            );
+            a += 2;
+        }
+        if a < m {
+            store(out, m, at, a, I::tile::<TY, R, 1>(w, [xr(a)], rows));
+        }
     }
 }
 
@@ -121,7 +221,7 @@ fn store<const R: usize, const A: usize>(
 
 /// A block's f16 scale and (Q4_1) minimum as f32 (exact): one 8-byte load that zeroes the
 /// rest of the register (every block type holds at least 18 bytes).
-#[target_feature(enable = "avx512f,fma,f16c")]
+#[target_feature(enable = "f16c")]
 #[inline]
 unsafe fn scale_min(blk: *const u8) -> (f32, f32) {
     // SAFETY: the caller passes a whole block, at least 8 bytes.
@@ -132,7 +232,7 @@ unsafe fn scale_min(blk: *const u8) -> (f32, f32) {
 /// The block at `blk` as its two 16-lane halves of f32 weights (elements 0..16, 16..32).
 #[target_feature(enable = "avx512f,fma,f16c")]
 #[inline]
-unsafe fn expand<const TY: u8>(blk: *const u8) -> (__m512, __m512) {
+unsafe fn expand_avx512<const TY: u8>(blk: *const u8) -> (__m512, __m512) {
     // SAFETY (the loads): the caller passes a whole block of this type.
     unsafe {
         let (d, m) = scale_min(blk);
@@ -167,10 +267,9 @@ unsafe fn expand<const TY: u8>(blk: *const u8) -> (__m512, __m512) {
     }
 }
 
-/// The dots of R weight rows with A activation rows.
+/// The dots of R weight rows with A activation rows, in 16-lane registers.
 #[target_feature(enable = "avx512f,fma,f16c")]
-#[inline]
-fn tile<const TY: u8, const R: usize, const A: usize>(
+fn tile_avx512<const TY: u8, const R: usize, const A: usize>(
     w: &QMatrix,
     x: [&[f32]; A],
     rows: [usize; R],
@@ -187,7 +286,7 @@ fn tile<const TY: u8, const R: usize, const A: usize>(
     for b in 0..nb {
         for (ar, row) in acc.iter_mut().zip(&wrow) {
             // SAFETY: each row holds nb blocks of bb bytes (asserted above).
-            let (wl, wh) = unsafe { expand::<TY>(row.as_ptr().add(b * bb)) };
+            let (wl, wh) = unsafe { expand_avx512::<TY>(row.as_ptr().add(b * bb)) };
             _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8);
             for (acc_ra, xa) in ar.iter_mut().zip(&x) {
                 // SAFETY: each activation row holds nb blocks of 32 floats (asserted above).
@@ -205,6 +304,88 @@ fn tile<const TY: u8, const R: usize, const A: usize>(
             let mut lanes = [0f32; 16];
             // SAFETY: lanes holds 16 floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
+            reduce_lanes(&lanes)
+        })
+    })
+}
+
+/// The block at `blk` as four 8-lane parts of f32 weights (elements 0..8, 8..16, 16..24,
+/// 24..32).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn expand_avx2<const TY: u8>(blk: *const u8) -> [__m256; 4] {
+    // SAFETY (the loads): the caller passes a whole block of this type.
+    unsafe {
+        let (d, m) = scale_min(blk);
+        let d = _mm256_set1_ps(d);
+        if TY == 8 {
+            return std::array::from_fn(|j| {
+                let q = _mm_loadl_epi64(blk.add(2 + 8 * j) as *const __m128i);
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
+            });
+        }
+        let at = if TY == 1 { 4 } else { 2 };
+        // Byte j holds element j (low nibble) and element j + 16 (high nibble).
+        let q = _mm_loadu_si128(blk.add(at) as *const __m128i);
+        let (b0, b1) = (
+            _mm256_cvtepu8_epi32(q),
+            _mm256_cvtepu8_epi32(_mm_srli_si128::<8>(q)),
+        );
+        let low = _mm256_set1_epi32(0x0f);
+        let nibbles = [
+            _mm256_and_si256(b0, low),
+            _mm256_and_si256(b1, low),
+            _mm256_srli_epi32::<4>(b0),
+            _mm256_srli_epi32::<4>(b1),
+        ];
+        nibbles.map(|n| {
+            if TY == 1 {
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(n), d, _mm256_set1_ps(m))
+            } else {
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(n, _mm256_set1_epi32(8))),
+                    d,
+                )
+            }
+        })
+    }
+}
+
+/// The dots of R weight rows with A activation rows, each dot's 16 lanes in two 8-lane
+/// registers (lanes 0..8 take elements 0..8 and 16..24 of a block, lanes 8..16 the others).
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_avx2<const TY: u8, const R: usize, const A: usize>(
+    w: &QMatrix,
+    x: [&[f32]; A],
+    rows: [usize; R],
+) -> [[f32; A]; R] {
+    let (nb, bb) = (w.cols / BLOCK, w.block_bytes);
+    let wrow: [&[u8]; R] = rows.map(|r| w.row(r));
+    assert!(x.iter().all(|v| v.len() == nb * BLOCK) && wrow.iter().all(|v| v.len() == nb * bb));
+    let mut acc = [[[_mm256_setzero_ps(); 2]; A]; R];
+    let ahead = R * nb * bb;
+    for b in 0..nb {
+        for (ar, row) in acc.iter_mut().zip(&wrow) {
+            // SAFETY: each row holds nb blocks of bb bytes (asserted above).
+            let wv = unsafe { expand_avx2::<TY>(row.as_ptr().add(b * bb)) };
+            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8);
+            for (acc_ra, xa) in ar.iter_mut().zip(&x) {
+                for (j, wj) in wv.iter().enumerate() {
+                    // SAFETY: each activation row holds nb blocks of 32 floats (asserted).
+                    let xj = unsafe { _mm256_loadu_ps(xa.as_ptr().add(b * BLOCK + 8 * j)) };
+                    acc_ra[j % 2] = _mm256_fmadd_ps(*wj, xj, acc_ra[j % 2]);
+                }
+            }
+        }
+    }
+    acc.map(|ar| {
+        ar.map(|[lo, hi]| {
+            let mut lanes = [0f32; 16];
+            // SAFETY: lanes holds 16 floats, 8 at 0 and 8 at 8.
+            unsafe {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+            }
             reduce_lanes(&lanes)
         })
     })

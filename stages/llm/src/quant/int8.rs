@@ -187,8 +187,10 @@ fn simd_level() -> SimdLevel {
 fn best_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
-            let vnni = is_x86_feature_detected!("avx512f")
+        let cap = super::simd_cap();
+        if cap >= 1 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c") {
+            let vnni = cap >= 2
+                && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni");
             return if vnni {
