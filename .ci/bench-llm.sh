@@ -60,8 +60,10 @@ EOF
 "$LVENV/bin/python" stages/llm/scripts/check_tokens_llamacpp.py \
   --gguf "$GGUF" --fixture stages/llm/tests/fixtures/reference_tokens.json
 
-echo "bench-llm: flag llm bench (device $DEVICE, $THREADS threads)" >&2
-"$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
+# Dense f32 named explicitly: the unnamed default is `gguf`, which the next run measures (until
+# this said so, "dense" rows were a second gguf run beside dense's memory).
+echo "bench-llm: flag llm bench, dense f32 weights (FLAG_LLM_WEIGHTS=dense; device $DEVICE, $THREADS threads)" >&2
+FLAG_LLM_WEIGHTS=dense "$FLAG" llm bench --json --model "$GGUF" --device "$DEVICE" --threads "$THREADS" \
   --prompt-file "$TMP/prompt.txt" --prompt-tokens "$PROMPT_TOKENS" \
   --decode-tokens "$DECODE_TOKENS" --repeats "$REPEATS" > "$TMP/flag.json"
 echo "bench-llm: flag llm bench, weights kept as GGUF blocks (FLAG_LLM_WEIGHTS=gguf)" >&2

@@ -84,11 +84,15 @@ if d:
             f"{d['ceiling_ratio_episodes_per_s']:.2f}x", "(bound)", None, src)
 
 d, src = load("llm.json")
-for key, weights in (("flag", "dense f32"), ("flag_gguf", "GGUF blocks"),
-                     ("flag_gguf_int8", "GGUF blocks, int8 activations (opt-in gguf-int8)")):
+# Each run is labelled by the format its own JSON records (a run labelled by its position had
+# shown the default `gguf` as "dense f32").
+LABELS = {"dense": "dense f32", "gguf": "GGUF blocks, the default",
+          "gguf-int8": "GGUF blocks, int8 activations (opt-in gguf-int8)"}
+for key in ("flag", "flag_gguf", "flag_gguf_int8"):
     if not d or key not in d:
         continue
     ours, ref = d[key], d["llama_cpp"]
+    weights = LABELS.get(ours.get("weights"), f"weights {ours.get('weights')!r}")
     by_batch = {r["batch"]: r for r in ours["results"] if not r.get("shared_prefix")}
     single = by_batch.get(1)
     if single:
