@@ -81,50 +81,34 @@ pub(super) unsafe fn rows(
     // SAFETY: the caller vouches for the level's features.
     unsafe {
         match (level, w.ggml_type) {
-            (Level::Avx512, GGML_Q4_1) => rows_of::<Wide, 1, 8, 4, 4>(w, x, m, r0, r1, out),
-            (Level::Avx512, GGML_Q4_0) => rows_of::<Wide, 0, 8, 4, 4>(w, x, m, r0, r1, out),
-            (Level::Avx512, GGML_Q8_0) => rows_of::<Wide, 8, 8, 4, 4>(w, x, m, r0, r1, out),
-            (Level::Avx2, GGML_Q4_1) => rows_of::<Narrow, 1, 4, 2, 2>(w, x, m, r0, r1, out),
-            (Level::Avx2, GGML_Q4_0) => rows_of::<Narrow, 0, 4, 2, 2>(w, x, m, r0, r1, out),
-            (Level::Avx2, GGML_Q8_0) => rows_of::<Narrow, 8, 4, 2, 2>(w, x, m, r0, r1, out),
+            (Level::Avx512, GGML_Q4_1) => rows_of::<true, 1, 8, 4, 4>(w, x, m, r0, r1, out),
+            (Level::Avx512, GGML_Q4_0) => rows_of::<true, 0, 8, 4, 4>(w, x, m, r0, r1, out),
+            (Level::Avx512, GGML_Q8_0) => rows_of::<true, 8, 8, 4, 4>(w, x, m, r0, r1, out),
+            (Level::Avx2, GGML_Q4_1) => rows_of::<false, 1, 4, 2, 2>(w, x, m, r0, r1, out),
+            (Level::Avx2, GGML_Q4_0) => rows_of::<false, 0, 4, 2, 2>(w, x, m, r0, r1, out),
+            (Level::Avx2, GGML_Q8_0) => rows_of::<false, 8, 4, 2, 2>(w, x, m, r0, r1, out),
             _ => unreachable!("QMatrix holds only Q4_0, Q4_1 and Q8_0 blocks"),
         }
     }
 }
 
-/// One instruction set's tile: the dots of R weight rows with A activation rows.
-trait Tiles {
-    /// # Safety
-    /// The CPU has the instruction set's features.
-    unsafe fn tile<const TY: u8, const R: usize, const A: usize>(
-        w: &QMatrix,
-        x: [&[f32]; A],
-        rows: [usize; R],
-    ) -> [[f32; A]; R];
-}
-
-struct Wide;
-struct Narrow;
-
-impl Tiles for Wide {
-    unsafe fn tile<const TY: u8, const R: usize, const A: usize>(
-        w: &QMatrix,
-        x: [&[f32]; A],
-        rows: [usize; R],
-    ) -> [[f32; A]; R] {
-        // SAFETY: the caller vouches for AVX-512F, FMA and F16C.
-        unsafe { tile_avx512::<TY, R, A>(w, x, rows) }
-    }
-}
-
-impl Tiles for Narrow {
-    unsafe fn tile<const TY: u8, const R: usize, const A: usize>(
-        w: &QMatrix,
-        x: [&[f32]; A],
-        rows: [usize; R],
-    ) -> [[f32; A]; R] {
-        // SAFETY: the caller vouches for AVX2, FMA and F16C.
-        unsafe { tile_avx2::<TY, R, A>(w, x, rows) }
+/// The dots of R weight rows with A activation rows, in 16-lane registers (`WIDE`) or in
+/// pairs of 8-lane ones.
+///
+/// # Safety
+/// The CPU has AVX-512F (`WIDE`) or AVX2, and FMA and F16C.
+unsafe fn tile<const WIDE: bool, const TY: u8, const R: usize, const A: usize>(
+    w: &QMatrix,
+    x: [&[f32]; A],
+    rows: [usize; R],
+) -> [[f32; A]; R] {
+    // SAFETY: the caller vouches for the features.
+    unsafe {
+        if WIDE {
+            tile_avx512::<TY, R, A>(w, x, rows)
+        } else {
+            tile_avx2::<TY, R, A>(w, x, rows)
+        }
     }
 }
 
@@ -135,8 +119,14 @@ impl Tiles for Narrow {
 /// weight rows. A tile covers whole rows, so one call a tile costs nothing measurable.
 ///
 /// # Safety
-/// The CPU has `I`'s features.
-unsafe fn rows_of<I: Tiles, const TY: u8, const RS: usize, const RB: usize, const AB: usize>(
+/// The CPU has the features of `WIDE`'s level.
+unsafe fn rows_of<
+    const WIDE: bool,
+    const TY: u8,
+    const RS: usize,
+    const RB: usize,
+    const AB: usize,
+>(
     w: &QMatrix,
     x: &[f32],
     m: usize,
@@ -147,22 +137,22 @@ unsafe fn rows_of<I: Tiles, const TY: u8, const RS: usize, const RB: usize, cons
     let k = w.cols;
     let xr = |a: usize| &x[a * k..(a + 1) * k];
     let mut r = r0;
-    // SAFETY (the tiles): the caller vouches for I's features.
+    // SAFETY (the tiles): the caller vouches for the level's features.
     unsafe {
         if m == 1 {
             while r + RS <= r1 {
-                let t = I::tile::<TY, RS, 1>(w, [xr(0)], std::array::from_fn(|i| r + i));
+                let t = tile::<WIDE, TY, RS, 1>(w, [xr(0)], std::array::from_fn(|i| r + i));
                 store(out, 1, r - r0, 0, t);
                 r += RS;
             }
         }
         while r + RB <= r1 {
             let rows = std::array::from_fn(|i| r + i);
-            across::<I, TY, RB, AB>(w, &xr, m, rows, out, r - r0);
+            across::<WIDE, TY, RB, AB>(w, &xr, m, rows, out, r - r0);
             r += RB;
         }
         while r < r1 {
-            across::<I, TY, 1, AB>(w, &xr, m, [r], out, r - r0);
+            across::<WIDE, TY, 1, AB>(w, &xr, m, [r], out, r - r0);
             r += 1;
         }
     }
@@ -172,8 +162,8 @@ unsafe fn rows_of<I: Tiles, const TY: u8, const RS: usize, const RB: usize, cons
 /// into out's rows from `at`.
 ///
 /// # Safety
-/// The CPU has `I`'s features.
-unsafe fn across<'x, I: Tiles, const TY: u8, const R: usize, const AB: usize>(
+/// The CPU has the features of `WIDE`'s level.
+unsafe fn across<'x, const WIDE: bool, const TY: u8, const R: usize, const AB: usize>(
     w: &QMatrix,
     xr: &impl Fn(usize) -> &'x [f32],
     m: usize,
@@ -182,10 +172,10 @@ unsafe fn across<'x, I: Tiles, const TY: u8, const R: usize, const AB: usize>(
     at: usize,
 ) {
     let mut a = 0;
-    // SAFETY (the tiles): the caller vouches for I's features.
+    // SAFETY (the tiles): the caller vouches for the level's features.
     unsafe {
         while a + AB <= m {
-            let t = I::tile::<TY, R, AB>(w, std::array::from_fn(|i| xr(a + i)), rows);
+            let t = tile::<WIDE, TY, R, AB>(w, std::array::from_fn(|i| xr(a + i)), rows);
             store(out, m, at, a, t);
             a += AB;
         }
@@ -195,12 +185,12 @@ unsafe fn across<'x, I: Tiles, const TY: u8, const R: usize, const AB: usize>(
                 m,
                 at,
                 a,
-                I::tile::<TY, R, 2>(w, [xr(a), xr(a + 1)], rows),
+                tile::<WIDE, TY, R, 2>(w, [xr(a), xr(a + 1)], rows),
             );
             a += 2;
         }
         if a < m {
-            store(out, m, at, a, I::tile::<TY, R, 1>(w, [xr(a)], rows));
+            store(out, m, at, a, tile::<WIDE, TY, R, 1>(w, [xr(a)], rows));
         }
     }
 }
@@ -267,46 +257,103 @@ unsafe fn expand_avx512<const TY: u8>(blk: *const u8) -> (__m512, __m512) {
     }
 }
 
-/// The dots of R weight rows with A activation rows, in 16-lane registers.
-#[target_feature(enable = "avx512f,fma,f16c")]
-fn tile_avx512<const TY: u8, const R: usize, const A: usize>(
+/// The loop both kernels share: block by block, each weight row's block expanded once
+/// (`expand`, given the block's address) with the same block of the next tile's rows asked
+/// for, then dotted into each activation row's accumulator (`step`, given the activation
+/// row's 32 floats of the block). The prefetch: the rows are adjacent in memory, and the
+/// product streams ~100 MB a token and waited on memory without it (measured: single-stream
+/// decode ~135 -> ~175 tok/s on 2 cores; 512 or 2,048 bytes ahead gained less; the int8
+/// kernel does the same). A prefetch past the matrix's end is a no-op.
+#[inline(always)]
+fn tile_loop<Wv, Acc: Copy, const R: usize, const A: usize>(
     w: &QMatrix,
     x: [&[f32]; A],
     rows: [usize; R],
-) -> [[f32; A]; R] {
+    zero: Acc,
+    expand: impl Fn(*const u8) -> Wv,
+    step: impl Fn(&mut Acc, &Wv, *const f32),
+) -> [[Acc; A]; R] {
     let (nb, bb) = (w.cols / BLOCK, w.block_bytes);
-    let wrow: [&[u8]; R] = rows.map(|r| w.row(r));
+    let wrow = rows.map(|r| w.row(r));
+    // The closures read a whole block and 32 floats at the addresses given: in bounds.
     assert!(x.iter().all(|v| v.len() == nb * BLOCK) && wrow.iter().all(|v| v.len() == nb * bb));
-    let mut acc = [[_mm512_setzero_ps(); A]; R];
-    // The same block of the next tile's rows (the rows are adjacent in memory), asked for
-    // now: the product streams ~100 MB a token and waited on memory without it (measured:
-    // single-stream decode ~135 -> ~175 tok/s on 2 cores; 512 or 2,048 bytes ahead gained
-    // less; the int8 kernel does the same). A prefetch past the matrix's end is a no-op.
+    let mut acc = [[zero; A]; R];
     let ahead = R * nb * bb;
     for b in 0..nb {
         for (ar, row) in acc.iter_mut().zip(&wrow) {
-            // SAFETY: each row holds nb blocks of bb bytes (asserted above).
-            let (wl, wh) = unsafe { expand_avx512::<TY>(row.as_ptr().add(b * bb)) };
-            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8);
+            let wv = expand(row[b * bb..].as_ptr());
+            // SAFETY: a prefetch only hints and never faults (SSE: every x86-64 CPU).
+            unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8)
+            };
             for (acc_ra, xa) in ar.iter_mut().zip(&x) {
-                // SAFETY: each activation row holds nb blocks of 32 floats (asserted above).
-                let (xl, xh) = unsafe {
-                    let p = xa.as_ptr().add(b * BLOCK);
-                    (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-                };
-                *acc_ra = _mm512_fmadd_ps(wl, xl, *acc_ra);
-                *acc_ra = _mm512_fmadd_ps(wh, xh, *acc_ra);
+                step(acc_ra, &wv, xa[b * BLOCK..].as_ptr());
             }
         }
     }
-    acc.map(|ar| {
-        ar.map(|a| {
-            let mut lanes = [0f32; 16];
-            // SAFETY: lanes holds 16 floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
-            reduce_lanes(&lanes)
-        })
-    })
+    acc
+}
+
+/// `$name::<TY, R, A>(w, x, rows)`: the dots of R weight rows with A activation rows, on one
+/// instruction set: [`tile_loop`] with its `$expand` and `$step`, then `$reduce` per dot.
+macro_rules! tile_kernel {
+    ($name:ident, $features:literal, $zero:expr, $expand:ident, $step:ident, $reduce:ident) => {
+        #[target_feature(enable = $features)]
+        fn $name<const TY: u8, const R: usize, const A: usize>(
+            w: &QMatrix,
+            x: [&[f32]; A],
+            rows: [usize; R],
+        ) -> [[f32; A]; R] {
+            let acc = tile_loop(
+                w,
+                x,
+                rows,
+                $zero,
+                // SAFETY: `tile_loop` passes the address of a whole block of this type.
+                |blk| unsafe { $expand::<TY>(blk) },
+                // SAFETY: `tile_loop` passes the address of the block's 32 activations.
+                |acc, wv, p| unsafe { $step(acc, wv, p) },
+            );
+            acc.map(|ar| ar.map(|a| $reduce(a)))
+        }
+    };
+}
+
+tile_kernel!(
+    tile_avx512,
+    "avx512f,fma,f16c",
+    _mm512_setzero_ps(),
+    expand_avx512,
+    step_avx512,
+    reduce_avx512
+);
+tile_kernel!(
+    tile_avx2,
+    "avx2,fma,f16c",
+    [_mm256_setzero_ps(); 2],
+    expand_avx2,
+    step_avx2,
+    reduce_avx2
+);
+
+/// One block into a dot's 16 lanes: elements 0..16, then 16..32.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+unsafe fn step_avx512(acc: &mut __m512, &(wl, wh): &(__m512, __m512), p: *const f32) {
+    // SAFETY: the caller passes the address of 32 floats.
+    let (xl, xh) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
+    *acc = _mm512_fmadd_ps(wl, xl, *acc);
+    *acc = _mm512_fmadd_ps(wh, xh, *acc);
+}
+
+/// A dot's 16 lanes, summed in [`reduce_lanes`]' order.
+#[target_feature(enable = "avx512f,fma,f16c")]
+#[inline]
+fn reduce_avx512(acc: __m512) -> f32 {
+    let mut lanes = [0f32; 16];
+    // SAFETY: lanes holds 16 floats.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+    reduce_lanes(&lanes)
 }
 
 /// The block at `blk` as four 8-lane parts of f32 weights (elements 0..8, 8..16, 16..24,
@@ -351,44 +398,29 @@ unsafe fn expand_avx2<const TY: u8>(blk: *const u8) -> [__m256; 4] {
     }
 }
 
-/// The dots of R weight rows with A activation rows, each dot's 16 lanes in two 8-lane
-/// registers (lanes 0..8 take elements 0..8 and 16..24 of a block, lanes 8..16 the others).
+/// One block into a dot's 16 lanes held in two 8-lane registers: lanes 0..8 take elements
+/// 0..8 and then 16..24, lanes 8..16 elements 8..16 and then 24..32.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn tile_avx2<const TY: u8, const R: usize, const A: usize>(
-    w: &QMatrix,
-    x: [&[f32]; A],
-    rows: [usize; R],
-) -> [[f32; A]; R] {
-    let (nb, bb) = (w.cols / BLOCK, w.block_bytes);
-    let wrow: [&[u8]; R] = rows.map(|r| w.row(r));
-    assert!(x.iter().all(|v| v.len() == nb * BLOCK) && wrow.iter().all(|v| v.len() == nb * bb));
-    let mut acc = [[[_mm256_setzero_ps(); 2]; A]; R];
-    let ahead = R * nb * bb;
-    for b in 0..nb {
-        for (ar, row) in acc.iter_mut().zip(&wrow) {
-            // SAFETY: each row holds nb blocks of bb bytes (asserted above).
-            let wv = unsafe { expand_avx2::<TY>(row.as_ptr().add(b * bb)) };
-            _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8);
-            for (acc_ra, xa) in ar.iter_mut().zip(&x) {
-                for (j, wj) in wv.iter().enumerate() {
-                    // SAFETY: each activation row holds nb blocks of 32 floats (asserted).
-                    let xj = unsafe { _mm256_loadu_ps(xa.as_ptr().add(b * BLOCK + 8 * j)) };
-                    acc_ra[j % 2] = _mm256_fmadd_ps(*wj, xj, acc_ra[j % 2]);
-                }
-            }
-        }
+#[inline]
+unsafe fn step_avx2(acc: &mut [__m256; 2], wv: &[__m256; 4], p: *const f32) {
+    for (j, wj) in wv.iter().enumerate() {
+        // SAFETY: the caller passes the address of 32 floats.
+        let xj = unsafe { _mm256_loadu_ps(p.add(8 * j)) };
+        acc[j % 2] = _mm256_fmadd_ps(*wj, xj, acc[j % 2]);
     }
-    acc.map(|ar| {
-        ar.map(|[lo, hi]| {
-            let mut lanes = [0f32; 16];
-            // SAFETY: lanes holds 16 floats, 8 at 0 and 8 at 8.
-            unsafe {
-                _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-            }
-            reduce_lanes(&lanes)
-        })
-    })
+}
+
+/// A dot's 16 lanes (two registers), summed in [`reduce_lanes`]' order.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn reduce_avx2([lo, hi]: [__m256; 2]) -> f32 {
+    let mut lanes = [0f32; 16];
+    // SAFETY: lanes holds 16 floats, 8 at 0 and 8 at 8.
+    unsafe {
+        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    }
+    reduce_lanes(&lanes)
 }
 
 #[cfg(test)]
