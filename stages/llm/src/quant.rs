@@ -357,6 +357,7 @@ fn rows_into(w: &QMatrix, x: &[f32], m: usize, r0: usize, r1: usize, out: &mut [
 /// machine can run, and be measured, as a narrower one; the CPU's features still decide what
 /// it has. The capability is in every LLM stage's key already. The int8 paths give the same
 /// bits at every level; the f32 path's plain level rounds its multiply-adds twice.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn simd_cap() -> u8 {
     use std::sync::OnceLock;
     static CAP: OnceLock<u8> = OnceLock::new();
