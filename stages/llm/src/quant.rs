@@ -548,18 +548,28 @@ fn rows_into_with<const WIDE: bool>(
     }
 }
 
-/// Asks for `bytes` to be brought into the cache (a hint: it never faults).
+/// Asks for `bytes` to be brought into the cache, line by line.
 #[inline(always)]
 fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
     for line in bytes.chunks(64) {
+        prefetch_at(line.as_ptr());
+    }
+}
+
+/// Asks for the cache line holding `p` (a hint: any address, it never faults or reads).
+#[inline(always)]
+fn prefetch_at(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: prefetch only hints; the address is inside `bytes` anyway.
+        // SAFETY: a prefetch only hints (SSE: every x86-64 CPU has it).
         #[allow(unsafe_code)]
         unsafe {
-            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8)
+            _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
         };
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// o [R, m]: R weight rows against all m activation rows, 4, then 2, then 1 activation

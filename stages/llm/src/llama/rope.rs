@@ -37,7 +37,7 @@ pub fn rope_qk(qkv: &Tensor, cos: &Tensor, sin: &Tensor, s: Heads) -> (Tensor, T
 }
 
 /// The tensor form (any device and kind).
-pub fn rope_qk_tensors(qkv: &Tensor, cos: &Tensor, sin: &Tensor, s: Heads) -> (Tensor, Tensor) {
+fn rope_qk_tensors(qkv: &Tensor, cos: &Tensor, sin: &Tensor, s: Heads) -> (Tensor, Tensor) {
     let Heads { b, t, nh, nkv, hd } = s;
     let heads = |first: i64, n: i64| {
         qkv.narrow(-1, first * hd, n * hd)

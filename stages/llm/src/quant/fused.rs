@@ -282,10 +282,7 @@ fn tile_loop<Wv, Acc: Copy, const R: usize, const A: usize>(
     for b in 0..nb {
         for (ar, row) in acc.iter_mut().zip(&wrow) {
             let wv = expand(row[b * bb..].as_ptr());
-            // SAFETY: a prefetch only hints and never faults (SSE: every x86-64 CPU).
-            unsafe {
-                _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(b * bb + ahead) as *const i8)
-            };
+            super::prefetch_at(row.as_ptr().wrapping_add(b * bb + ahead));
             for (acc_ra, xa) in ar.iter_mut().zip(&x) {
                 step(acc_ra, &wv, xa[b * BLOCK..].as_ptr());
             }
