@@ -1,6 +1,6 @@
 //! DDQN training throughput for the TDQN configuration (117 inputs, 5 x 512 network, batch
-//! 32, one gradient step per environment step) on CPU with one libtorch thread, on real AAPL
-//! data (TDQN benchmark files: 2012-2017 train, 2018-2019 test).
+//! 32, one gradient step per environment step) on CPU (the Rust network of `flag_rl::mlp`,
+//! one thread), on real AAPL data (TDQN benchmark files: 2012-2017 train, 2018-2019 test).
 //!
 //! Reports environment (= gradient) steps per second, episodes per second (including the
 //! per-episode greedy evaluation on both splits that feeds the training curve), and the time
@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use flag_rl::agent::Backend;
 use flag_rl::config::DdqnConfig;
 use flag_rl::data::read_tdqn_csv;
 use flag_rl::train::{TickerData, evaluate, train_episode};
@@ -82,10 +83,13 @@ fn main() {
             "test_return": paths[1].total_return(cfg.initial_capital),
         }));
     }
-    let gemm_floor_s = gemm_floor(&cfg, agent.inputs() as i64, agent.learn_steps, device);
     let report = serde_json::json!({
         "bench": "ddqn",
         "device": if device == Device::Cpu { "cpu" } else { "cuda" },
+        "backend": match agent.backend {
+            Backend::Cpu(level) => format!("rust mlp, {}", level.here().name()),
+            Backend::Torch(_) => "libtorch".to_string(),
+        },
         "torch_threads": tch::get_num_threads(),
         "ticker": "AAPL",
         "train_days": n,
@@ -103,8 +107,6 @@ fn main() {
         "eval_s_per_episode": eval_s / episodes.max(1) as f64,
         "full_run_estimate_s": (train_s + eval_s) / episodes.max(1) as f64 * DdqnConfig::default().episodes as f64,
         "per_episode": per_episode,
-        "gemm_floor_s": gemm_floor_s,
-        "gemm_share_of_train": gemm_floor_s / train_s,
     });
     let out_dir = std::env::var_os("FLAG_BENCH_OUT")
         .map(PathBuf::from)
@@ -113,58 +115,4 @@ fn main() {
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(out_dir.join("ddqn.json"), format!("{text}\n")).expect("write ddqn.json");
     println!("{text}");
-}
-
-/// Seconds that the matrix products alone of `steps` gradient steps take here: per step, the
-/// two 32-row forward passes of the policy network (the state with gradients, the next state
-/// without) and the backward pass's weight and input gradients, with the same shapes, BLAS and
-/// thread count as the agent, and nothing else. Any implementation that does the reference's
-/// arithmetic at f32 pays at least this much, so `reference seconds / (this + evaluation)`
-/// bounds the ratio a faster agent can reach against the reference.
-fn gemm_floor(cfg: &DdqnConfig, inputs: i64, steps: u64, device: Device) -> f64 {
-    use tch::{Kind, Tensor};
-    let opts = (Kind::Float, device);
-    let (batch, width) = (cfg.batch_size as i64, cfg.hidden as i64);
-    let mut dims = vec![inputs];
-    dims.extend(std::iter::repeat_n(width, cfg.hidden_layers));
-    dims.push(flag_rl::net::ACTIONS);
-    let weights: Vec<(Tensor, Tensor)> = dims
-        .windows(2)
-        .map(|d| {
-            (
-                Tensor::randn([d[1], d[0]], opts),
-                Tensor::randn([d[1]], opts),
-            )
-        })
-        .collect();
-    let x = Tensor::randn([batch, inputs], opts);
-    let run = |n: u64| {
-        for _ in 0..n {
-            for pass in 0..2 {
-                let mut h = x.shallow_clone();
-                let mut acts = Vec::with_capacity(weights.len());
-                for (w, b) in &weights {
-                    acts.push(h.shallow_clone());
-                    h = h.linear(w, Some(b));
-                }
-                if pass == 0 {
-                    // Backward: every layer's weight gradient, and the input gradient of every
-                    // layer but the first.
-                    let mut g = Tensor::ones_like(&h);
-                    for (i, ((w, _), a)) in weights.iter().zip(&acts).enumerate().rev() {
-                        let _dw = g.tr().mm(a);
-                        if i > 0 {
-                            g = g.mm(w);
-                        }
-                    }
-                }
-            }
-        }
-    };
-    tch::no_grad(|| {
-        run(20); // warm-up: BLAS buffers, page faults
-        let t = Instant::now();
-        run(steps.max(1));
-        t.elapsed().as_secs_f64()
-    })
 }

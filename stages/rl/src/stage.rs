@@ -190,7 +190,8 @@ pub fn prepare(
     Ok(out)
 }
 
-/// Trains `runs` agents per ticker on `threads` worker threads (one libtorch thread each).
+/// Trains `runs` agents per ticker on `threads` worker threads (one thread each: the CPU
+/// network is single-threaded, and libtorch is set to one intra-op thread for CUDA runs).
 pub fn run_all(
     settings: &DdqnSettings,
     data: &[TickerData],
@@ -450,7 +451,7 @@ impl Stage for Ddqn {
                         "device",
                         ParamKind::Str,
                         json!("auto"),
-                        "cpu, cuda, or auto (cuda when available); CPU results are bit-reproducible",
+                        "cpu, cuda, or auto (cuda when available); CPU results are the same bytes on every machine",
                     ),
                     ParamSpec::with_default(
                         "strategy",
@@ -462,7 +463,7 @@ impl Stage for Ddqn {
                         "threads",
                         ParamKind::Int,
                         json!(0),
-                        "Runs trained in parallel (0: one per core); each uses one libtorch thread",
+                        "Runs trained in parallel (0: one per core); each uses one thread",
                     ),
                     ParamSpec::with_default(
                         "learning_rate",
@@ -490,7 +491,7 @@ impl Stage for Ddqn {
     }
 
     fn fingerprint(&self, _params: &Params) -> Fingerprint {
-        Fingerprint::new(format!("{VERSION}/ddqn-1"))
+        Fingerprint::new(format!("{VERSION}/ddqn-2"))
     }
 
     fn environment(&self, params: &Params) -> Vec<(String, String)> {
@@ -498,8 +499,11 @@ impl Stage for Ddqn {
         vec![("device".into(), dev.into())]
     }
 
-    /// Each run trains on one libtorch thread whatever `threads` is, so the worker count does
-    /// not change the bytes; the kernel path does.
+    /// Each run trains on one thread whatever `threads` is, so the worker count does not change
+    /// the bytes. On CUDA the kernel path does. On the CPU the network is `crate::mlp`, whose
+    /// bytes are the same on every machine (pinned in `tests/ddqn.rs` at every kernel level);
+    /// the kind stays keyed by the kernel path all the same (conservative: a store moved to
+    /// another machine class reruns it and gets the same bytes).
     fn numerics(&self, _params: &Params) -> flag_core::Numerics {
         flag_core::Numerics::KernelPath
     }

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::Device;
 
-use crate::agent::{Agent, Transition};
+use crate::agent::{Agent, Backend, Transition};
 use crate::config::DdqnConfig;
 use crate::features::{Bars, Coefficients, FeatureMatrix};
 
@@ -143,8 +143,21 @@ pub fn train_run(
     periods_per_year: f64,
     on_episode: &dyn Fn(usize, usize),
 ) -> Result<RunOutput, tch::TchError> {
+    let backend = Backend::for_device(device);
+    train_run_on(cfg, data, seed, backend, periods_per_year, on_episode)
+}
+
+/// [`train_run`] on a chosen backend (tests compare the CPU network's levels).
+pub fn train_run_on(
+    cfg: &DdqnConfig,
+    data: &TickerData,
+    seed: u64,
+    backend: Backend,
+    periods_per_year: f64,
+    on_episode: &dyn Fn(usize, usize),
+) -> Result<RunOutput, tch::TchError> {
     let rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut agent = Agent::new(*cfg, &data.features, device, rng)?;
+    let mut agent = Agent::on(*cfg, &data.features, backend, rng)?;
     let mut curve = Vec::with_capacity(cfg.episodes);
     let mut last = None;
     for episode in 0..cfg.episodes {
