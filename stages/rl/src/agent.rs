@@ -108,7 +108,7 @@ struct CpuNets {
     /// Dropout of one step: the states' layers, then the next states' (two forward passes'
     /// order of draws), and the raw draws.
     masks: Vec<Vec<f32>>,
-    draws: Vec<u32>,
+    draws: Vec<u16>,
 }
 
 struct TorchNets {

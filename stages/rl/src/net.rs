@@ -141,17 +141,16 @@ impl QNet {
     }
 
     /// Inverted dropout: kept units are scaled by 1 / (1 - p), as `nn.Dropout`. The draws are
-    /// one `fill` of u32s, the same stream as one `random::<u32>()` per unit (pinned by the
-    /// tests), without a per-unit call.
+    /// one `fill` of u16s (the CPU network's stream, [`crate::mlp::dropout_threshold`]).
     fn dropout_mask(&self, rng: &mut ChaCha8Rng, batch: i64, device: Device) -> Tensor {
         let keep = 1.0 / (1.0 - self.dropout) as f32;
-        let threshold = (self.dropout * 4_294_967_296.0) as u64;
+        let threshold = crate::mlp::dropout_threshold(self.dropout);
         let n = (batch * self.width) as usize;
-        let mut draws = vec![0u32; n];
+        let mut draws = vec![0u16; n];
         rng.fill(&mut draws[..]);
         let v: Vec<f32> = draws
             .iter()
-            .map(|&u| if u64::from(u) >= threshold { keep } else { 0.0 })
+            .map(|&u| if u >= threshold { keep } else { 0.0 })
             .collect();
         Tensor::from_slice(&v)
             .view([batch, self.width])

@@ -273,7 +273,7 @@ fn run_hash(cfg: &DdqnConfig, data: &TickerData, seed: u64, backend: Backend) ->
     (h, out.agent.iterations, out.agent.learn_steps)
 }
 
-/// Output hashes of two AAPL runs: the TDQN configuration at seed 0 for 3 episodes (338
+/// Output hashes of two AAPL runs: the TDQN configuration at seed 0 for 3 episodes (909
 /// actions: no target copy yet), and the same with a target copy every 100 actions (so the
 /// copies and the target network's values are pinned too). Any change to the agent's
 /// arithmetic, random-number use or batching shows here. The CPU network's arithmetic is
@@ -281,8 +281,8 @@ fn run_hash(cfg: &DdqnConfig, data: &TickerData, seed: u64, backend: Backend) ->
 /// level; they were recorded when it replaced libtorch on the CPU (issue 14), whose pins held
 /// only on the machine that recorded them.
 const PINNED: [(u64, u64, u64); 2] = [
-    (2_578_642_074_940_564_555, 338, 323),
-    (917_501_410_843_082_013, 338, 323),
+    (9_579_650_719_499_294_555, 909, 894),
+    (12_700_838_931_793_650_285, 909, 894),
 ];
 
 #[test]
@@ -307,7 +307,7 @@ fn aapl_run_matches_the_pinned_output() {
             .map(|c| run_hash(c, &data, 0, Backend::Cpu(level)))
             .collect();
         eprintln!("{}: {got:?}", level.name());
-        assert!(got[1].1 > 300, "the second run copies the target network");
+        assert!(got[1].1 > 800, "the second run copies the target network");
         assert_eq!(
             got,
             PINNED,

@@ -569,12 +569,12 @@ fn affine_leaky_body(z: &mut [f32], width: usize, scale: &[f32], shift: &[f32], 
 }
 
 multiversion! {
-    pub(super) fn mask_from_draws(draws: &[u32], threshold: u32, keep: f32, mask: &mut [f32]) = mask_body;
+    pub(super) fn mask_from_draws(draws: &[u16], threshold: u16, keep: f32, mask: &mut [f32]) = mask_body;
 }
 
 /// A unit is kept (scaled by `keep`) when its draw is at least `threshold`.
 #[inline(always)]
-fn mask_body(draws: &[u32], threshold: u32, keep: f32, mask: &mut [f32]) {
+fn mask_body(draws: &[u16], threshold: u16, keep: f32, mask: &mut [f32]) {
     for (m, d) in mask.iter_mut().zip(draws) {
         *m = if *d >= threshold { keep } else { 0.0 };
     }
