@@ -274,12 +274,48 @@ fn tile_body<const R: usize, const W: usize>(
 }
 
 /// `dst[j * rows + i] = src[i * cols + j]`: a `rows x cols` matrix transposed, in 8 x 8
-/// blocks (the edges element by element).
+/// blocks (the edges element by element). Data movement only, so every level gives the same
+/// result; compiled per level so that the blocks become vector shuffles.
+pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    match Level::detect() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => {
+            // SAFETY: `detect` found AVX-512F and FMA.
+            #[allow(unsafe_code)]
+            unsafe {
+                transpose_avx512(src, rows, cols, dst)
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => {
+            // SAFETY: `detect` found AVX2 and FMA.
+            #[allow(unsafe_code)]
+            unsafe {
+                transpose_avx2(src, rows, cols, dst)
+            }
+        }
+        _ => transpose_body(src, rows, cols, dst),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn transpose_avx512(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    transpose_body(src, rows, cols, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn transpose_avx2(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    transpose_body(src, rows, cols, dst)
+}
+
 // `j` indexes a column of `block` and a row of `dst` at once.
 #[allow(clippy::needless_range_loop)]
-pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+#[inline(always)]
+fn transpose_body(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     const B: usize = 8;
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
     let (full_r, full_c) = (rows / B * B, cols / B * B);
     for i0 in (0..full_r).step_by(B) {
         for j0 in (0..full_c).step_by(B) {
