@@ -343,6 +343,9 @@ fn update_running(
 }
 
 multiversion! {
+    /// BatchNorm with the batch's statistics, LeakyReLU and dropout of one batch `z`
+    /// (`[rows, width]`): `z` becomes `xhat`, `out` the layer's output, and `column` holds the
+    /// batch's `[mean, biased variance, invstd]`.
     fn normalise(
         z: &mut [f32],
         out: &mut [f32],
@@ -352,65 +355,52 @@ multiversion! {
         eps: f32,
         slope: f32,
         column: &mut [Vec<f32>; 3],
-    ) = normalise_body;
-}
-
-/// BatchNorm with the batch's statistics, LeakyReLU and dropout of one batch `z`
-/// (`[rows, width]`): `z` becomes `xhat`, `out` the layer's output, and `column` holds the
-/// batch's `[mean, biased variance, invstd]`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn normalise_body(
-    z: &mut [f32],
-    out: &mut [f32],
-    gamma: &[f32],
-    beta: &[f32],
-    mask: Option<&[f32]>,
-    eps: f32,
-    slope: f32,
-    column: &mut [Vec<f32>; 3],
-) {
-    let w = gamma.len();
-    let rows = (z.len() / w) as f32;
-    let [mean, var, invstd] = column;
-    mean.fill(0.0);
-    for row in z.chunks_exact(w) {
-        for (m, x) in mean.iter_mut().zip(row) {
-            *m += x;
+    ) {
+        let w = gamma.len();
+        let rows = (z.len() / w) as f32;
+        let [mean, var, invstd] = column;
+        mean.fill(0.0);
+        for row in z.chunks_exact(w) {
+            for (m, x) in mean.iter_mut().zip(row) {
+                *m += x;
+            }
         }
-    }
-    mean.iter_mut().for_each(|m| *m /= rows);
-    var.fill(0.0);
-    for row in z.chunks_exact(w) {
-        for ((v, x), m) in var.iter_mut().zip(row).zip(mean.iter()) {
-            let d = x - m;
-            *v = d.mul_add(d, *v);
+        mean.iter_mut().for_each(|m| *m /= rows);
+        var.fill(0.0);
+        for row in z.chunks_exact(w) {
+            for ((v, x), m) in var.iter_mut().zip(row).zip(mean.iter()) {
+                let d = x - m;
+                *v = d.mul_add(d, *v);
+            }
         }
-    }
-    var.iter_mut().for_each(|v| *v /= rows);
-    for (s, v) in invstd.iter_mut().zip(var.iter()) {
-        *s = 1.0 / (v + eps).sqrt();
-    }
-    for (r, (zr, or)) in z
-        .chunks_exact_mut(w)
-        .zip(out.chunks_exact_mut(w))
-        .enumerate()
-    {
-        let mr = mask.map(|m| &m[r * w..(r + 1) * w]);
-        for j in 0..w {
-            let xhat = (zr[j] - mean[j]) * invstd[j];
-            zr[j] = xhat;
-            let y = xhat.mul_add(gamma[j], beta[j]);
-            let a = if y > 0.0 { y } else { y * slope };
-            or[j] = match mr {
-                Some(m) => a * m[j],
-                None => a,
-            };
+        var.iter_mut().for_each(|v| *v /= rows);
+        for (s, v) in invstd.iter_mut().zip(var.iter()) {
+            *s = 1.0 / (v + eps).sqrt();
+        }
+        for (r, (zr, or)) in z
+            .chunks_exact_mut(w)
+            .zip(out.chunks_exact_mut(w))
+            .enumerate()
+        {
+            let mr = mask.map(|m| &m[r * w..(r + 1) * w]);
+            for j in 0..w {
+                let xhat = (zr[j] - mean[j]) * invstd[j];
+                zr[j] = xhat;
+                let y = xhat.mul_add(gamma[j], beta[j]);
+                let a = if y > 0.0 { y } else { y * slope };
+                or[j] = match mr {
+                    Some(m) => a * m[j],
+                    None => a,
+                };
+            }
         }
     }
 }
 
 multiversion! {
+    /// Through dropout, LeakyReLU (slope where the output is not positive: the input was not
+    /// positive, or the unit was dropped and its gradient is zero anyway) and BatchNorm:
+    /// `dz = (dy - sum(dy) / n - xhat * sum(dy * xhat) / n) * invstd * gamma`.
     fn normalise_backward(
         dh: &[f32],
         h: &[f32],
@@ -422,101 +412,77 @@ multiversion! {
         dz: &mut [f32],
         dgamma: &mut [f32],
         dbeta: &mut [f32],
-    ) = normalise_backward_body;
-}
-
-/// Through dropout, LeakyReLU (slope where the output is not positive: the input was not
-/// positive, or the unit was dropped and its gradient is zero anyway) and BatchNorm:
-/// `dz = (dy - sum(dy) / n - xhat * sum(dy * xhat) / n) * invstd * gamma`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn normalise_backward_body(
-    dh: &[f32],
-    h: &[f32],
-    xhat: &[f32],
-    mask: Option<&[f32]>,
-    invstd: &[f32],
-    gamma: &[f32],
-    slope: f32,
-    dz: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
-) {
-    let w = gamma.len();
-    let rows = dh.len() / w;
-    // dy into dz first.
-    for i in 0..rows {
-        let at = i * w;
-        for j in 0..w {
-            let mut g = dh[at + j];
-            if let Some(m) = mask {
-                g *= m[at + j];
+    ) {
+        let w = gamma.len();
+        let rows = dh.len() / w;
+        // dy into dz first.
+        for i in 0..rows {
+            let at = i * w;
+            for j in 0..w {
+                let mut g = dh[at + j];
+                if let Some(m) = mask {
+                    g *= m[at + j];
+                }
+                dz[at + j] = if h[at + j] > 0.0 { g } else { g * slope };
             }
-            dz[at + j] = if h[at + j] > 0.0 { g } else { g * slope };
         }
-    }
-    dgamma.fill(0.0);
-    dbeta.fill(0.0);
-    for i in 0..rows {
-        let at = i * w;
-        for j in 0..w {
-            dgamma[j] = dz[at + j].mul_add(xhat[at + j], dgamma[j]);
-            dbeta[j] += dz[at + j];
+        dgamma.fill(0.0);
+        dbeta.fill(0.0);
+        for i in 0..rows {
+            let at = i * w;
+            for j in 0..w {
+                dgamma[j] = dz[at + j].mul_add(xhat[at + j], dgamma[j]);
+                dbeta[j] += dz[at + j];
+            }
         }
-    }
-    let nf = rows as f32;
-    for i in 0..rows {
-        let at = i * w;
-        for j in 0..w {
-            let centred = dz[at + j] - dbeta[j] / nf - xhat[at + j] * (dgamma[j] / nf);
-            dz[at + j] = centred * (invstd[j] * gamma[j]);
-        }
-    }
-}
-
-multiversion! {
-    fn column_sums(m: &[f32], rows: usize, out: &mut [f32]) = column_sums_body;
-}
-
-/// `out[j] = sum_i m[i, j]`, rows in order.
-#[inline(always)]
-fn column_sums_body(m: &[f32], rows: usize, out: &mut [f32]) {
-    let w = out.len();
-    out.fill(0.0);
-    for row in m[..rows * w].chunks_exact(w) {
-        for (o, x) in out.iter_mut().zip(row) {
-            *o += x;
+        let nf = rows as f32;
+        for i in 0..rows {
+            let at = i * w;
+            for j in 0..w {
+                let centred = dz[at + j] - dbeta[j] / nf - xhat[at + j] * (dgamma[j] / nf);
+                dz[at + j] = centred * (invstd[j] * gamma[j]);
+            }
         }
     }
 }
 
 multiversion! {
-    fn squared_norm(g: &[f32]) -> f32 = squared_norm_body;
+    /// `out[j] = sum_i m[i, j]`, rows in order.
+    fn column_sums(m: &[f32], rows: usize, out: &mut [f32]) {
+        let w = out.len();
+        out.fill(0.0);
+        for row in m[..rows * w].chunks_exact(w) {
+            for (o, x) in out.iter_mut().zip(row) {
+                *o += x;
+            }
+        }
+    }
 }
 
-/// Sum of squares: element `i` into lane `i % 64` (four independent vector chains), the lanes
-/// then halved pairwise (`l + 32`, `l + 16`, ...). f32 is ample for a clipping threshold.
-#[inline(always)]
-fn squared_norm_body(g: &[f32]) -> f32 {
-    const LANES: usize = 64;
-    let mut lanes = [0f32; LANES];
-    let mut chunks = g.chunks_exact(LANES);
-    for c in &mut chunks {
-        for l in 0..LANES {
-            lanes[l] = c[l].mul_add(c[l], lanes[l]);
+multiversion! {
+    /// Sum of squares: element `i` into lane `i % 64` (four independent vector chains), the lanes
+    /// then halved pairwise (`l + 32`, `l + 16`, ...). f32 is ample for a clipping threshold.
+    fn squared_norm(g: &[f32]) -> f32 {
+        const LANES: usize = 64;
+        let mut lanes = [0f32; LANES];
+        let mut chunks = g.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                lanes[l] = c[l].mul_add(c[l], lanes[l]);
+            }
         }
-    }
-    for (l, x) in chunks.remainder().iter().enumerate() {
-        lanes[l] = x.mul_add(*x, lanes[l]);
-    }
-    let mut half = LANES / 2;
-    while half > 0 {
-        for l in 0..half {
-            lanes[l] += lanes[l + half];
+        for (l, x) in chunks.remainder().iter().enumerate() {
+            lanes[l] = x.mul_add(*x, lanes[l]);
         }
-        half /= 2;
+        let mut half = LANES / 2;
+        while half > 0 {
+            for l in 0..half {
+                lanes[l] += lanes[l + half];
+            }
+            half /= 2;
+        }
+        lanes[0]
     }
-    lanes[0]
 }
 
 struct AdamConsts {
@@ -534,48 +500,39 @@ struct AdamConsts {
 }
 
 multiversion! {
-    fn adam_pass(k: &AdamConsts, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) = adam_body;
-}
-
-/// One pass of Adam over every parameter: `g = clip * g + wd * p`, then PyTorch's update
-/// `p -= step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)` (the inner division as a
-/// multiplication by the reciprocal).
-#[inline(always)]
-fn adam_body(k: &AdamConsts, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-    for i in 0..p.len() {
-        let gi = g[i] * k.scale + k.weight_decay * p[i];
-        let mi = k.beta1 * m[i] + k.one_minus_beta1 * gi;
-        let vi = k.beta2 * v[i] + k.one_minus_beta2 * (gi * gi);
-        m[i] = mi;
-        v[i] = vi;
-        let denom = vi.sqrt() * k.inv_bias_correction2_sqrt + ADAM_EPS;
-        p[i] -= k.step_size * (mi / denom);
-    }
-}
-
-multiversion! {
-    pub(super) fn affine_leaky(z: &mut [f32], width: usize, scale: &[f32], shift: &[f32], slope: f32) = affine_leaky_body;
-}
-
-/// Evaluation-mode BatchNorm and LeakyReLU in place: `fma(z, scale, shift)`.
-#[inline(always)]
-fn affine_leaky_body(z: &mut [f32], width: usize, scale: &[f32], shift: &[f32], slope: f32) {
-    for row in z.chunks_exact_mut(width) {
-        for j in 0..width {
-            let y = row[j].mul_add(scale[j], shift[j]);
-            row[j] = if y > 0.0 { y } else { y * slope };
+    /// One pass of Adam over every parameter: `g = clip * g + wd * p`, then PyTorch's update
+    /// `p -= step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps)` (the inner division as a
+    /// multiplication by the reciprocal).
+    fn adam_pass(k: &AdamConsts, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        for i in 0..p.len() {
+            let gi = g[i] * k.scale + k.weight_decay * p[i];
+            let mi = k.beta1 * m[i] + k.one_minus_beta1 * gi;
+            let vi = k.beta2 * v[i] + k.one_minus_beta2 * (gi * gi);
+            m[i] = mi;
+            v[i] = vi;
+            let denom = vi.sqrt() * k.inv_bias_correction2_sqrt + ADAM_EPS;
+            p[i] -= k.step_size * (mi / denom);
         }
     }
 }
 
 multiversion! {
-    pub(super) fn mask_from_draws(draws: &[u16], threshold: u16, keep: f32, mask: &mut [f32]) = mask_body;
+    /// Evaluation-mode BatchNorm and LeakyReLU in place: `fma(z, scale, shift)`.
+    pub(super) fn affine_leaky(z: &mut [f32], width: usize, scale: &[f32], shift: &[f32], slope: f32) {
+        for row in z.chunks_exact_mut(width) {
+            for j in 0..width {
+                let y = row[j].mul_add(scale[j], shift[j]);
+                row[j] = if y > 0.0 { y } else { y * slope };
+            }
+        }
+    }
 }
 
-/// A unit is kept (scaled by `keep`) when its draw is at least `threshold`.
-#[inline(always)]
-fn mask_body(draws: &[u16], threshold: u16, keep: f32, mask: &mut [f32]) {
-    for (m, d) in mask.iter_mut().zip(draws) {
-        *m = if *d >= threshold { keep } else { 0.0 };
+multiversion! {
+    /// A unit is kept (scaled by `keep`) when its draw is at least `threshold`.
+    pub(super) fn mask_from_draws(draws: &[u16], threshold: u16, keep: f32, mask: &mut [f32]) {
+        for (m, d) in mask.iter_mut().zip(draws) {
+            *m = if *d >= threshold { keep } else { 0.0 };
+        }
     }
 }
