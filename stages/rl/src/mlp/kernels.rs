@@ -113,9 +113,14 @@ pub fn gemm(
             // SAFETY: `here` says the CPU has AVX-512F and FMA; bounds checked above.
             #[allow(unsafe_code)]
             unsafe {
-                // 8 rows x 32 columns: 16 zmm accumulators (measured against 4x64, 12x32,
-                // 16x16).
-                avx512::run::<8, 32>(&p, rows, c)
+                // 8 rows x 32 columns: 16 zmm accumulators (measured against 4x64, 6x64,
+                // 12x32, 8x48, 6x32, 4x32, 16x16). One or two rows (the agent's action, a
+                // block's edge) take 128 columns, for 8 or 16 independent chains.
+                if rows < 4 {
+                    avx512::run::<2, 128>(&p, rows, c)
+                } else {
+                    avx512::run::<8, 32>(&p, rows, c)
+                }
             }
         }
         #[cfg(target_arch = "x86_64")]
@@ -123,8 +128,13 @@ pub fn gemm(
             // SAFETY: `here` says the CPU has AVX2 and FMA; bounds checked above.
             #[allow(unsafe_code)]
             unsafe {
-                // 6 rows x 16 columns: 12 of the 16 ymm registers hold accumulators.
-                avx2::run::<6, 16>(&p, rows, c)
+                // 6 rows x 16 columns: 12 of the 16 ymm registers hold accumulators; one or
+                // two rows take 48 columns.
+                if rows < 3 {
+                    avx2::run::<2, 48>(&p, rows, c)
+                } else {
+                    avx2::run::<6, 16>(&p, rows, c)
+                }
             }
         }
         _ => generic::run::<4, 8>(&p, rows, c),
@@ -383,10 +393,13 @@ mod tests {
 
     #[test]
     fn every_level_equals_the_scalar_definition_bit_for_bit() {
-        // Row and column counts around every tile edge (8/6/4 rows; 32/16/8/4/1 columns),
+        // Row and column counts around every tile edge (8/6/4/2 rows; 128/48/32/16/8/4/1
+        // columns),
         // plain and transposed left operands, with and without init.
         let shapes = [
             (1, 117, 512),
+            (2, 40, 300),
+            (3, 9, 130),
             (64, 117, 512),
             (13, 29, 61),
             (7, 512, 2),
