@@ -283,70 +283,35 @@ fn tile_body<const R: usize, const W: usize>(
     }
 }
 
-/// `dst[j * rows + i] = src[i * cols + j]`: a `rows x cols` matrix transposed, in 8 x 8
-/// blocks (the edges element by element). Data movement only, so every level gives the same
-/// result; compiled per level so that the blocks become vector shuffles.
-pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
-    match Level::detect() {
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => {
-            // SAFETY: `detect` found AVX-512F and FMA.
-            #[allow(unsafe_code)]
-            unsafe {
-                transpose_avx512(src, rows, cols, dst)
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => {
-            // SAFETY: `detect` found AVX2 and FMA.
-            #[allow(unsafe_code)]
-            unsafe {
-                transpose_avx2(src, rows, cols, dst)
-            }
-        }
-        _ => transpose_body(src, rows, cols, dst),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn transpose_avx512(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    transpose_body(src, rows, cols, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn transpose_avx2(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    transpose_body(src, rows, cols, dst)
-}
-
-// `j` indexes a column of `block` and a row of `dst` at once.
-#[allow(clippy::needless_range_loop)]
-#[inline(always)]
-fn transpose_body(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
-    const B: usize = 8;
-    let (full_r, full_c) = (rows / B * B, cols / B * B);
-    for i0 in (0..full_r).step_by(B) {
-        for j0 in (0..full_c).step_by(B) {
-            let mut block = [[0f32; B]; B];
-            for (i, row) in block.iter_mut().enumerate() {
-                let at = (i0 + i) * cols + j0;
-                row.copy_from_slice(&src[at..at + B]);
-            }
-            for j in 0..B {
-                let at = (j0 + j) * rows + i0;
-                let out: &mut [f32; B] = (&mut dst[at..at + B]).try_into().expect("B values");
-                for (i, o) in out.iter_mut().enumerate() {
-                    *o = block[i][j];
+multiversion! {
+    /// `dst[j * rows + i] = src[i * cols + j]`: a `rows x cols` matrix transposed, in 8 x 8
+    /// blocks (the edges element by element). Data movement only, so every level gives the
+    /// same result; compiled per level so that the blocks become vector shuffles.
+    pub fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+        const B: usize = 8;
+        assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+        let (full_r, full_c) = (rows / B * B, cols / B * B);
+        for i0 in (0..full_r).step_by(B) {
+            for j0 in (0..full_c).step_by(B) {
+                let mut block = [[0f32; B]; B];
+                for (i, row) in block.iter_mut().enumerate() {
+                    let at = (i0 + i) * cols + j0;
+                    row.copy_from_slice(&src[at..at + B]);
+                }
+                for j in 0..B {
+                    let at = (j0 + j) * rows + i0;
+                    let out: &mut [f32; B] = (&mut dst[at..at + B]).try_into().expect("B values");
+                    for (o, row) in out.iter_mut().zip(&block) {
+                        *o = row[j];
+                    }
                 }
             }
         }
-    }
-    for i in 0..rows {
-        let from = if i < full_r { full_c } else { 0 };
-        for j in from..cols {
-            dst[j * rows + i] = src[i * cols + j];
+        for i in 0..rows {
+            let from = if i < full_r { full_c } else { 0 };
+            for j in from..cols {
+                dst[j * rows + i] = src[i * cols + j];
+            }
         }
     }
 }
@@ -471,10 +436,12 @@ mod tests {
         for (rows, cols) in [(6, 35), (32, 512), (17, 9), (8, 8), (1, 3)] {
             let src: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
             let mut dst = vec![-1f32; src.len()];
-            transpose(&src, rows, cols, &mut dst);
-            for i in 0..rows {
-                for j in 0..cols {
-                    assert_eq!(dst[j * rows + i], src[i * cols + j], "{rows}x{cols}");
+            for level in Level::all_here() {
+                transpose(level, &src, rows, cols, &mut dst);
+                for i in 0..rows {
+                    for j in 0..cols {
+                        assert_eq!(dst[j * rows + i], src[i * cols + j], "{rows}x{cols}");
+                    }
                 }
             }
         }

@@ -144,7 +144,7 @@ impl Mlp {
         };
         let transposed = |w: Vec<f32>, rows: usize, cols: usize| {
             let mut t = vec![0f32; w.len()];
-            kernels::transpose(&w, rows, cols, &mut t);
+            kernels::transpose(level, &w, rows, cols, &mut t);
             t
         };
         let mut hidden = Vec::with_capacity(cfg.hidden_layers);
@@ -322,7 +322,7 @@ impl Mlp {
         let untransposed = |s: Span, fan_in: usize| {
             let outs = s.len / fan_in;
             let mut w = vec![0f32; s.len];
-            kernels::transpose(s.of(p), fan_in, outs, &mut w);
+            kernels::transpose(self.level, s.of(p), fan_in, outs, &mut w);
             w
         };
         let mut vars = Vec::new();

@@ -205,7 +205,7 @@ impl Mlp {
         // The clipping norm, a layer at a time while its gradient is still in cache.
         let out_span = self.out_wt.at..self.out_bias.at + self.out_bias.len;
         let mut sq = f64::from(squared_norm(self.level, &grad[out_span]));
-        transpose(&ws.dq, n, ACTIONS, &mut ws.dq_t);
+        transpose(self.level, &ws.dq, n, ACTIONS, &mut ws.dq_t);
         gemm(
             self.level,
             w,
@@ -220,7 +220,7 @@ impl Mlp {
             None,
             &mut ws.dx_t,
         );
-        transpose(&ws.dx_t, w, n, &mut ws.dh);
+        transpose(self.level, &ws.dx_t, w, n, &mut ws.dh);
         for l in (0..layers).rev() {
             let h = self.hidden[l];
             let mask = masks.get(l).map(|m| &m[..n * w]);
@@ -266,7 +266,7 @@ impl Mlp {
                 &grad[h.wt.at..h.beta.at + h.beta.len],
             ));
             if l > 0 {
-                transpose(&ws.dz, n, w, &mut ws.dz_t);
+                transpose(self.level, &ws.dz, n, w, &mut ws.dz_t);
                 gemm(
                     self.level,
                     h.fan_in,
@@ -281,7 +281,7 @@ impl Mlp {
                     None,
                     &mut ws.dx_t,
                 );
-                transpose(&ws.dx_t, h.fan_in, n, &mut ws.dh);
+                transpose(self.level, &ws.dx_t, h.fan_in, n, &mut ws.dh);
             }
         }
         ws.squared_norm = sq;
