@@ -100,9 +100,7 @@ struct CpuNets {
     target: Mlp,
     adam: Adam,
     ws: Workspace,
-    /// The feature matrix, `[rows, width]`.
-    features: Vec<f32>,
-    width: usize,
+    features: FeatureMatrix,
     /// As [`TorchNets::target_q`], `[2 rows * ACTIONS]`.
     target_q: Option<Vec<f32>>,
     /// Dropout of one step: the states' layers, then the next states' (two forward passes'
@@ -187,8 +185,7 @@ impl Agent {
                     target,
                     adam,
                     ws,
-                    features: features.data.clone(),
-                    width: features.width,
+                    features: features.clone(),
                     target_q: None,
                     masks,
                     draws: Vec::new(),
@@ -319,18 +316,14 @@ impl Agent {
 impl CpuNets {
     /// Observations `[n, inputs]`: feature row `ts[i]` and position `pos[i]`.
     fn observations(&self, ts: &[i64], pos: &[f32]) -> Vec<f32> {
-        let mut x = Vec::with_capacity(ts.len() * (self.width + 1));
-        for (&t, &p) in ts.iter().zip(pos) {
-            let t = t as usize;
-            x.extend_from_slice(&self.features[t * self.width..(t + 1) * self.width]);
-            x.push(p);
-        }
+        let mut x = vec![0f32; ts.len() * (self.features.width + 1)];
+        self.features.observations_into(ts, pos, &mut x);
         x
     }
 
     /// The target network's Q-values of every (day, next position), `[2 rows * ACTIONS]`.
     fn target_table(&self) -> Vec<f32> {
-        let rows = self.features.len() / self.width;
+        let rows = self.features.rows;
         let ts: Vec<i64> = (0..rows as i64).flat_map(|t| [t, t]).collect();
         let pos: Vec<f32> = (0..rows).flat_map(|_| [-1.0, 1.0]).collect();
         let x = self.observations(&ts, &pos);
@@ -344,12 +337,13 @@ impl CpuNets {
             .fill_dropout_masks(rng, &mut self.draws, &mut self.masks);
         let masks = &self.masks;
         let next_ts: Vec<i64> = s.ts.iter().map(|t| t + 1).collect();
-        let x = [
-            self.observations(&s.ts, &s.pos),
-            self.observations(&next_ts, &s.next_pos),
-        ]
-        .concat();
-        self.ws.inputs_mut().copy_from_slice(&x);
+        let (states, next_states) = self
+            .ws
+            .inputs_mut()
+            .split_at_mut(n * (self.features.width + 1));
+        self.features.observations_into(&s.ts, &s.pos, states);
+        self.features
+            .observations_into(&next_ts, &s.next_pos, next_states);
         self.policy.forward_train(&mut self.ws, masks);
         // Double DQN: the policy network (training mode, as the reference) picks the next
         // action, the target network values it.

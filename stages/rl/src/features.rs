@@ -172,9 +172,18 @@ impl FeatureMatrix {
 
     /// The full observation of day `t` with the agent's current position.
     pub fn observation(&self, t: usize, position: f32) -> Vec<f32> {
-        let mut v = self.row(t).to_vec();
-        v.push(position);
+        let mut v = vec![0f32; self.width + 1];
+        self.observations_into(&[t as i64], &[position], &mut v);
         v
+    }
+
+    /// Observations of days `ts` with positions `pos`, row after row into `out`
+    /// (`[ts.len(), width + 1]`).
+    pub fn observations_into(&self, ts: &[i64], pos: &[f32], out: &mut [f32]) {
+        for ((&t, &p), row) in ts.iter().zip(pos).zip(out.chunks_exact_mut(self.width + 1)) {
+            row[..self.width].copy_from_slice(self.row(t as usize));
+            row[self.width] = p;
+        }
     }
 }
 

@@ -189,15 +189,6 @@ impl Mlp {
         }
     }
 
-    pub fn inputs(&self) -> usize {
-        self.inputs
-    }
-
-    /// Number of trainable values.
-    pub fn parameter_count(&self) -> usize {
-        self.params.len()
-    }
-
     /// Copies every parameter and running statistic of `other` (the target-network update).
     pub fn copy_from(&mut self, other: &Mlp) {
         self.params.copy_from_slice(&other.params);
