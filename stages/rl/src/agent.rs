@@ -232,7 +232,7 @@ impl Agent {
     pub fn q_values(&self, ts: &[i64], pos: &[f32]) -> Vec<[f32; 2]> {
         let flat = match &self.nets {
             Nets::Cpu(c) => c.policy.q_values(&c.observations(ts, pos), ts.len()),
-            Nets::Torch(t) => t.q_values(&t.policy, ts, pos),
+            Nets::Torch(t) => t.q_values(ts, pos),
         };
         flat.chunks_exact(2).map(|c| [c[0], c[1]]).collect()
     }
@@ -394,8 +394,12 @@ impl TorchNets {
         Tensor::cat(&[self.features.index_select(0, &idx), p], 1)
     }
 
-    fn q_values(&self, net: &QNet, ts: &[i64], pos: &[f32]) -> Vec<f32> {
-        let q = tch::no_grad(|| net.forward(&self.observations(ts, pos), false, None));
+    /// The policy network's Q-values in evaluation mode, `[n * 2]`.
+    fn q_values(&self, ts: &[i64], pos: &[f32]) -> Vec<f32> {
+        let q = tch::no_grad(|| {
+            self.policy
+                .forward(&self.observations(ts, pos), false, None)
+        });
         let q = q.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
         let mut flat = vec![0f32; ts.len() * 2];
         q.view([-1]).copy_data(&mut flat, ts.len() * 2);

@@ -100,6 +100,11 @@ impl Workspace {
     pub fn first_q(&self) -> &[f32] {
         &self.q[..self.batch * ACTIONS]
     }
+
+    /// `dL/dQ` of the first batch, `[batch, ACTIONS]`, for [`Mlp::backward`].
+    pub fn dq_mut(&mut self) -> &mut [f32] {
+        &mut self.dq
+    }
 }
 
 impl Mlp {
@@ -315,13 +320,6 @@ impl Mlp {
             &mut adam.exp_avg_sq,
         );
         norm
-    }
-}
-
-impl Workspace {
-    /// `dL/dQ` of the first batch, `[batch, ACTIONS]`, for [`Mlp::backward`].
-    pub fn dq_mut(&mut self) -> &mut [f32] {
-        &mut self.dq
     }
 }
 
