@@ -20,10 +20,14 @@ pub struct ColumnDiff {
     pub rows: usize,
     /// First differing row.
     pub first_row: Option<usize>,
-    /// Numeric columns: the largest |stored - recomputed| and its row.
+    /// Numeric columns (and lists of numbers, element by element): the largest
+    /// |stored - recomputed| and its row.
     pub largest_abs_diff: Option<f64>,
     pub largest_at_row: Option<usize>,
-    /// The two values at `largest_at_row` (or `first_row`), as text.
+    /// Lists of numbers: the element of `largest_at_row` where that difference is.
+    pub largest_at_element: Option<usize>,
+    /// The two values at `largest_at_row` (or `first_row`), as text: that element of a list;
+    /// long values cut to [`SHOWN_CHARS`] characters.
     pub stored: Option<String>,
     pub recomputed: Option<String>,
 }
@@ -41,9 +45,12 @@ impl ColumnDiff {
             "{}: {} of {} rows differ",
             self.column, self.rows_differing, self.rows
         );
+        let element = self
+            .largest_at_element
+            .map_or(String::new(), |e| format!(" element {e}"));
         match (self.largest_abs_diff, self.largest_at_row) {
             (Some(d), Some(r)) => s.push_str(&format!(
-                ", largest |diff| {d:.3e} at row {r} (stored {}, recomputed {})",
+                ", largest |diff| {d:.3e} at row {r}{element} (stored {}, recomputed {})",
                 self.stored.as_deref().unwrap_or("null"),
                 self.recomputed.as_deref().unwrap_or("null")
             )),
@@ -102,12 +109,59 @@ fn as_f64(a: &ArrayRef) -> Option<Float64Array> {
     c.as_any().downcast_ref::<Float64Array>().cloned()
 }
 
+/// Values shown in a difference are cut to this many characters (a row's summary or a
+/// 384-number embedding would bury the verdict).
+pub const SHOWN_CHARS: usize = 80;
+
 fn text(a: &ArrayRef, row: usize) -> Option<String> {
     if a.is_null(row) {
         return None;
     }
     let f = ArrayFormatter::try_new(a.as_ref(), &FormatOptions::default()).ok()?;
-    Some(f.value(row).to_string())
+    let full = f.value(row).to_string();
+    let chars = full.chars().count();
+    Some(if chars > SHOWN_CHARS {
+        let head: String = full.chars().take(SHOWN_CHARS).collect();
+        format!("{head}... ({chars} chars)")
+    } else {
+        full
+    })
+}
+
+/// A row of a list-of-numbers column (List, LargeList, FixedSizeList) as f64, or None for
+/// another type or a null row.
+fn list_row(a: &ArrayRef, row: usize) -> Option<Float64Array> {
+    use arrow::array::AsArray;
+    if a.is_null(row) {
+        return None;
+    }
+    let values = match a.data_type() {
+        DataType::List(f) if is_numeric(f.data_type()) => a.as_list::<i32>().value(row),
+        DataType::LargeList(f) if is_numeric(f.data_type()) => a.as_list::<i64>().value(row),
+        DataType::FixedSizeList(f, _) if is_numeric(f.data_type()) => {
+            a.as_fixed_size_list().value(row)
+        }
+        _ => return None,
+    };
+    as_f64(&values)
+}
+
+fn is_numeric_list(t: &DataType) -> bool {
+    match t {
+        DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, _) => {
+            is_numeric(f.data_type())
+        }
+        _ => false,
+    }
+}
+
+fn same_bits(x: f64, y: f64) -> bool {
+    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())
+}
+
+fn abs_diff(x: f64, y: f64) -> f64 {
+    let d = (x - y).abs();
+    if d.is_nan() { f64::INFINITY } else { d }
 }
 
 /// Compares one column (same type, same length).
@@ -120,10 +174,15 @@ pub fn diff_column(name: &str, stored: &ArrayRef, recomputed: &ArrayRef) -> Colu
         first_row: None,
         largest_abs_diff: None,
         largest_at_row: None,
+        largest_at_element: None,
         stored: None,
         recomputed: None,
     };
     if stored.to_data() == recomputed.to_data() {
+        return d;
+    }
+    if is_numeric_list(stored.data_type()) {
+        diff_lists(&mut d, stored, recomputed);
         return d;
     }
     let numeric = is_numeric(stored.data_type())
@@ -133,13 +192,10 @@ pub fn diff_column(name: &str, stored: &ArrayRef, recomputed: &ArrayRef) -> Colu
         let differs = match &numeric {
             Some((a, b)) => match (a.is_null(row), b.is_null(row)) {
                 (true, true) => false,
-                (false, false) => {
-                    let (x, y) = (a.value(row), b.value(row));
-                    x.to_bits() != y.to_bits() && !(x.is_nan() && y.is_nan())
-                }
+                (false, false) => !same_bits(a.value(row), b.value(row)),
                 _ => true,
             },
-            None => text(stored, row) != text(recomputed, row),
+            None => !same_row(stored, recomputed, row),
         };
         if !differs {
             continue;
@@ -150,8 +206,7 @@ pub fn diff_column(name: &str, stored: &ArrayRef, recomputed: &ArrayRef) -> Colu
             && !a.is_null(row)
             && !b.is_null(row)
         {
-            let diff = (a.value(row) - b.value(row)).abs();
-            let diff = if diff.is_nan() { f64::INFINITY } else { diff };
+            let diff = abs_diff(a.value(row), b.value(row));
             if d.largest_abs_diff.is_none_or(|m| diff > m) {
                 d.largest_abs_diff = Some(diff);
                 d.largest_at_row = Some(row);
@@ -163,6 +218,64 @@ pub fn diff_column(name: &str, stored: &ArrayRef, recomputed: &ArrayRef) -> Colu
         d.recomputed = text(recomputed, row);
     }
     d
+}
+
+/// Whether one row holds the same value in both arrays (by their data, not their text,
+/// which is cut).
+fn same_row(a: &ArrayRef, b: &ArrayRef, row: usize) -> bool {
+    a.slice(row, 1).to_data() == b.slice(row, 1).to_data()
+}
+
+/// Lists of numbers, element by element: a row differs when its length or any element's bits
+/// do; the largest difference names its row and element.
+fn diff_lists(d: &mut ColumnDiff, stored: &ArrayRef, recomputed: &ArrayRef) {
+    let mut shown: Option<(String, String)> = None;
+    for row in 0..d.rows {
+        let differs = match (list_row(stored, row), list_row(recomputed, row)) {
+            (None, None) => stored.is_null(row) != recomputed.is_null(row),
+            (Some(a), Some(b)) if a.len() == b.len() => {
+                let mut differs = false;
+                for e in 0..a.len() {
+                    let (x, y) = (
+                        a.is_valid(e).then(|| a.value(e)),
+                        b.is_valid(e).then(|| b.value(e)),
+                    );
+                    match (x, y) {
+                        (Some(x), Some(y)) if !same_bits(x, y) => {
+                            differs = true;
+                            let diff = abs_diff(x, y);
+                            if d.largest_abs_diff.is_none_or(|m| diff > m) {
+                                d.largest_abs_diff = Some(diff);
+                                d.largest_at_row = Some(row);
+                                d.largest_at_element = Some(e);
+                                shown = Some((x.to_string(), y.to_string()));
+                            }
+                        }
+                        (Some(_), None) | (None, Some(_)) => differs = true,
+                        _ => {}
+                    }
+                }
+                differs
+            }
+            _ => true,
+        };
+        if differs {
+            d.rows_differing += 1;
+            d.first_row.get_or_insert(row);
+        }
+    }
+    match shown {
+        Some((x, y)) => {
+            d.stored = Some(x);
+            d.recomputed = Some(y);
+        }
+        None => {
+            if let Some(row) = d.first_row {
+                d.stored = text(stored, row);
+                d.recomputed = text(recomputed, row);
+            }
+        }
+    }
 }
 
 /// Compares two Parquet files: bytes, then schema, rows and every column.
@@ -294,6 +407,61 @@ mod tests {
             eq.describe()
                 .starts_with("equity: 3 of 4 rows differ, largest |diff| 5.000e-1 at row 1")
         );
+    }
+
+    /// Regression: an embedding column printed both 384-number vectors in full, and a long
+    /// text column its whole value; now the element with the largest difference is named and
+    /// long values are cut.
+    #[test]
+    fn lists_of_numbers_are_compared_element_by_element_and_long_values_cut() {
+        use arrow::array::{FixedSizeListBuilder, Float32Builder, ListBuilder};
+        let fixed = |rows: &[[f32; 3]]| -> ArrayRef {
+            let mut b = FixedSizeListBuilder::new(Float32Builder::new(), 3);
+            for r in rows {
+                b.values().append_slice(r);
+                b.append(true);
+            }
+            Arc::new(b.finish())
+        };
+        let a = fixed(&[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]);
+        let b = fixed(&[[1.0, 2.0, 3.0], [4.0, 5.25, 6.0], [7.0, 8.0, 9.5]]);
+        let d = diff_column("embedding", &a, &b);
+        assert_eq!((d.rows_differing, d.first_row), (2, Some(1)));
+        assert_eq!(d.largest_abs_diff, Some(0.5));
+        assert_eq!((d.largest_at_row, d.largest_at_element), (Some(2), Some(2)));
+        assert_eq!(
+            d.describe(),
+            "embedding: 2 of 3 rows differ, largest |diff| 5.000e-1 at row 2 element 2 \
+             (stored 9, recomputed 9.5)"
+        );
+        assert!(diff_column("embedding", &a, &a.clone()).identical());
+
+        // Variable lists: another length differs without a numeric difference.
+        let list = |rows: &[&[f32]]| -> ArrayRef {
+            let mut b = ListBuilder::new(Float32Builder::new());
+            for r in rows {
+                b.values().append_slice(r);
+                b.append(true);
+            }
+            Arc::new(b.finish())
+        };
+        let d = diff_column("v", &list(&[&[1.0], &[2.0, 3.0]]), &list(&[&[1.0], &[2.0]]));
+        assert_eq!(
+            (d.rows_differing, d.first_row, d.largest_abs_diff),
+            (1, Some(1), None)
+        );
+
+        let long = "x".repeat(200);
+        let a: ArrayRef = Arc::new(StringArray::from(vec![format!("{long}a")]));
+        let b: ArrayRef = Arc::new(StringArray::from(vec![format!("{long}b")]));
+        let d = diff_column("summary", &a, &b);
+        assert_eq!(
+            d.rows_differing, 1,
+            "a difference past the cut is still one"
+        );
+        let shown = d.stored.unwrap();
+        assert!(shown.ends_with("... (201 chars)"), "{shown}");
+        assert_eq!(shown.chars().count(), SHOWN_CHARS + "... (201 chars)".len());
     }
 
     #[test]
