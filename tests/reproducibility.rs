@@ -1,6 +1,7 @@
-//! The reproducibility contract through the real binary, on real TDQN data: a kernel-path
-//! stage (ddqn) is keyed by ATen's CPU dispatch level, portable stages are not and give the
-//! same bytes under every level, every manifest records the compute environment, and
+//! The reproducibility contract through the real binary, on real data: a kernel-path stage
+//! (the libtorch news embedding) is keyed by ATen's CPU dispatch level, portable stages
+//! (ingest, indicators, baselines, ddqn on the CPU, metrics) are not and give the same bytes
+//! under every level, every manifest records the compute environment, and
 //! `flag verify --recompute` tells identical from different outputs, naming the columns.
 //! ATen reads ATEN_CPU_CAPABILITY once at start-up, so each level is its own `flag` process.
 mod common;
@@ -47,7 +48,7 @@ stages:
       episodes: 1
       seed: 3
       device: cpu
-      train_start: "2017-01-01"
+      train_start: "2017-07-01"
       train_end: "2017-12-31"
       test_start: "2018-01-01"
       test_end: "2018-03-31"
@@ -56,11 +57,44 @@ stages:
     inputs:
       equity: [baselines.equity, ddqn.equity]
       trades: [baselines.trades, ddqn.trades]
+  fa_bars:
+    uses: ingest_ohlcv
+    params:
+      source: ${data_dir}/stocks-2020-2023
+      format: yfinance
+      tickers: [MSFT]
+  fa_news:
+    uses: ingest_news
+    inputs:
+      bars: fa_bars.bars
+    params:
+      source: ${data_dir}/news/stocknewsapi
+      format: stocknewsapi
+      tickers: [MSFT]
+  fa_items:
+    uses: news_embed
+    inputs:
+      news: fa_news.news
+    params:
+      start: "2023-06-01"
+      end: "2023-06-07"
 "#;
 
 /// glibc tunable that hides AVX2, FMA and AVX-512 from glibc's ifunc selection (not from
 /// libtorch or MKL, which run cpuid themselves).
 const NO_FMA: &str = "glibc.cpu.hwcaps=-AVX2,-FMA,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ";
+
+/// Every stage of [`PIPELINE`].
+const ALL: [&str; 8] = [
+    "ohlcv",
+    "indicators",
+    "baselines",
+    "ddqn",
+    "metrics",
+    "fa_bars",
+    "fa_news",
+    "fa_items",
+];
 
 fn project() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
@@ -135,39 +169,47 @@ fn kernel_path_stages_are_keyed_by_cpu_dispatch_and_portable_ones_are_not() {
     assert_eq!(first, "default");
     let (_tmp, root, store) = project();
 
+    // Under `default` the ddqn network runs its plain build (ATEN_CPU_CAPABILITY caps its
+    // kernels as it caps libtorch's), the news embedding libtorch's plain kernels.
     let run1 =
         run_ok(at_level(&root, &store, first).args(["run", "pipelines/repro.yaml", "--json"]));
     let recs1 = records(&run1);
-    for s in ["ohlcv", "indicators", "baselines", "ddqn", "metrics"] {
+    for s in ALL {
         assert_eq!(recs1[s]["status"], "ran", "{s}");
     }
-    // Every manifest records the machine and kernel path; only ddqn's key holds it.
+    // Every manifest records the machine and kernel path; only the kernel-path stage's key
+    // (the libtorch news embedding) holds it. ddqn on the CPU is portable: plain Rust.
     let key = |r: &Value| r["key"].as_str().unwrap().to_string();
-    let ddqn1 = manifest(&store, &key(&recs1["ddqn"]));
-    let base1 = manifest(&store, &key(&recs1["baselines"]));
-    assert_eq!(ddqn1["compute"]["cpu_capability"], first);
-    assert_eq!(ddqn1["compute"]["numerics"], "kernel-path");
-    assert_eq!(ddqn1["parts"]["env"]["cpu_capability"], first);
+    let embed1 = manifest(&store, &key(&recs1["fa_items"]));
+    assert_eq!(embed1["compute"]["cpu_capability"], first);
+    assert_eq!(embed1["compute"]["numerics"], "kernel-path");
+    assert_eq!(embed1["parts"]["env"]["cpu_capability"], first);
     assert!(
-        ddqn1["parts"]["env"]["libtorch"]
+        embed1["parts"]["env"]["libtorch"]
             .as_str()
             .unwrap()
             .starts_with("2.11.0")
     );
     assert!(
-        ddqn1["parts"]["env"]["blas"]
+        embed1["parts"]["env"]["blas"]
             .as_str()
             .unwrap()
             .starts_with("mkl")
     );
-    assert_eq!(base1["compute"]["cpu_capability"], first);
-    assert_eq!(base1["compute"]["numerics"], "portable");
-    assert!(base1["parts"]["env"].get("cpu_capability").is_none());
+    for s in ["baselines", "ddqn"] {
+        let m = manifest(&store, &key(&recs1[s]));
+        assert_eq!(m["compute"]["cpu_capability"], first, "{s}");
+        assert_eq!(m["compute"]["numerics"], "portable", "{s}");
+        assert!(m["parts"]["env"].get("cpu_capability").is_none(), "{s}");
+    }
+    let ddqn1 = manifest(&store, &key(&recs1["ddqn"]));
+    assert_eq!(ddqn1["parts"]["env"]["device"], "cpu");
 
     // Portable stages give the same bytes when glibc's libm runs its SSE2 code instead of the
     // FMA/AVX2 variants it picks at load time (exp, log, pow...): recomputed with those CPU
-    // features masked from glibc, every output is byte-identical.
-    for stage in ["indicators", "baselines", "metrics"] {
+    // features masked from glibc, every output is byte-identical. ddqn is recomputed here by
+    // its widest kernels (no ATEN_CPU_CAPABILITY), its stored run came from the plain ones.
+    for stage in ["indicators", "baselines", "ddqn", "metrics"] {
         let out = recompute_cmd(&root, &store, stage)
             .env("GLIBC_TUNABLES", NO_FMA)
             .output()
@@ -185,56 +227,46 @@ fn kernel_path_stages_are_keyed_by_cpu_dispatch_and_portable_ones_are_not() {
         eprintln!("this CPU runs only ATen's default level: nothing to compare across levels");
         return;
     }
-    // Same pipeline under the best level: portable stages hit the cache, ddqn reruns with a
-    // reason naming the dispatch level; metrics reruns only if ddqn's bytes changed.
+    // Same pipeline under the best level: portable stages (ddqn too) hit the cache, the news
+    // embedding reruns with a reason naming the dispatch level.
     let run2 =
         run_ok(at_level(&root, &store, last).args(["run", "pipelines/repro.yaml", "--json"]));
     let recs2 = records(&run2);
-    for s in ["ohlcv", "indicators", "baselines"] {
+    for s in ALL.into_iter().filter(|s| *s != "fa_items") {
         assert_eq!(recs2[s]["status"], "cached", "{s}: {:?}", recs2[s]);
     }
-    assert_eq!(recs2["ddqn"]["status"], "ran");
+    assert_eq!(recs2["fa_items"]["status"], "ran");
     assert_ne!(
-        key(&recs1["ddqn"]),
-        key(&recs2["ddqn"]),
+        key(&recs1["fa_items"]),
+        key(&recs2["fa_items"]),
         "two levels, two keys"
     );
-    let reason = recs2["ddqn"]["reason"].as_str().unwrap();
+    let reason = recs2["fa_items"]["reason"].as_str().unwrap();
     assert!(
         reason.contains(&format!("cpu_capability {first} -> {last}")),
         "{reason}"
     );
-    let hashes = |out: &Output| output_hashes(out)["ddqn"].clone();
-    let ddqn_bytes_same = hashes(&run1) == hashes(&run2);
-    assert_eq!(
-        recs2["metrics"]["status"] == "cached",
-        ddqn_bytes_same,
-        "metrics reruns exactly when ddqn's bytes changed: {:?}",
-        recs2["metrics"]
-    );
-    eprintln!(
-        "ddqn under {first} vs {last}: {}",
-        if ddqn_bytes_same {
-            "identical bytes"
-        } else {
-            "different bytes"
-        }
-    );
 
-    // A portable stage recomputed under another level: byte-identical.
+    // Portable stages recomputed under another level: byte-identical, and nothing in the
+    // kernel path counts as a change. ddqn under every level between (its AVX2 build).
     let (out, v) = recompute(&root, &store, first, "baselines");
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(identical_outputs(&v).iter().all(|(_, same)| *same), "{v}");
     assert!(v["environment_changes"].as_array().unwrap().is_empty());
+    for level in levels.iter().filter(|l| !["default", last].contains(l)) {
+        let (out, v) = recompute(&root, &store, level, "ddqn");
+        assert!(out.status.success(), "{level}: {v}");
+        assert!(identical_outputs(&v).iter().all(|(_, same)| *same), "{v}");
+    }
 
-    // ddqn recomputed on the stored run's own level: identical (same kernel path, same seed).
-    let (out, v) = recompute(&root, &store, last, "ddqn");
+    // The news embedding recomputed on the stored run's own level: identical.
+    let (out, v) = recompute(&root, &store, last, "fa_items");
     assert!(out.status.success(), "{v}");
     assert!(identical_outputs(&v).iter().all(|(_, same)| *same), "{v}");
 
-    // ddqn's stored run (level `last`) recomputed under `first`: that is the bytes of run 1,
-    // so the verdict must match the hashes the two runs committed.
-    let (out, v) = recompute(&root, &store, first, "ddqn");
+    // Its stored run (level `last`) recomputed under `first`: that is the bytes of run 1, so
+    // the verdict must match the hashes the two runs committed.
+    let (out, v) = recompute(&root, &store, first, "fa_items");
     let changes: Vec<&str> = v["environment_changes"]
         .as_array()
         .unwrap()
@@ -245,24 +277,40 @@ fn kernel_path_stages_are_keyed_by_cpu_dispatch_and_portable_ones_are_not() {
         changes.contains(&format!("cpu_capability {last} -> {first}").as_str()),
         "{changes:?}"
     );
-    let h1 = hashes(&run1);
-    let h2 = hashes(&run2);
+    let hashes = |out: &Output| output_hashes(out)["fa_items"].clone();
+    let (h1, h2) = (hashes(&run1), hashes(&run2));
+    let bytes_same = h1 == h2;
     for (output, same) in identical_outputs(&v) {
         assert_eq!(same, h1[&output] == h2[&output], "{output}: {v}");
     }
-    assert_eq!(out.status.success(), ddqn_bytes_same);
-    if !ddqn_bytes_same {
-        // The differing table names its columns, with the largest difference of a numeric one.
+    assert_eq!(out.status.success(), bytes_same);
+    eprintln!(
+        "news embedding under {first} vs {last}: {}",
+        if bytes_same {
+            "identical bytes"
+        } else {
+            "different bytes"
+        }
+    );
+    if !bytes_same {
+        // The differing table names its columns; the embedding (a list of numbers) its largest
+        // difference and where, without printing the vectors.
         let text = stdout(
-            &recompute_cmd(&root, &store, "ddqn")
+            &recompute_cmd(&root, &store, "fa_items")
                 .env("ATEN_CPU_CAPABILITY", first)
                 .output()
                 .unwrap(),
         );
         assert!(text.contains("NOT reproduced"), "{text}");
-        assert!(text.contains("equity: DIFFERENT"), "{text}");
-        assert!(text.contains("rows differ"), "{text}");
-        assert!(text.contains("largest |diff|"), "{text}");
+        assert!(text.contains("items: DIFFERENT"), "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("embedding:"))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains("rows differ"), "{line}");
+        assert!(line.contains("largest |diff|"), "{line}");
+        assert!(line.contains(" element "), "{line}");
+        assert!(line.len() < 300, "{line}");
     }
 }
 
@@ -348,13 +396,20 @@ fn stages_catalogue_says_which_kinds_are_portable() {
     ] {
         assert_eq!(numerics(k), "portable", "{k}");
     }
-    for k in ["ddqn", "strategist", "analyst"] {
+    for k in ["strategist", "analyst", "news_embed"] {
         assert_eq!(numerics(k), "kernel-path", "{k}");
     }
+    // ddqn's default device is `auto`: libtorch's network on a GPU, the Rust one otherwise.
+    let ddqn = if flag_core::numerics::cuda_present() {
+        "kernel-path"
+    } else {
+        "portable"
+    };
+    assert_eq!(numerics("ddqn"), ddqn);
     let text = stdout(&run_ok(
         flag(tmp.path(), tmp.path()).args(["stages", "ddqn"]),
     ));
-    assert!(text.contains("numerics: kernel-path"), "{text}");
+    assert!(text.contains(&format!("numerics: {ddqn}")), "{text}");
     assert!(text.contains("learning_rate"), "{text}");
     let out = flag(tmp.path(), tmp.path())
         .args(["stages", "ddqm"])

@@ -1,9 +1,11 @@
 //! The reproducibility contract: which stages give the same bytes on every machine, and which
 //! give bytes that depend on the float kernels that computed them.
 //!
-//! - [`Numerics::Portable`]: plain Rust arithmetic in a fixed order (IEEE 754 `f64`, no vendor
-//!   kernels, no reduction whose order depends on the thread count). Same key, same bytes on
-//!   any machine; the kernel path is recorded in the manifest but is not part of the key.
+//! - [`Numerics::Portable`]: plain Rust arithmetic in a fixed order (IEEE 754, no vendor
+//!   kernels, no reduction whose order depends on the thread count or the CPU; the CPU DDQN's
+//!   f32 products are one fused multiply-add chain per output whatever the tiling). Same key,
+//!   same bytes on any machine; the kernel path is recorded in the manifest but is not part
+//!   of the key.
 //! - [`Numerics::KernelPath`]: the stage computes through libtorch (and so MKL / oneDNN /
 //!   cuBLAS). Its bytes are identical for the same seed on the same *kernel path* and only
 //!   statistically equal across kernel paths. The kernel path ([`kernel_path`]: libtorch

@@ -500,12 +500,17 @@ impl Stage for Ddqn {
     }
 
     /// Each run trains on one thread whatever `threads` is, so the worker count does not change
-    /// the bytes. On CUDA the kernel path does. On the CPU the network is `crate::mlp`, whose
-    /// bytes are the same on every machine (pinned in `tests/ddqn.rs` at every kernel level);
-    /// the kind stays keyed by the kernel path all the same (conservative: a store moved to
-    /// another machine class reruns it and gets the same bytes).
-    fn numerics(&self, _params: &Params) -> flag_core::Numerics {
-        flag_core::Numerics::KernelPath
+    /// the bytes. On the CPU the network is `crate::mlp`: products, BatchNorm, clipping and
+    /// Adam in plain Rust in a fixed order (one fused multiply-add chain per output, whatever
+    /// the tiling), its own initial draws, no libtorch or BLAS call; its bytes are the same on
+    /// every machine (pinned in `tests/ddqn.rs` at every kernel level), so the stage is
+    /// portable there and a store moves between machine classes without rerunning it. On CUDA
+    /// the network is libtorch's and the kernel path (GPU model included) is keyed.
+    fn numerics(&self, params: &Params) -> flag_core::Numerics {
+        match DeviceChoice::parse(&device_param(params)) {
+            Some(DeviceChoice::Cpu) => flag_core::Numerics::Portable,
+            _ => flag_core::Numerics::KernelPath,
+        }
     }
 }
 

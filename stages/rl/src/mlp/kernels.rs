@@ -21,16 +21,21 @@ pub enum Level {
 }
 
 impl Level {
-    /// The best level this CPU runs.
+    /// The best level this CPU runs, within `ATEN_CPU_CAPABILITY` as libtorch reads it
+    /// (`avx2`: no AVX-512; `default`: the plain build), like the LLM kernels. The bytes do not
+    /// depend on it; the cap lets one machine run, check and time the narrower builds
+    /// (`ATEN_CPU_CAPABILITY=default flag verify --recompute ddqn`).
     pub fn detect() -> Level {
         static BEST: OnceLock<Level> = OnceLock::new();
         *BEST.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
-                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+                let cap = flag_core::numerics::cpu_capability();
+                let fma = is_x86_feature_detected!("fma");
+                if cap == "avx512" && is_x86_feature_detected!("avx512f") && fma {
                     return Level::Avx512;
                 }
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                if cap != "default" && is_x86_feature_detected!("avx2") && fma {
                     return Level::Avx2;
                 }
             }
