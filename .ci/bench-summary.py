@@ -72,7 +72,8 @@ indicators("indicators-10m.json", "10M rows")
 d, src = load("ddqn_vs_pytorch.json")
 if d:
     o, p = d["ddqn_stage"], d["pytorch_reference"]
-    add(f"DDQN (TDQN config, AAPL, 1 thread, {d.get('backend') or 'libtorch'}): episodes/s", "PyTorch, same work step for step",
+    rounds = f", median of {d['rounds']} alternate runs" if d.get("rounds", 1) > 1 else ""
+    add(f"DDQN (TDQN config, AAPL, 1 thread, {d.get('backend') or 'libtorch'}{rounds}): episodes/s", "PyTorch, same work step for step",
         f"{p['episodes_per_s']:.4f}", f"{o['episodes_per_s']:.4f}",
         f"{d['ratio_episodes_per_s']:.2f}x", f">= {d['goal_ratio']:.0f}x",
         d["ratio_episodes_per_s"] >= d["goal_ratio"], src)
