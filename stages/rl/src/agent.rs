@@ -313,6 +313,14 @@ impl Agent {
     }
 }
 
+/// The rows of a target table: every day `t` twice, short (-1) then long (1), so that row
+/// `2 t + (position is long)` holds day `t`.
+fn every_day_both_positions(days: usize) -> (Vec<i64>, Vec<f32>) {
+    let ts = (0..days as i64).flat_map(|t| [t, t]).collect();
+    let pos = (0..days).flat_map(|_| [-1.0, 1.0]).collect();
+    (ts, pos)
+}
+
 impl CpuNets {
     /// Observations `[n, inputs]`: feature row `ts[i]` and position `pos[i]`.
     fn observations(&self, ts: &[i64], pos: &[f32]) -> Vec<f32> {
@@ -323,9 +331,7 @@ impl CpuNets {
 
     /// The target network's Q-values of every (day, next position), `[2 rows * ACTIONS]`.
     fn target_table(&self) -> Vec<f32> {
-        let rows = self.features.rows;
-        let ts: Vec<i64> = (0..rows as i64).flat_map(|t| [t, t]).collect();
-        let pos: Vec<f32> = (0..rows).flat_map(|_| [-1.0, 1.0]).collect();
+        let (ts, pos) = every_day_both_positions(self.features.rows);
         let x = self.observations(&ts, &pos);
         self.target.q_values(&x, ts.len())
     }
@@ -408,9 +414,7 @@ impl TorchNets {
 
     fn target_table(&mut self) -> &Tensor {
         if self.target_q.is_none() {
-            let rows = self.features.size()[0];
-            let ts: Vec<i64> = (0..rows).flat_map(|t| [t, t]).collect();
-            let pos: Vec<f32> = (0..rows).flat_map(|_| [-1.0, 1.0]).collect();
+            let (ts, pos) = every_day_both_positions(self.features.size()[0] as usize);
             let parts: Vec<Tensor> = tch::no_grad(|| {
                 ts.chunks(4096)
                     .zip(pos.chunks(4096))

@@ -206,9 +206,11 @@ impl Mlp {
         );
         let mut q = vec![0f32; rows * ACTIONS];
         let (scale, shift) = self.eval_affine();
+        // The greedy action of every step is one row: no 128-row buffers for it.
+        let block_rows = rows.min(EVAL_BLOCK);
         let mut bufs = [
-            vec![0f32; EVAL_BLOCK * self.width],
-            vec![0f32; EVAL_BLOCK * self.width],
+            vec![0f32; block_rows * self.width],
+            vec![0f32; block_rows * self.width],
         ];
         for (block, q_block) in x
             .chunks(EVAL_BLOCK * self.inputs)
@@ -328,9 +330,9 @@ impl Mlp {
         vars
     }
 
-    /// Dropout masks for one training forward pass: `[layer][batch * width]`, kept units
-    /// scaled by `1 / (1 - p)`, drawn as [`crate::net::QNet`] draws them (one `fill` of u16s
-    /// per layer, see [`dropout_threshold`]). Empty when dropout is off.
+    /// [`Mlp::fill_dropout_masks`] into new masks, `[layer][batch * width]`; empty when
+    /// dropout is off (the tests' one-off passes).
+    #[cfg(test)]
     pub fn dropout_masks(&self, rng: &mut ChaCha8Rng, batch: usize) -> Vec<Vec<f32>> {
         if self.dropout <= 0.0 {
             return Vec::new();
@@ -341,8 +343,10 @@ impl Mlp {
         masks
     }
 
-    /// [`Mlp::dropout_masks`] into `masks` (one per layer, each `batch * width` long), with
-    /// `draws` as scratch: a gradient step allocates nothing.
+    /// Dropout masks for one training forward pass into `masks` (one per layer, each
+    /// `batch * width` long), kept units scaled by `1 / (1 - p)`, drawn as
+    /// [`crate::net::QNet`] draws them (one `fill` of u16s per layer, see
+    /// [`dropout_threshold`]), with `draws` as scratch: a gradient step allocates nothing.
     pub fn fill_dropout_masks(
         &self,
         rng: &mut ChaCha8Rng,
