@@ -53,6 +53,7 @@ macro_rules! multiversion {
 }
 
 pub mod kernels;
+mod keystream;
 mod step;
 
 pub use step::{Adam, Workspace};
@@ -357,7 +358,7 @@ impl Mlp {
         let threshold = dropout_threshold(self.dropout);
         for mask in masks.iter_mut() {
             draws.resize(mask.len(), 0);
-            rng.fill(&mut draws[..]);
+            keystream::fill_u16(self.level, rng, draws);
             step::mask_from_draws(self.level, draws, threshold, keep, mask);
         }
     }
