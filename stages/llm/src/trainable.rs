@@ -24,6 +24,9 @@ use crate::error::{LlmError, Result};
 use crate::generate::Engine;
 use crate::llama::{Block, LlamaModel, Weight, rms_norm};
 
+mod prefix;
+pub use prefix::FrozenPrefix;
+
 /// What a policy is built from: an already-loaded model (or engine) or a GGUF path.
 pub enum PolicyBase {
     Model(Box<LlamaModel>),

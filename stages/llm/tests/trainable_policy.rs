@@ -181,3 +181,89 @@ fn token_row_head_starts_at_the_models_own_logits() {
         .to_string();
     assert!(err.contains("distinct"), "{err}");
 }
+
+/// A prompt run after its head's cached keys and values (a PPO prompt's task text) gives the
+/// whole prompt's frozen output and heads up to rounding, for two prompts that share the
+/// head; the head's entry does not depend on which prompt built it.
+#[test]
+fn a_prompt_after_its_cached_head_matches_the_whole_prompt() {
+    flag_llm::generate::set_threads(2);
+    let path = flag_llm::models::smollm2_gguf(None).expect("SmolLM2 GGUF must be installed");
+    let engine = flag_llm::generate::Engine::load(&path, Device::Cpu).unwrap();
+    let head = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+                Hugging Face<|im_end|>\n<|im_start|>user\nYou are a trading agent that manages \
+                a portfolio of cash and shares of MSFT. Each trading day you take one action.\n\
+                Legible actions today: \"Buy\", \"Hold\".\n\nThe state as JSON.\n";
+    let prompts = [
+        "{\"closes\":[301.25,303.5,299.87],\"cash\":100000.0,\"shares\":0.0}",
+        "{\"closes\":[288.1,290.42,291.0,287.65],\"cash\":512.3,\"shares\":331.25}",
+    ]
+    .map(|state| {
+        let text = format!(
+            "{head}{state}\n\nAnswer with the action only.<|im_end|>\n<|im_start|>assistant\n\
+             {{\"Action\": \""
+        );
+        let ids: Vec<i64> = engine
+            .tokenizer()
+            .encode(&text, true)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        ids
+    });
+    let shared = prompts[0]
+        .iter()
+        .zip(&prompts[1])
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared > 60, "the prompts share {shared} tokens");
+    let words = [67u32, 41606, 35334];
+    let vs = nn::VarStore::new(Device::Cpu);
+    let shape = PolicyShape {
+        trainable_blocks: 2,
+        n_actions: 3,
+        value_hidden: 16,
+        head_init: HeadInit::TokenRows(words.to_vec()),
+        seed: 0,
+    };
+    let policy = TrainablePolicy::new(engine, &shape, &vs.root()).unwrap();
+    let prefix = policy.frozen_prefix(&prompts[1][..shared]).unwrap();
+    let again = policy.frozen_prefix(&prompts[0][..shared]).unwrap();
+    for ids in &prompts {
+        let n = ids.len() as i64;
+        let whole = policy
+            .frozen_forward(
+                &Tensor::from_slice(ids).view([1, n]),
+                &Tensor::ones([1, n], (Kind::Int64, Device::Cpu)),
+            )
+            .unwrap();
+        let after = policy
+            .frozen_forward_after(&prefix, &ids[shared..])
+            .unwrap();
+        assert_eq!(after.hidden.size(), whole.hidden.size());
+        assert_eq!(after.valid.sum(Kind::Int64).int64_value(&[]), n);
+        let diff = (&after.hidden - &whole.hidden)
+            .abs()
+            .max()
+            .double_value(&[]);
+        eprintln!("{n} tokens, {shared} cached: largest |diff| {diff:e}");
+        // Element by element: a few of SmolLM2's hidden values run to ~2.5e4.
+        assert!(
+            after.hidden.allclose(&whole.hidden, 1e-4, 1e-3, false),
+            "hidden states differ by up to {diff}"
+        );
+        let (lw, vw) = policy.head_forward(&whole).unwrap();
+        let (la, va) = policy.head_forward(&after).unwrap();
+        assert!(la.allclose(&lw, 1e-4, 1e-4, false), "{la} vs {lw}");
+        assert!(va.allclose(&vw, 1e-4, 1e-4, false), "{va} vs {vw}");
+        // The same head from another prompt: the same entry, bit for bit.
+        let other = policy.frozen_forward_after(&again, &ids[shared..]).unwrap();
+        assert!(other.hidden.equal(&after.hidden));
+    }
+    let err = policy
+        .frozen_forward_after(&prefix, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("after its cached head"), "{err}");
+}

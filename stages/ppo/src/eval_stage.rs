@@ -29,7 +29,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/ppo_eval-1"
+    "/ppo_eval-2"
 );
 
 pub struct PpoEval;

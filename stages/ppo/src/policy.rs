@@ -3,10 +3,11 @@
 //! (`{"Action": "`); the policy head reads the hidden state of its last token.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use flag_llm::generate::Engine;
 use flag_llm::tokenizer::{ChatMessage, LlmTokenizer};
-use flag_llm::trainable::{FrozenHidden, HeadInit, PolicyShape, TrainablePolicy};
+use flag_llm::trainable::{FrozenHidden, FrozenPrefix, HeadInit, PolicyShape, TrainablePolicy};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::env::ACTION_NAMES;
@@ -64,7 +65,15 @@ pub struct LlmPolicy {
     tok: LlmTokenizer,
     cfg: PolicyConfig,
     action_tokens: Vec<u32>,
+    /// Prompt heads' frozen passes, most recently used last (at most [`HEADS_KEPT`]).
+    heads: Mutex<Vec<FrozenPrefix>>,
 }
+
+/// Prompt heads kept: a run has one per ticker and set of legible actions (2 or 3); each
+/// holds ~10 MB of keys and values on the CPU.
+const HEADS_KEPT: usize = 4;
+/// A shorter shared head is run with its prompt.
+const MIN_HEAD_TOKENS: usize = 16;
 
 /// The first token of each action word as it follows `answer_prefix`.
 pub fn action_tokens(tok: &LlmTokenizer, answer_prefix: &str) -> Result<Vec<u32>, String> {
@@ -201,6 +210,7 @@ impl LlmPolicy {
             tok,
             cfg,
             action_tokens,
+            heads: Mutex::new(Vec::new()),
         })
     }
 
@@ -236,6 +246,71 @@ impl LlmPolicy {
             ));
         }
         Ok(ids.into_iter().map(i64::from).collect())
+    }
+
+    /// [`LlmPolicy::encode`] and how many leading tokens are the prompt's head
+    /// ([`PromptText::head`]): those the head's own tokens share with the whole prompt.
+    pub fn encode_with_head(&self, p: &PromptText) -> Result<(Vec<i64>, usize), String> {
+        let ids = self.encode(p)?;
+        if p.head == 0 || !p.user.is_char_boundary(p.head) {
+            return Ok((ids, 0));
+        }
+        let text = self
+            .tok
+            .apply_chat_template(&[ChatMessage::user(p.user.as_str())], true)
+            .map_err(|e| e.to_string())?;
+        let Some(at) = text.find(p.user.as_str()) else {
+            return Ok((ids, 0));
+        };
+        let head = self
+            .tok
+            .encode(&text[..at + p.head], true)
+            .map_err(|e| e.to_string())?;
+        let shared = ids
+            .iter()
+            .zip(&head)
+            .take_while(|&(a, &b)| *a == i64::from(b))
+            .count();
+        Ok((ids, shared))
+    }
+
+    /// [`LlmPolicy::frozen`] of a prompt whose first `head` tokens are a head other prompts
+    /// share: the head's pass is kept and only the rest runs (the outputs differ from a
+    /// whole-prompt pass by rounding, and do not depend on which prompt ran the head first).
+    pub fn frozen_with_head(&self, ids: &[i64], head: usize) -> Result<FrozenHidden, String> {
+        let head = head.min(ids.len().saturating_sub(1));
+        if head < MIN_HEAD_TOKENS {
+            return self.frozen(ids);
+        }
+        let mut heads = self
+            .heads
+            .lock()
+            .map_err(|_| "the prompt head cache was poisoned".to_string())?;
+        match heads.iter().position(|h| h.ids() == &ids[..head]) {
+            Some(i) => {
+                let h = heads.remove(i);
+                heads.push(h);
+            }
+            None => {
+                let h = self
+                    .net
+                    .frozen_prefix(&ids[..head])
+                    .map_err(|e| e.to_string())?;
+                if heads.len() == HEADS_KEPT {
+                    heads.remove(0);
+                }
+                heads.push(h);
+            }
+        }
+        let h = heads.last().expect("pushed above");
+        self.net
+            .frozen_forward_after(h, &ids[head..])
+            .map_err(|e| e.to_string())
+    }
+
+    /// Prompt heads held now (for tests and logs).
+    pub fn heads_kept(&self) -> usize {
+        self.heads.lock().map_or(0, |h| h.len())
     }
 
     /// The frozen bottom's output for one prompt ([1, T, D]).

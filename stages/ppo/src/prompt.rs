@@ -29,6 +29,11 @@ pub struct StateTemplate {
 pub struct PromptText {
     pub user: String,
     pub answer_prefix: String,
+    /// Bytes at the start of `user` that depend on the ticker and the legible actions only
+    /// (the template before `{{state}}`): a head many prompts share, whose pass through the
+    /// frozen blocks the policy keeps ([`crate::policy::LlmPolicy::frozen_with_head`]). 0 for
+    /// none.
+    pub head: usize,
 }
 
 /// What the state JSON shows on one day.
@@ -115,15 +120,22 @@ impl StateTemplate {
             .map(|a| format!("\"{a}\""))
             .collect::<Vec<_>>()
             .join(", ");
+        let fill = |t: &str| {
+            t.replace("{{ticker}}", view.ticker)
+                .replace("{{allowed}}", &allowed)
+        };
         // `{{state}}` last: the JSON could contain the other placeholders' text.
-        let user = self
+        let user = fill(&self.user).replace("{{state}}", &Self::state_json(view));
+        let head = self
             .user
-            .replace("{{ticker}}", view.ticker)
-            .replace("{{allowed}}", &allowed)
-            .replace("{{state}}", &Self::state_json(view));
+            .find("{{state}}")
+            .map(|at| fill(&self.user[..at]))
+            .filter(|h| user.starts_with(h.as_str()))
+            .map_or(0, |h| h.len());
         PromptText {
             user,
             answer_prefix: self.answer_prefix.clone(),
+            head,
         }
     }
 
@@ -162,6 +174,10 @@ mod tests {
              \"last_net_values\":[1000.0,997.64],\"last_actions\":[\"Buy\",\"Hold\"]}"
         );
         assert_eq!(p.answer_prefix, "{\"Action\": \"");
+        assert_eq!(
+            &p.user[..p.head],
+            "Trade MSFT. Allowed: \"Sell\", \"Hold\".\n"
+        );
     }
 
     #[test]

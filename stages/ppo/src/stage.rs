@@ -35,7 +35,7 @@ const VERSION: &str = concat!(
     env!("CARGO_PKG_NAME"),
     "@",
     env!("CARGO_PKG_VERSION"),
-    "/ppo-1"
+    "/ppo-2"
 );
 
 pub struct Ppo;

@@ -264,11 +264,11 @@ pub fn decide(
     reference: Option<&TopStack>,
     obs: &Observation,
 ) -> Result<(Decision, Option<Vec<f64>>), String> {
-    let ids = policy.encode(&obs.prompt)?;
+    let (ids, head) = policy.encode_with_head(&obs.prompt)?;
     if obs.mask.len() != 3 || !obs.mask.iter().any(|&m| m) {
         return Err(format!("the action mask {:?} allows nothing", obs.mask));
     }
-    let frozen = policy.frozen(&ids)?;
+    let frozen = policy.frozen_with_head(&ids, head)?;
     let dev = policy.device();
     let mask = mask_tensor(&[&obs.mask], dev);
     tch::no_grad(|| {

@@ -29,6 +29,7 @@ fn obs(user: &str) -> Observation {
         prompt: PromptText {
             user: user.into(),
             answer_prefix: PREFIX.into(),
+            head: 0,
         },
         mask: vec![true, true, true],
         date: None,

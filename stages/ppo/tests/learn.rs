@@ -42,6 +42,7 @@ impl DirectionEnv {
                     "You trade {t}. Tomorrow {t} will {dir}. Choose Buy, Sell or Hold. Answer as {{\"Action\": ...}}."
                 ),
                 answer_prefix: PREFIX.into(),
+                head: 0,
             },
             mask: vec![true, true, true],
             date: None,

@@ -69,6 +69,7 @@ fn one_update_matches_pytorch() {
                 .encode(&PromptText {
                     user: t.to_string(),
                     answer_prefix: "{\"Action\": \"".into(),
+                    head: 0,
                 })
                 .unwrap();
             policy.frozen(&ids).unwrap()
