@@ -9,8 +9,8 @@
 //! bits on the way in.
 //!
 //! Large products (many activation rows: a prompt's prefill) expand the matrix one slab of
-//! rows at a time into a transient f32 tensor and hand it to libtorch's GEMM, which reuses
-//! each weight far better than a dot per row can; the slab is freed straight after.
+//! rows at a time and multiply it with a register-tiled GEMM, which reuses each weight far
+//! better than a dot per row can (`quant/slab_gemm.rs`); the slab is freed straight after.
 
 use std::sync::Arc;
 
@@ -22,6 +22,7 @@ use crate::gguf::{self, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GgufFile};
 #[cfg(target_arch = "x86_64")]
 mod fused;
 mod int8;
+mod slab_gemm;
 mod team;
 
 pub use team::Team;
@@ -40,13 +41,9 @@ pub enum Activations {
 /// Elements per block in every supported format.
 const BLOCK: usize = 32;
 
-/// Activation rows at or above which a product goes through a dequantised slab and libtorch's
-/// GEMM instead of the row kernel (batched decode stays below it, a prompt's prefill above).
+/// Activation rows at or above which a product goes through a dequantised slab and a GEMM
+/// instead of the row kernel (batched decode stays below it, a prompt's prefill above).
 pub const GEMM_MIN_ROWS: usize = 48;
-
-/// Weight rows expanded at once on the GEMM path: bounds the transient f32 slab (at most
-/// 8,192 x 1,536 x 4 bytes = 48 MiB; the tied 49,152-row output matrix goes in six slabs).
-const SLAB_ROWS: usize = 8192;
 
 /// A [rows, cols] weight matrix stored as GGML blocks, row-major (each row is cols/32 blocks).
 pub struct QMatrix {
@@ -234,10 +231,9 @@ pub fn linear(w: &QMatrix, x: &Tensor, acts: Activations, pool: Option<&Team>) -
     if m >= GEMM_MIN_ROWS {
         if acts == Activations::Int8 {
             let rounded = int8::rounded_f32(xs, w.cols);
-            let xr = Tensor::from_slice(&rounded).view([m as i64, k]);
-            return gemm_by_slabs(w, &xr).view(lead.as_slice());
+            return slab_gemm::product(w, &rounded, m, pool).view(lead.as_slice());
         }
-        return gemm_by_slabs(w, &x2).view(lead.as_slice());
+        return slab_gemm::product(w, xs, m, pool).view(lead.as_slice());
     }
     // Computed weight-row-major ([rows, m]: each task owns a contiguous run), then transposed
     // (nothing to transpose for one activation row, the decode of one sequence).
@@ -261,23 +257,6 @@ pub fn linear(w: &QMatrix, x: &Tensor, acts: Activations, pool: Option<&Team>) -
         return out.view(lead.as_slice());
     }
     out.transpose(0, 1).contiguous().view(lead.as_slice())
-}
-
-fn gemm_by_slabs(w: &QMatrix, x2: &Tensor) -> Tensor {
-    let mut parts = Vec::with_capacity(w.rows.div_ceil(SLAB_ROWS));
-    let mut buf = vec![0f32; SLAB_ROWS.min(w.rows) * w.cols];
-    for r0 in (0..w.rows).step_by(SLAB_ROWS) {
-        let r1 = (r0 + SLAB_ROWS).min(w.rows);
-        let slab = &mut buf[..(r1 - r0) * w.cols];
-        w.dequantize_rows(r0, r1, slab);
-        let wt = Tensor::from_slice(slab).view([(r1 - r0) as i64, w.cols as i64]);
-        parts.push(x2.linear::<Tensor>(&wt, None));
-    }
-    if parts.len() == 1 {
-        parts.pop().expect("one part")
-    } else {
-        Tensor::cat(&parts, -1)
-    }
 }
 
 /// Weight rows per task: enough work to outweigh a task's hand-off, few enough to balance.

@@ -267,6 +267,8 @@ pub fn device_env(p: &Params) -> Vec<(String, String)> {
             .map_or("invalid", crate::llama::WeightFormat::name);
         if weights != "dense" {
             env.push(("weights".into(), weights.into()));
+            // Their prefill multiplies with flag-kernels' fixed-order product (MKL's before).
+            env.push(("prefill_gemm".into(), "flag-kernels".into()));
         }
     }
     env.push(("device".into(), dev));
@@ -514,6 +516,7 @@ mod tests {
         let weights = crate::generate::cpu_weights_by_env().unwrap();
         if weights != crate::llama::WeightFormat::Dense {
             cpu.push(("weights".into(), weights.name().into()));
+            cpu.push(("prefill_gemm".into(), "flag-kernels".into()));
         }
         cpu.extend([
             ("device".into(), "cpu".into()),

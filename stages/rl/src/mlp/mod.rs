@@ -13,48 +13,11 @@
 //! unbiased variance; evaluation `y = fma(z, scale, shift)` with `scale = gamma / sqrt(var +
 //! eps)`, `shift = beta - mean * scale`; gradients as ATen's formulas; the clipping norm summed
 //! in f32 over 64 interleaved lanes, a layer at a time, the layers' sums in f64.
-/// `fn name(args) -> ret { body }` becomes `name(level, args)`: the body compiled for
-/// `level`'s instruction set (capped at what this CPU has). What the body calls must be
-/// `#[inline(always)]` to be compiled inside each wrapper; the result does not depend on the
-/// level.
-macro_rules! multiversion {
-    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
-        $(#[$attr])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name(level: Level, $($arg: $ty),*) $(-> $ret)? {
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
-            fn body($($arg: $ty),*) $(-> $ret)? $body
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx512f,fma")]
-            #[allow(clippy::too_many_arguments)]
-            fn wide($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            #[cfg(target_arch = "x86_64")]
-            #[target_feature(enable = "avx2,fma")]
-            #[allow(clippy::too_many_arguments)]
-            fn narrow($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-            match level.here() {
-                // SAFETY: `here` never names an instruction set this CPU lacks.
-                #[cfg(target_arch = "x86_64")]
-                Level::Avx512 => {
-                    #[allow(unsafe_code)]
-                    unsafe { wide($($arg),*) }
-                }
-                // SAFETY: as above.
-                #[cfg(target_arch = "x86_64")]
-                Level::Avx2 => {
-                    #[allow(unsafe_code)]
-                    unsafe { narrow($($arg),*) }
-                }
-                _ => body($($arg),*),
-            }
-        }
-    };
-}
 
-pub mod kernels;
 mod keystream;
 mod step;
+
+pub use flag_kernels as kernels;
 
 pub use step::{Adam, Workspace};
 

@@ -3,7 +3,9 @@
 //! pass of the first, the clipping norm and Adam. Element-wise passes are compiled per
 //! instruction set with [`multiversion!`]; their arithmetic is plain f32 (or named fused
 //! multiply-adds), so the level changes speed only.
-use super::kernels::{Level, Strided, gemm, transpose};
+use flag_kernels::multiversion;
+
+use super::kernels::{Strided, gemm, transpose};
 use super::{ACTIONS, Mlp};
 
 /// Adam's first- and second-moment decay and epsilon (PyTorch's defaults).

@@ -1,4 +1,4 @@
-//! The one matrix product of the CPU Q-network, with its arithmetic fixed by this source.
+//! The one matrix product, with its arithmetic fixed by this source.
 //!
 //! `C[r, c] = init[c] + sum_t A(r, t) * B[t, c]`, each term one fused multiply-add, in
 //! increasing `t`, starting from `init[c]` (or +0.0). Every output is its own chain, so how
@@ -213,8 +213,70 @@ macro_rules! tile_loops {
         $(#[$attr])*
         #[inline(never)]
         fn tile<const R: usize, const W: usize>(p: &Product, r0: usize, c0: usize, c: &mut [f32]) {
-            let Product { depth, cols, a, b, init } = *p;
-            super::tile_body::<R, W>(depth, cols, a.data, a.row, a.depth, b, init, r0, c0, c)
+            if !wide_tile::<R, W>(p, r0, c0, c) {
+                let Product { depth, cols, a, b, init } = *p;
+                super::tile_body::<R, W>(depth, cols, a.data, a.row, a.depth, b, init, r0, c0, c)
+            }
+        }
+    };
+}
+
+/// A tile whose width is a whole number of vectors, written with the instruction set's
+/// vectors: `R x V` accumulators, each term one fused multiply-add in increasing `t` as
+/// [`tile_body`]. The autovectorised [`tile_body`] alone ran at full speed or at 1/30 of it
+/// depending on the crate it was compiled in (LLVM sometimes left the accumulators in memory).
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector_tile {
+    ($feature:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident) => {
+        #[target_feature(enable = $feature)]
+        #[inline]
+        #[allow(unsafe_code)]
+        fn vectors<const R: usize, const V: usize>(
+            p: &Product,
+            r0: usize,
+            c0: usize,
+            c: &mut [f32],
+        ) {
+            use std::arch::x86_64::*;
+            let Product {
+                depth,
+                cols,
+                a,
+                b,
+                init,
+            } = *p;
+            let mut acc: [[$vec; V]; R] = [[$zero(); V]; R];
+            if let Some(init) = init {
+                for v in 0..V {
+                    // SAFETY: c0 + V * lanes <= cols <= init.len(), asserted in `gemm`.
+                    let x = unsafe { $load(init.as_ptr().add(c0 + $lanes * v)) };
+                    for row in acc.iter_mut() {
+                        row[v] = x;
+                    }
+                }
+            }
+            let (ap, bp) = (a.data.as_ptr(), b.as_ptr());
+            for t in 0..depth {
+                let mut bv: [$vec; V] = [$zero(); V];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    // SAFETY: t < depth and c0 + V * lanes <= cols: inside `b` (asserted).
+                    *x = unsafe { $load(bp.add(t * cols + c0 + $lanes * v)) };
+                }
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: r0 + r < rows and t < depth: inside `a` (asserted in `gemm`).
+                    let x = $splat(unsafe { *ap.add((r0 + r) * a.row + t * a.depth) });
+                    for v in 0..V {
+                        row[v] = $fma(x, bv[v], row[v]);
+                    }
+                }
+            }
+            let cp = c.as_mut_ptr();
+            for (r, row) in acc.iter().enumerate() {
+                for (v, x) in row.iter().enumerate() {
+                    // SAFETY: row r0 + r < rows, columns below cols: inside `c` (asserted).
+                    unsafe { $store(cp.add((r0 + r) * cols + c0 + $lanes * v), *x) };
+                }
+            }
         }
     };
 }
@@ -222,15 +284,82 @@ macro_rules! tile_loops {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     tile_loops!(#[target_feature(enable = "avx512f,fma")]);
+    vector_tile!(
+        "avx512f,fma",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_storeu_ps
+    );
+
+    /// Tiles 16, 32 and 128 columns wide in zmm registers; false for the narrower edges.
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    fn wide_tile<const R: usize, const W: usize>(
+        p: &Product,
+        r0: usize,
+        c0: usize,
+        c: &mut [f32],
+    ) -> bool {
+        match W {
+            16 => vectors::<R, 1>(p, r0, c0, c),
+            32 => vectors::<R, 2>(p, r0, c0, c),
+            128 => vectors::<R, 8>(p, r0, c0, c),
+            _ => return false,
+        }
+        true
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     tile_loops!(#[target_feature(enable = "avx2,fma")]);
+    vector_tile!(
+        "avx2,fma",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_storeu_ps
+    );
+
+    /// Tiles 8, 16 and 48 columns wide in ymm registers; false for the narrower edges.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn wide_tile<const R: usize, const W: usize>(
+        p: &Product,
+        r0: usize,
+        c0: usize,
+        c: &mut [f32],
+    ) -> bool {
+        match W {
+            8 => vectors::<R, 1>(p, r0, c0, c),
+            16 => vectors::<R, 2>(p, r0, c0, c),
+            48 => vectors::<R, 6>(p, r0, c0, c),
+            _ => return false,
+        }
+        true
+    }
 }
 
 mod generic {
     tile_loops!();
+
+    /// Every tile through [`super::tile_body`].
+    #[inline(always)]
+    fn wide_tile<const R: usize, const W: usize>(
+        _: &Product,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+    ) -> bool {
+        false
+    }
 }
 
 /// One tile: `R x W` accumulators, one chain each over `t`. Inlined into each instruction
@@ -308,7 +437,7 @@ pub fn transpose(level: Level, src: &[f32], rows: usize, cols: usize, dst: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-pub(super) mod transpose16 {
+pub mod transpose16 {
     use std::arch::x86_64::*;
 
     /// `rows x cols` in 16 x 16 blocks through [`registers`].
@@ -317,7 +446,7 @@ pub(super) mod transpose16 {
     /// The CPU has AVX-512F; `rows` and `cols` are multiples of 16 and both slices hold at
     /// least `rows * cols` values.
     #[target_feature(enable = "avx512f")]
-    pub(in super::super) unsafe fn run(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    pub(crate) unsafe fn run(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
         let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
         for i0 in (0..rows).step_by(16) {
             for j0 in (0..cols).step_by(16) {
@@ -338,9 +467,12 @@ pub(super) mod transpose16 {
     /// Sixteen registers (rows of a 16 x 16 block) become its columns: rows interleaved in
     /// pairs (32-bit), then in fours (64-bit), then 128-bit lanes gathered twice. Moves bits
     /// only (also used for u32 words).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F (a caller compiled for it may call this without `unsafe`).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(in super::super) fn registers(r: &mut [__m512; 16]) {
+    pub fn registers(r: &mut [__m512; 16]) {
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -368,7 +500,7 @@ pub(super) mod transpose16 {
     }
 }
 
-multiversion! {
+crate::multiversion! {
     /// [`transpose`] in 8 x 8 blocks (the edges element by element), compiled per level so
     /// that the blocks become vector shuffles.
     fn transpose8(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
