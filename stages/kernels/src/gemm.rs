@@ -227,7 +227,23 @@ macro_rules! tile_loops {
 /// depending on the crate it was compiled in (LLVM sometimes left the accumulators in memory).
 #[cfg(target_arch = "x86_64")]
 macro_rules! vector_tile {
-    ($feature:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident) => {
+    ($feature:literal, $vec:ty, $lanes:literal, $zero:ident, $load:ident, $splat:ident, $fma:ident, $store:ident, $($w:literal => $v:literal),+) => {
+        /// Tiles whose width is listed, in vectors; false for the narrower edges.
+        #[target_feature(enable = $feature)]
+        #[inline]
+        fn wide_tile<const R: usize, const W: usize>(
+            p: &Product,
+            r0: usize,
+            c0: usize,
+            c: &mut [f32],
+        ) -> bool {
+            match W {
+                $($w => vectors::<R, $v>(p, r0, c0, c),)+
+                _ => return false,
+            }
+            true
+        }
+
         #[target_feature(enable = $feature)]
         #[inline]
         #[allow(unsafe_code)]
@@ -292,26 +308,11 @@ mod avx512 {
         _mm512_loadu_ps,
         _mm512_set1_ps,
         _mm512_fmadd_ps,
-        _mm512_storeu_ps
+        _mm512_storeu_ps,
+        16 => 1,
+        32 => 2,
+        128 => 8
     );
-
-    /// Tiles 16, 32 and 128 columns wide in zmm registers; false for the narrower edges.
-    #[target_feature(enable = "avx512f,fma")]
-    #[inline]
-    fn wide_tile<const R: usize, const W: usize>(
-        p: &Product,
-        r0: usize,
-        c0: usize,
-        c: &mut [f32],
-    ) -> bool {
-        match W {
-            16 => vectors::<R, 1>(p, r0, c0, c),
-            32 => vectors::<R, 2>(p, r0, c0, c),
-            128 => vectors::<R, 8>(p, r0, c0, c),
-            _ => return false,
-        }
-        true
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -325,26 +326,11 @@ mod avx2 {
         _mm256_loadu_ps,
         _mm256_set1_ps,
         _mm256_fmadd_ps,
-        _mm256_storeu_ps
+        _mm256_storeu_ps,
+        8 => 1,
+        16 => 2,
+        48 => 6
     );
-
-    /// Tiles 8, 16 and 48 columns wide in ymm registers; false for the narrower edges.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    fn wide_tile<const R: usize, const W: usize>(
-        p: &Product,
-        r0: usize,
-        c0: usize,
-        c: &mut [f32],
-    ) -> bool {
-        match W {
-            8 => vectors::<R, 1>(p, r0, c0, c),
-            16 => vectors::<R, 2>(p, r0, c0, c),
-            48 => vectors::<R, 6>(p, r0, c0, c),
-            _ => return false,
-        }
-        true
-    }
 }
 
 mod generic {
