@@ -14,7 +14,7 @@ use super::{QMatrix, Team};
 /// 4 bytes = 48 MiB each; the tied 49,152-row output matrix goes in six slabs).
 const SLAB_ROWS: usize = 8192;
 
-/// Activation rows per task: a multiple of the product's 8-row tile.
+/// Output rows per task: a multiple of the product's 8-row tile.
 const ROWS_PER_TASK: usize = 64;
 
 /// `x @ w.T` for `m` activation rows `x` ([m, w.cols] f32): [m, w.rows] f32.
@@ -29,7 +29,19 @@ pub(super) fn product(w: &QMatrix, x: &[f32], m: usize, pool: Option<&Team>) -> 
         unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, m * n) };
     let slab_rows = SLAB_ROWS.min(n);
     let mut slab = vec![0f32; slab_rows * k];
-    let mut slab_t = vec![0f32; slab_rows * k];
+    // The product wants its right side row-major by output column: either each weight slab
+    // is transposed (n x k values a call), or the activations and the result are (m x (k + n)),
+    // whichever moves less. The sums are the same either way: each output is one chain over
+    // k in order, and a fused multiply-add does not care which factor comes first.
+    let turn_weights = m * (k + n) >= n * k;
+    let x_t = if turn_weights {
+        Vec::new()
+    } else {
+        let mut t = vec![0f32; k * m];
+        transpose(level, x, m, k, &mut t);
+        t
+    };
+    let mut turned = vec![0f32; slab_rows * if turn_weights { k } else { m }];
     // One slab's columns of the output, when the matrix takes more than one slab.
     let mut part = if slab_rows < n {
         vec![0f32; m * slab_rows]
@@ -38,22 +50,39 @@ pub(super) fn product(w: &QMatrix, x: &[f32], m: usize, pool: Option<&Team>) -> 
     };
     for r0 in (0..n).step_by(SLAB_ROWS) {
         let rows = (r0 + SLAB_ROWS).min(n) - r0;
-        w.dequantize_rows(r0, r0 + rows, &mut slab[..rows * k]);
-        transpose(level, &slab[..rows * k], rows, k, &mut slab_t[..rows * k]);
-        let b = &slab_t[..rows * k];
+        let slab = &mut slab[..rows * k];
+        w.dequantize_rows(r0, r0 + rows, slab);
         let target: &mut [f32] = if rows == n {
             &mut *out_s
         } else {
             &mut part[..m * rows]
         };
-        split_rows(m, rows, target, pool, &|i0, i1, c| {
-            let a = Strided {
-                data: &x[i0 * k..i1 * k],
-                row: k,
-                depth: 1,
-            };
-            gemm(level, i1 - i0, k, rows, a, b, None, c);
-        });
+        if turn_weights {
+            let b = &mut turned[..rows * k];
+            transpose(level, slab, rows, k, b);
+            let b = &*b;
+            split_rows(m, rows, target, pool, &|i0, i1, c| {
+                let a = Strided {
+                    data: &x[i0 * k..i1 * k],
+                    row: k,
+                    depth: 1,
+                };
+                gemm(level, i1 - i0, k, rows, a, b, None, c);
+            });
+        } else {
+            // [rows, m] = slab . x^T, then turned into the [m, rows] result.
+            let slab = &*slab;
+            let ct = &mut turned[..rows * m];
+            split_rows(rows, m, ct, pool, &|j0, j1, c| {
+                let a = Strided {
+                    data: &slab[j0 * k..j1 * k],
+                    row: k,
+                    depth: 1,
+                };
+                gemm(level, j1 - j0, k, m, a, &x_t, None, c);
+            });
+            transpose(level, ct, rows, m, target);
+        }
         if rows != n {
             for (i, src) in part[..m * rows].chunks_exact(rows).enumerate() {
                 out_s[i * n + r0..i * n + r0 + rows].copy_from_slice(src);
@@ -63,10 +92,10 @@ pub(super) fn product(w: &QMatrix, x: &[f32], m: usize, pool: Option<&Team>) -> 
     out
 }
 
-/// `f(i0, i1, c)` for runs of activation rows, `c` the [i1 - i0, cols] rows of `out`, across
-/// the team.
+/// `f(i0, i1, c)` for runs of the rows of `out` ([rows, cols]), `c` rows i0..i1, across the
+/// team.
 fn split_rows(
-    m: usize,
+    rows: usize,
     cols: usize,
     out: &mut [f32],
     pool: Option<&Team>,
@@ -74,7 +103,7 @@ fn split_rows(
 ) {
     let chunk = ROWS_PER_TASK * cols;
     match pool {
-        Some(team) if team.threads() > 1 && m > ROWS_PER_TASK => {
+        Some(team) if team.threads() > 1 && rows > ROWS_PER_TASK => {
             // Disjoint parts of the output, one per task (a lock each: never contended).
             let parts: Vec<std::sync::Mutex<&mut [f32]>> =
                 out.chunks_mut(chunk).map(std::sync::Mutex::new).collect();
@@ -88,6 +117,50 @@ fn split_rows(
             for (t, c) in out.chunks_mut(chunk).enumerate() {
                 let i0 = t * ROWS_PER_TASK;
                 f(i0, i0 + c.len() / cols, c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::matrix;
+    use super::*;
+    use crate::gguf::{GGML_Q4_1, GGML_Q8_0};
+
+    /// Both orientations (the weight slab turned, or the activations and the result), one
+    /// slab or several, alone or on a team: every output is the expanded weights' fused
+    /// multiply-add chain over the columns in order from +0.0, bit for bit.
+    #[test]
+    fn every_output_is_the_one_fixed_chain() {
+        let team = Team::new(2).unwrap();
+        for (ty, rows, cols, m) in [
+            (GGML_Q4_1, 96, 64, 200),           // m (k + n) >= n k: the slab is turned
+            (GGML_Q8_0, 160, 96, 50),           // the activations and the result are turned
+            (GGML_Q4_1, 72, 32, 130),           // rows and columns off the 16 x 16 blocks
+            (GGML_Q4_1, SLAB_ROWS + 8, 32, 60), // two slabs, the slab turned
+            (GGML_Q8_0, SLAB_ROWS + 8, 32, 20), // two slabs, the activations turned
+        ] {
+            let w = matrix(ty, rows, cols, 5);
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| (((i * 37) % 101) as f32 - 50.0) / 13.0)
+                .collect();
+            let mut dense = vec![0f32; rows * cols];
+            w.dequantize_rows(0, rows, &mut dense);
+            for pool in [None, Some(&team)] {
+                let got = Vec::<f32>::try_from(&product(&w, &x, m, pool).view([-1])).unwrap();
+                for i in 0..m {
+                    for j in 0..rows {
+                        let want = (0..cols).fold(0f32, |acc, t| {
+                            x[i * cols + t].mul_add(dense[j * cols + t], acc)
+                        });
+                        assert_eq!(
+                            got[i * rows + j].to_bits(),
+                            want.to_bits(),
+                            "{rows}x{cols}, m {m}, row {i}, column {j}"
+                        );
+                    }
+                }
             }
         }
     }
