@@ -1,6 +1,7 @@
 //! Large products of block weights (a prompt's prefill): the matrix is expanded one slab of
-//! weight rows at a time, exactly as the loader expands it, transposed, and multiplied with
-//! `flag-kernels`' matrix product, the activation rows split across the team. That product
+//! weight rows at a time, exactly as the loader expands it, and multiplied with
+//! `flag-kernels`' matrix product (the slab transposed, or the activations and the result),
+//! the output rows split across the team. That product
 //! sums each output in one fixed order (a fused multiply-add per term), so the prefill's
 //! products give the same bits at every instruction-set level and thread count; and on the
 //! 2-core AMD EPYC this runs on it made 243-269 GFLOP/s a thread on the prefill's shapes where
