@@ -276,16 +276,27 @@ fn row_kernel(
     rows: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) {
     debug_assert_eq!(out_t.len(), w.rows * m);
-    let per_task = rows_per_task(m);
+    split_rows(m, rows_per_task(m), out_t, pool, &rows);
+}
+
+/// `f(r0, r1, part)` over runs of `per_task` rows of `out` (`[rows, cols]`), `part` rows
+/// r0..r1, across the team when it has more than one thread.
+fn split_rows(
+    cols: usize,
+    per_task: usize,
+    out: &mut [f32],
+    pool: Option<&Team>,
+    f: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
     let task = |t: usize, part: &mut [f32]| {
         let r0 = t * per_task;
-        rows(r0, r0 + part.len() / m, part);
+        f(r0, r0 + part.len() / cols, part);
     };
     match pool {
         Some(team) if team.threads() > 1 => {
             // Disjoint parts of the output, one per task (a lock each: never contended).
-            let parts: Vec<std::sync::Mutex<&mut [f32]>> = out_t
-                .chunks_mut(per_task * m)
+            let parts: Vec<std::sync::Mutex<&mut [f32]>> = out
+                .chunks_mut(per_task * cols)
                 .map(std::sync::Mutex::new)
                 .collect();
             team.run(parts.len(), &|t| {
@@ -293,7 +304,7 @@ fn row_kernel(
             });
         }
         _ => {
-            for (t, part) in out_t.chunks_mut(per_task * m).enumerate() {
+            for (t, part) in out.chunks_mut(per_task * cols).enumerate() {
                 task(t, part);
             }
         }

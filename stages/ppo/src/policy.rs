@@ -229,36 +229,18 @@ impl LlmPolicy {
 
     /// Token ids of a prompt: chat template around the user message, then the answer prefix.
     pub fn encode(&self, p: &PromptText) -> Result<Vec<i64>, String> {
-        let text = self
-            .tok
-            .apply_chat_template(&[ChatMessage::user(p.user.as_str())], true)
-            .map_err(|e| e.to_string())?;
-        let ids = self
-            .tok
-            .encode(&format!("{text}{}", p.answer_prefix), true)
-            .map_err(|e| e.to_string())?;
-        if ids.len() > self.cfg.max_prompt_tokens {
-            return Err(format!(
-                "the prompt is {} tokens, more than max_prompt_tokens {} (shorten window/history \
-                 or raise the limit)",
-                ids.len(),
-                self.cfg.max_prompt_tokens
-            ));
-        }
-        Ok(ids.into_iter().map(i64::from).collect())
+        let text = self.chat_text(p)?;
+        self.prompt_ids(&text, p)
     }
 
     /// [`LlmPolicy::encode`] and how many leading tokens are the prompt's head
     /// ([`PromptText::head`]): those the head's own tokens share with the whole prompt.
     pub fn encode_with_head(&self, p: &PromptText) -> Result<(Vec<i64>, usize), String> {
-        let ids = self.encode(p)?;
+        let text = self.chat_text(p)?;
+        let ids = self.prompt_ids(&text, p)?;
         if p.head == 0 || !p.user.is_char_boundary(p.head) {
             return Ok((ids, 0));
         }
-        let text = self
-            .tok
-            .apply_chat_template(&[ChatMessage::user(p.user.as_str())], true)
-            .map_err(|e| e.to_string())?;
         let Some(at) = text.find(p.user.as_str()) else {
             return Ok((ids, 0));
         };
@@ -272,6 +254,31 @@ impl LlmPolicy {
             .take_while(|&(a, &b)| *a == i64::from(b))
             .count();
         Ok((ids, shared))
+    }
+
+    /// The chat template around the user message.
+    fn chat_text(&self, p: &PromptText) -> Result<String, String> {
+        self.tok
+            .apply_chat_template(&[ChatMessage::user(p.user.as_str())], true)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Token ids of `text` (the templated message) and the answer prefix, within
+    /// `max_prompt_tokens`.
+    fn prompt_ids(&self, text: &str, p: &PromptText) -> Result<Vec<i64>, String> {
+        let ids = self
+            .tok
+            .encode(&format!("{text}{}", p.answer_prefix), true)
+            .map_err(|e| e.to_string())?;
+        if ids.len() > self.cfg.max_prompt_tokens {
+            return Err(format!(
+                "the prompt is {} tokens, more than max_prompt_tokens {} (shorten window/history \
+                 or raise the limit)",
+                ids.len(),
+                self.cfg.max_prompt_tokens
+            ));
+        }
+        Ok(ids.into_iter().map(i64::from).collect())
     }
 
     /// [`LlmPolicy::frozen`] of a prompt whose first `head` tokens are a head other prompts

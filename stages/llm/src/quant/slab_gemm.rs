@@ -9,7 +9,7 @@
 use flag_kernels::{Level, Strided, gemm, transpose};
 use tch::{Kind, Tensor};
 
-use super::{QMatrix, Team};
+use super::{QMatrix, Team, split_rows};
 
 /// Weight rows expanded at once: bounds the two transient f32 slabs (at most 8,192 x 1,536 x
 /// 4 bytes = 48 MiB each; the tied 49,152-row output matrix goes in six slabs).
@@ -62,7 +62,7 @@ pub(super) fn product(w: &QMatrix, x: &[f32], m: usize, pool: Option<&Team>) -> 
             let b = &mut turned[..rows * k];
             transpose(level, slab, rows, k, b);
             let b = &*b;
-            split_rows(m, rows, target, pool, &|i0, i1, c| {
+            split_rows(rows, ROWS_PER_TASK, target, pool, &|i0, i1, c| {
                 let a = Strided {
                     data: &x[i0 * k..i1 * k],
                     row: k,
@@ -74,7 +74,7 @@ pub(super) fn product(w: &QMatrix, x: &[f32], m: usize, pool: Option<&Team>) -> 
             // [rows, m] = slab . x^T, then turned into the [m, rows] result.
             let slab = &*slab;
             let ct = &mut turned[..rows * m];
-            split_rows(rows, m, ct, pool, &|j0, j1, c| {
+            split_rows(m, ROWS_PER_TASK, ct, pool, &|j0, j1, c| {
                 let a = Strided {
                     data: &slab[j0 * k..j1 * k],
                     row: k,
@@ -91,36 +91,6 @@ pub(super) fn product(w: &QMatrix, x: &[f32], m: usize, pool: Option<&Team>) -> 
         }
     }
     out
-}
-
-/// `f(i0, i1, c)` for runs of the rows of `out` ([rows, cols]), `c` rows i0..i1, across the
-/// team.
-fn split_rows(
-    rows: usize,
-    cols: usize,
-    out: &mut [f32],
-    pool: Option<&Team>,
-    f: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
-) {
-    let chunk = ROWS_PER_TASK * cols;
-    match pool {
-        Some(team) if team.threads() > 1 && rows > ROWS_PER_TASK => {
-            // Disjoint parts of the output, one per task (a lock each: never contended).
-            let parts: Vec<std::sync::Mutex<&mut [f32]>> =
-                out.chunks_mut(chunk).map(std::sync::Mutex::new).collect();
-            team.run(parts.len(), &|t| {
-                let mut c = parts[t].lock().unwrap_or_else(|e| e.into_inner());
-                let i0 = t * ROWS_PER_TASK;
-                f(i0, i0 + c.len() / cols, &mut c)
-            });
-        }
-        _ => {
-            for (t, c) in out.chunks_mut(chunk).enumerate() {
-                let i0 = t * ROWS_PER_TASK;
-                f(i0, i0 + c.len() / cols, c);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
